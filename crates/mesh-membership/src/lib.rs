@@ -1,0 +1,359 @@
+//! The membership engine: which nodes exist and whether they are alive.
+//!
+//! A pure state machine in the style of openraft's `Engine`: the caller feeds
+//! [`Event`]s with the current time and executes the [`Command`]s that come
+//! back. No IO, no clock, no randomness inside, so the same code runs in a
+//! real node (driven by a tokio interval and gossipsub) and in the simulator
+//! (driven by simulated time and links).
+//!
+//! ```text
+//!  Event::Tick ──────────┐                 ┌──> Command::Announce(record)   publish on gossip
+//!  Event::Record(r) ─────┼──> Membership ──┼──> Command::StateChanged{..}   log, metrics
+//!  Event::LocalAddrs(..) ┤       (view)    ├──> Command::RecordIgnored{..}  log, metrics
+//!  Event::Leave ─────────┘                 └──> Command::Forgot(id)
+//! ```
+//!
+//! Failure detection is timeout based: every node announces its record every
+//! `announce_interval_ms`; a member silent for `suspect_after_ms` is suspect,
+//! for `dead_after_ms` dead. A record with a higher `seq` revives it (a
+//! restart bumps the generation in the high bits of `seq`). A record with
+//! `leaving = true` makes it `left`, which is never confused with `dead`.
+
+use std::collections::BTreeMap;
+
+use mesh_types::{MemberState, MemberView, NodeId, NodeRecord, UnixMillis};
+
+/// Timings of the failure detector. All in milliseconds of the caller's clock.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// How often a node announces its record. Default 500.
+    pub announce_interval_ms: u64,
+    /// Silence after which a member becomes `suspect`. Default 2000 (4 missed announcements).
+    pub suspect_after_ms: u64,
+    /// Silence after which a member becomes `dead`. Default 4000.
+    pub dead_after_ms: u64,
+    /// How long a dead or left member stays in the view before it is forgotten. Default 600000 (10 min).
+    pub forget_after_ms: u64,
+    /// Records stamped further than this in our future are ignored. Default 30000.
+    pub max_clock_skew_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            announce_interval_ms: 500,
+            suspect_after_ms: 2_000,
+            dead_after_ms: 4_000,
+            forget_after_ms: 600_000,
+            max_clock_skew_ms: 30_000,
+        }
+    }
+}
+
+/// Why a timing configuration cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A zero interval would announce in a busy loop.
+    #[error("membership.announce_interval_ms must be greater than 0")]
+    ZeroAnnounceInterval,
+    /// Suspicion before the next announcement would flag healthy nodes.
+    #[error("membership.suspect_after_ms ({suspect_after_ms}) must be greater than announce_interval_ms ({announce_interval_ms}), or every node looks suspect between two announcements")]
+    SuspectBeforeAnnounce {
+        /// Configured value.
+        suspect_after_ms: u64,
+        /// Configured value.
+        announce_interval_ms: u64,
+    },
+    /// Death must come after suspicion.
+    #[error("membership.dead_after_ms ({dead_after_ms}) must be greater than suspect_after_ms ({suspect_after_ms})")]
+    DeadBeforeSuspect {
+        /// Configured value.
+        dead_after_ms: u64,
+        /// Configured value.
+        suspect_after_ms: u64,
+    },
+}
+
+impl Config {
+    /// Checks the relations between the timings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.announce_interval_ms == 0 {
+            return Err(ConfigError::ZeroAnnounceInterval);
+        }
+        if self.suspect_after_ms <= self.announce_interval_ms {
+            return Err(ConfigError::SuspectBeforeAnnounce {
+                suspect_after_ms: self.suspect_after_ms,
+                announce_interval_ms: self.announce_interval_ms,
+            });
+        }
+        if self.dead_after_ms <= self.suspect_after_ms {
+            return Err(ConfigError::DeadBeforeSuspect {
+                dead_after_ms: self.dead_after_ms,
+                suspect_after_ms: self.suspect_after_ms,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What happened, as seen by the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Time passed; call at least every few hundred milliseconds.
+    Tick,
+    /// A record arrived whose signature the caller has already checked.
+    Record(NodeRecord),
+    /// The local node's listen addresses changed.
+    LocalAddrs(Vec<String>),
+    /// The local node is stopping on purpose: announce that it leaves.
+    Leave,
+}
+
+/// Why a received record changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IgnoreReason {
+    /// Its `sent_at_ms` is beyond our clock plus the allowed skew.
+    FromTheFuture,
+    /// Its `seq` is lower than one we already have.
+    Stale,
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Publish this local record to the mesh.
+    Announce(NodeRecord),
+    /// A member entered a new state (`from` is `None` for a member seen for the first time).
+    StateChanged {
+        /// The member.
+        node: NodeId,
+        /// Previous state, if known.
+        from: Option<MemberState>,
+        /// New state.
+        to: MemberState,
+    },
+    /// A record was not applied.
+    RecordIgnored {
+        /// Its claimed sender.
+        node: NodeId,
+        /// Why.
+        reason: IgnoreReason,
+    },
+    /// A dead or left member was dropped from the view.
+    Forgot(NodeId),
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    record: NodeRecord,
+    state: MemberState,
+    /// Local time at which the freshest record arrived.
+    last_seen_at: UnixMillis,
+    /// Local time of the last state change.
+    state_since: UnixMillis,
+}
+
+/// The membership view of one node. See the crate docs.
+#[derive(Debug)]
+pub struct Membership {
+    config: Config,
+    local: NodeRecord,
+    next_announce_at: UnixMillis,
+    /// BTreeMap, not HashMap: iteration order must not depend on a random
+    /// hasher, or the simulator would not be deterministic.
+    members: BTreeMap<NodeId, Member>,
+}
+
+impl Membership {
+    /// Creates the engine for `local`, whose `seq` MUST already hold the
+    /// generation of this start in its high 32 bits. The first `Tick`
+    /// announces at once.
+    pub fn new(config: Config, local: NodeRecord, now: UnixMillis) -> Self {
+        Self {
+            config,
+            local,
+            next_announce_at: now,
+            members: BTreeMap::new(),
+        }
+    }
+
+    /// The timings in use.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The local node's current record.
+    pub fn local(&self) -> &NodeRecord {
+        &self.local
+    }
+
+    /// Feeds one event; returns what to do, in order.
+    pub fn handle(&mut self, event: Event, now: UnixMillis) -> Vec<Command> {
+        let mut commands = Vec::new();
+        match event {
+            Event::Tick => self.tick(now, &mut commands),
+            Event::Record(record) => self.on_record(record, now, &mut commands),
+            Event::LocalAddrs(addrs) => {
+                if addrs != self.local.addrs {
+                    self.local.addrs = addrs;
+                    // Tell the mesh right away rather than at the next interval.
+                    commands.push(self.announce(now, false));
+                }
+            }
+            Event::Leave => commands.push(self.announce(now, true)),
+        }
+        commands
+    }
+
+    /// The view: the local node first, then members ordered by region and id.
+    pub fn view(&self, now: UnixMillis) -> Vec<MemberView> {
+        let mut rows = vec![MemberView {
+            peer_id: self.local.node_id.clone(),
+            region: self.local.region.clone(),
+            state: MemberState::Alive,
+            addrs: self.local.addrs.clone(),
+            last_seen_ms: 0,
+            version: self.local.version.clone(),
+            is_self: true,
+        }];
+        let mut others: Vec<&Member> = self.members.values().collect();
+        others.sort_by(|a, b| {
+            (&a.record.region, &a.record.node_id).cmp(&(&b.record.region, &b.record.node_id))
+        });
+        rows.extend(others.into_iter().map(|m| MemberView {
+            peer_id: m.record.node_id.clone(),
+            region: m.record.region.clone(),
+            state: m.state,
+            addrs: m.record.addrs.clone(),
+            last_seen_ms: now.saturating_sub(m.last_seen_at),
+            version: m.record.version.clone(),
+            is_self: false,
+        }));
+        rows
+    }
+
+    /// The freshest record of a member, if it is in the view.
+    pub fn record(&self, node: &NodeId) -> Option<&NodeRecord> {
+        self.members.get(node).map(|m| &m.record)
+    }
+
+    /// The state of a member, if it is in the view.
+    pub fn state(&self, node: &NodeId) -> Option<MemberState> {
+        self.members.get(node).map(|m| m.state)
+    }
+
+    /// How many remote members are in each state, in [`MemberState::ALL`] order.
+    pub fn counts(&self) -> [(MemberState, usize); 4] {
+        MemberState::ALL.map(|s| (s, self.members.values().filter(|m| m.state == s).count()))
+    }
+
+    fn announce(&mut self, now: UnixMillis, leaving: bool) -> Command {
+        self.local.seq += 1;
+        self.local.sent_at_ms = now;
+        self.local.leaving = leaving;
+        self.next_announce_at = now + self.config.announce_interval_ms;
+        Command::Announce(self.local.clone())
+    }
+
+    fn tick(&mut self, now: UnixMillis, commands: &mut Vec<Command>) {
+        if now >= self.next_announce_at {
+            commands.push(self.announce(now, false));
+        }
+        let config = &self.config;
+        let mut forgotten = Vec::new();
+        for (id, member) in &mut self.members {
+            let silence = now.saturating_sub(member.last_seen_at);
+            let next = match member.state {
+                MemberState::Alive | MemberState::Suspect if silence >= config.dead_after_ms => {
+                    Some(MemberState::Dead)
+                }
+                MemberState::Alive if silence >= config.suspect_after_ms => {
+                    Some(MemberState::Suspect)
+                }
+                MemberState::Dead | MemberState::Left
+                    if now.saturating_sub(member.state_since) >= config.forget_after_ms =>
+                {
+                    forgotten.push(id.clone());
+                    None
+                }
+                _ => None,
+            };
+            if let Some(to) = next {
+                commands.push(Command::StateChanged {
+                    node: id.clone(),
+                    from: Some(member.state),
+                    to,
+                });
+                member.state = to;
+                member.state_since = now;
+            }
+        }
+        for id in forgotten {
+            self.members.remove(&id);
+            commands.push(Command::Forgot(id));
+        }
+    }
+
+    fn on_record(&mut self, record: NodeRecord, now: UnixMillis, commands: &mut Vec<Command>) {
+        if record.node_id == self.local.node_id {
+            return; // our own announcement, echoed back
+        }
+        if record.sent_at_ms > now.saturating_add(self.config.max_clock_skew_ms) {
+            commands.push(Command::RecordIgnored {
+                node: record.node_id,
+                reason: IgnoreReason::FromTheFuture,
+            });
+            return;
+        }
+        let to = if record.leaving {
+            MemberState::Left
+        } else {
+            MemberState::Alive
+        };
+        match self.members.get_mut(&record.node_id) {
+            Some(member) if record.seq < member.record.seq => {
+                commands.push(Command::RecordIgnored {
+                    node: record.node_id,
+                    reason: IgnoreReason::Stale,
+                });
+            }
+            // The same record again (gossip delivers duplicates): nothing new.
+            Some(member) if record.seq == member.record.seq => {}
+            Some(member) => {
+                let from = member.state;
+                member.record = record;
+                member.last_seen_at = now;
+                if from != to {
+                    member.state = to;
+                    member.state_since = now;
+                    commands.push(Command::StateChanged {
+                        node: member.record.node_id.clone(),
+                        from: Some(from),
+                        to,
+                    });
+                }
+            }
+            None => {
+                let node = record.node_id.clone();
+                self.members.insert(
+                    node.clone(),
+                    Member {
+                        record,
+                        state: to,
+                        last_seen_at: now,
+                        state_since: now,
+                    },
+                );
+                commands.push(Command::StateChanged {
+                    node,
+                    from: None,
+                    to,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,27 @@
+//! The network of one node: a libp2p swarm plus the membership engine it feeds.
+//!
+//! ```text
+//!   TCP/QUIC ── noise ── yamux ──┐
+//!                                ├─ gossipsub  "agentmesh/members/1": signed NodeRecords
+//!                                ├─ identify   listen addrs ──> kademlia
+//!                                ├─ kademlia   finds every node from one bootstrap peer
+//!                                └─ mdns       (optional) LAN discovery
+//!
+//!   NetworkActor (owns the Swarm and the Membership engine)
+//!        ▲  bounded mpsc of (Request, oneshot)       tick ──> Membership::handle
+//!        │                                            gossip record ──> verify ──> Membership::handle
+//!   Network handle (cloneable; used by the HTTP API)  Command::Announce ──> seal ──> publish
+//! ```
+//!
+//! [`identity`] keeps the node's ed25519 key in its data dir, [`envelope`]
+//! signs and checks records, [`dialer`] decides whom to dial and when
+//! (pure, tested without IO), [`actor`] is the async shell.
+
+pub mod actor;
+pub mod config;
+pub mod dialer;
+pub mod envelope;
+pub mod identity;
+
+pub use actor::{Network, NetworkError, Ready, Snapshot};
+pub use config::Config;
