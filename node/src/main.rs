@@ -1,1 +1,145 @@
-fn main() {}
+//! `agentmesh`: the node and its CLI, one symmetric binary.
+//!
+//! ```text
+//!   main ─ clap ─┬─ node start ─> config::validate ─> start::run ─┬─ mesh_net::Network (libp2p + membership)
+//!                │                                                 └─ api::router (axum, HTTP)
+//!                └─ members ────> client::ApiClient ── HTTP ──> a node's API
+//! ```
+//! `node/` is glue: decisions live in the library crates.
+
+mod api;
+mod client;
+mod config;
+mod data_dir;
+mod members;
+mod start;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, NodeConfig, Overrides, DEFAULT_API};
+
+/// Run AI agents at the edge: a peer-to-peer mesh of symmetric nodes.
+#[derive(Debug, Parser)]
+#[command(name = "agentmesh", version, about)]
+struct Cli {
+    /// Log format on stderr (logs are filtered by RUST_LOG).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run and manage this machine's node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Show the mesh as one node sees it.
+    Members {
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Start a node that joins the mesh; prints `ready peer_id=.. api=.. listen=..` when up.
+    Start(StartArgs),
+}
+
+#[derive(Debug, Args)]
+struct StartArgs {
+    /// Directory for the node's identity and state (created if missing).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Region of this node, for example eu-west.
+    #[arg(long)]
+    region: Option<String>,
+    /// libp2p listen multiaddr; repeat for several [default: /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1].
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// Multiaddr of a peer to join through; repeat for several.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// HTTP API address [default: 127.0.0.1:7070].
+    #[arg(long, value_name = "HOST:PORT")]
+    api: Option<String>,
+    /// TOML config file; flags win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Discover peers on the local network with mDNS.
+    #[arg(long)]
+    mdns: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    match cli.command {
+        Command::Node(NodeCommand::Start(args)) => {
+            let file = match &args.config {
+                Some(path) => NodeConfig::load(path).map_err(anyhow::Error::msg)?,
+                None => NodeConfig::default(),
+            };
+            let checked = file
+                .validate(Overrides {
+                    data_dir: args.data_dir,
+                    region: args.region,
+                    listen: args.listen,
+                    bootstrap: args.bootstrap,
+                    api: args.api,
+                    mdns: args.mdns,
+                    log_format: cli.log_format,
+                })
+                .map_err(|problems| {
+                    anyhow::anyhow!(
+                        "the node configuration is invalid:\n  - {}",
+                        problems.join("\n  - ")
+                    )
+                })?;
+            init_logging(checked.log_format);
+            runtime.block_on(start::run(checked))
+        }
+        Command::Members { api, json } => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(members::run(&api, json))
+        }
+    }
+}
+
+/// Logs go to stderr; stdout is for results (and the ready line).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("warn,agentmesh=info,mesh_net=info,mesh_membership=info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -55,7 +55,10 @@ fn peer() -> NodeId {
 fn first_record_makes_a_member_alive() {
     let mut m = engine();
     let out = m.handle(Event::Record(record("peer", GEN + 1, T0)), T0);
-    assert_eq!(changes(&out), vec![("peer".into(), None, MemberState::Alive)]);
+    assert_eq!(
+        changes(&out),
+        vec![("peer".into(), None, MemberState::Alive)]
+    );
     assert_eq!(m.state(&peer()), Some(MemberState::Alive));
 }
 
@@ -68,7 +71,11 @@ fn suspicion_starts_exactly_at_the_timeout() {
     let out = m.handle(Event::Tick, T0 + 1_000);
     assert_eq!(
         changes(&out),
-        vec![("peer".into(), Some(MemberState::Alive), MemberState::Suspect)]
+        vec![(
+            "peer".into(),
+            Some(MemberState::Alive),
+            MemberState::Suspect
+        )]
     );
 }
 
@@ -103,10 +110,17 @@ fn a_fresh_record_clears_suspicion() {
     m.handle(Event::Record(record("peer", GEN + 1, T0)), T0);
     m.handle(Event::Tick, T0 + 1_200);
     assert_eq!(m.state(&peer()), Some(MemberState::Suspect));
-    let out = m.handle(Event::Record(record("peer", GEN + 2, T0 + 1_250)), T0 + 1_250);
+    let out = m.handle(
+        Event::Record(record("peer", GEN + 2, T0 + 1_250)),
+        T0 + 1_250,
+    );
     assert_eq!(
         changes(&out),
-        vec![("peer".into(), Some(MemberState::Suspect), MemberState::Alive)]
+        vec![(
+            "peer".into(),
+            Some(MemberState::Suspect),
+            MemberState::Alive
+        )]
     );
     // The silence is counted from the new record.
     assert!(changes(&m.handle(Event::Tick, T0 + 2_249)).is_empty());
@@ -129,7 +143,10 @@ fn restart_with_a_higher_generation_revives_a_dead_member() {
     m.handle(Event::Tick, T0 + 3_000);
     assert_eq!(m.state(&peer()), Some(MemberState::Dead));
     // The restarted process starts its counter at 1 again, but in generation 2.
-    let out = m.handle(Event::Record(record("peer", 2 * GEN + 1, T0 + 4_000)), T0 + 4_000);
+    let out = m.handle(
+        Event::Record(record("peer", 2 * GEN + 1, T0 + 4_000)),
+        T0 + 4_000,
+    );
     assert_eq!(
         changes(&out),
         vec![("peer".into(), Some(MemberState::Dead), MemberState::Alive)]
@@ -150,7 +167,10 @@ fn leave_is_left_not_dead_and_a_restart_revives_it() {
     // Silence after a leave never turns it into dead.
     assert!(changes(&m.handle(Event::Tick, T0 + 50_000)).is_empty());
     assert_eq!(m.state(&peer()), Some(MemberState::Left));
-    let out = m.handle(Event::Record(record("peer", 2 * GEN + 1, T0 + 50_001)), T0 + 50_001);
+    let out = m.handle(
+        Event::Record(record("peer", 2 * GEN + 1, T0 + 50_001)),
+        T0 + 50_001,
+    );
     assert_eq!(
         changes(&out),
         vec![("peer".into(), Some(MemberState::Left), MemberState::Alive)]
@@ -228,12 +248,20 @@ fn announces_on_the_first_tick_and_then_every_interval() {
 #[test]
 fn new_local_addresses_are_announced_at_once() {
     let mut m = engine();
-    let out = m.handle(Event::LocalAddrs(vec!["/ip4/10.0.0.1/tcp/1".into()]), T0 + 1);
+    let out = m.handle(
+        Event::LocalAddrs(vec!["/ip4/10.0.0.1/tcp/1".into()]),
+        T0 + 1,
+    );
     match out.as_slice() {
         [Command::Announce(r)] => assert_eq!(r.addrs, vec!["/ip4/10.0.0.1/tcp/1".to_string()]),
         other => panic!("expected one announcement, got {other:?}"),
     }
-    assert!(m.handle(Event::LocalAddrs(vec!["/ip4/10.0.0.1/tcp/1".into()]), T0 + 2).is_empty());
+    assert!(m
+        .handle(
+            Event::LocalAddrs(vec!["/ip4/10.0.0.1/tcp/1".into()]),
+            T0 + 2
+        )
+        .is_empty());
 }
 
 #[test]
@@ -254,7 +282,10 @@ fn dead_members_are_forgotten_after_the_retention() {
     let mut m = engine();
     m.handle(Event::Record(record("peer", GEN + 1, T0)), T0);
     m.handle(Event::Tick, T0 + 3_000);
-    assert!(m.handle(Event::Tick, T0 + 62_999).iter().all(|c| !matches!(c, Command::Forgot(_))));
+    assert!(m
+        .handle(Event::Tick, T0 + 62_999)
+        .iter()
+        .all(|c| !matches!(c, Command::Forgot(_))));
     let out = m.handle(Event::Tick, T0 + 63_000);
     assert!(out.contains(&Command::Forgot(peer())));
     assert_eq!(m.state(&peer()), None);
@@ -283,12 +314,19 @@ fn config_validation_explains_the_relation() {
         suspect_after_ms: 50,
         ..config()
     };
-    assert!(bad.validate().expect_err("invalid").to_string().contains("announce_interval_ms"));
+    assert!(bad
+        .validate()
+        .expect_err("invalid")
+        .to_string()
+        .contains("announce_interval_ms"));
     let bad = Config {
         dead_after_ms: 1_000,
         ..config()
     };
-    assert!(matches!(bad.validate(), Err(ConfigError::DeadBeforeSuspect { .. })));
+    assert!(matches!(
+        bad.validate(),
+        Err(ConfigError::DeadBeforeSuspect { .. })
+    ));
     let bad = Config {
         announce_interval_ms: 0,
         ..config()

@@ -66,7 +66,8 @@ pub fn seal(keypair: &Keypair, record: &NodeRecord) -> Result<Vec<u8>, EnvelopeE
         public_key: keypair.public().encode_protobuf(),
         signature,
     };
-    bincode::serde::encode_to_vec(&envelope, config()).map_err(|e| EnvelopeError::Malformed(e.to_string()))
+    bincode::serde::encode_to_vec(&envelope, config())
+        .map_err(|e| EnvelopeError::Malformed(e.to_string()))
 }
 
 /// Decodes and checks an envelope; returns the record and the signer.
@@ -78,11 +79,15 @@ pub fn open(bytes: &[u8]) -> Result<(NodeRecord, PeerId), EnvelopeError> {
     }
     let public_key = PublicKey::try_decode_protobuf(&envelope.public_key)
         .map_err(|e| EnvelopeError::Malformed(format!("public key: {e}")))?;
-    if !public_key.verify(&[SIGNING_DOMAIN, &envelope.record].concat(), &envelope.signature) {
+    if !public_key.verify(
+        &[SIGNING_DOMAIN, &envelope.record].concat(),
+        &envelope.signature,
+    ) {
         return Err(EnvelopeError::BadSignature);
     }
-    let (record, _): (NodeRecord, usize) = bincode::serde::decode_from_slice(&envelope.record, config())
-        .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    let (record, _): (NodeRecord, usize) =
+        bincode::serde::decode_from_slice(&envelope.record, config())
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
     let signer = public_key.to_peer_id();
     if record.node_id.0 != signer.to_base58() {
         return Err(EnvelopeError::WrongSigner {

@@ -99,7 +99,16 @@ mod tests {
 
     #[test]
     fn rejects_everything_else_with_a_reason() {
-        for bad in ["", "EU", "1eu", "eu-", "eu_west", "eu west", "é", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "EU",
+            "1eu",
+            "eu-",
+            "eu_west",
+            "eu west",
+            "é",
+            &"a".repeat(64),
+        ] {
             let err = Region::parse(bad).expect_err(bad);
             assert!(err.to_string().contains("invalid region name"), "{err}");
         }

@@ -1,0 +1,595 @@
+//! The async shell around the swarm and the membership engine.
+//!
+//! `NetworkActor` owns the libp2p `Swarm`, the [`Membership`] engine and the
+//! [`Dialer`]; nothing else touches them. Other tasks hold a cloneable
+//! [`Network`] handle and talk to the actor through a bounded channel of
+//! `(request, oneshot)` pairs. The actor stops when its `CancellationToken` is
+//! cancelled: it announces that it leaves, lets the swarm flush that for
+//! [`LEAVE_FLUSH`], and returns.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
+use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, kad, mdns, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use mesh_membership::{Command, Event, Membership};
+use mesh_types::{MemberState, MemberView, NodeRecord, UnixMillis};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, GossipConfig};
+use crate::dialer::Dialer;
+use crate::envelope;
+
+/// The gossipsub topic every node's record is published on.
+pub const MEMBERS_TOPIC: &str = "agentmesh/members/1";
+/// identify protocol version: peers that speak another one are not ours.
+pub const PROTOCOL_VERSION: &str = "/agentmesh/1.0.0";
+/// Kademlia protocol name, so agentmesh's DHT never mixes with IPFS's.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/kad/1.0.0");
+/// How long the swarm keeps running after the leave announcement, so it
+/// reaches the peers before the connections close.
+pub const LEAVE_FLUSH: Duration = Duration::from_millis(500);
+/// Requests waiting for the actor; callers past this wait (backpressure).
+const REQUEST_QUEUE: usize = 64;
+
+/// Why the network could not start or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The transport or a behaviour could not be built.
+    #[error("cannot set up libp2p: {0}")]
+    Setup(String),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {reason}; pick another --listen address or free the port")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// The transport's error.
+        reason: String,
+    },
+    /// The actor has stopped (the node is shutting down).
+    #[error("the network actor has stopped")]
+    Stopped,
+}
+
+/// Sent once, when every listener has an address.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// This node.
+    pub peer_id: PeerId,
+    /// The addresses it listens on (port 0 resolved).
+    pub listen: Vec<Multiaddr>,
+}
+
+/// The state of the network at one instant, for the API and metrics.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The membership view, the local node first.
+    pub members: Vec<MemberView>,
+    /// Remote members per state.
+    pub counts: [(MemberState, usize); 4],
+    /// Open connections.
+    pub connections: u32,
+    /// Connected peers.
+    pub connected_peers: usize,
+    /// gossip messages received (valid or not).
+    pub gossip_in: u64,
+    /// gossip messages published.
+    pub gossip_out: u64,
+    /// Publishes that found no subscribed peer or failed otherwise.
+    pub publish_failures: u64,
+    /// Records refused: bad signature, malformed, wrong signer.
+    pub records_rejected: u64,
+    /// Records ignored by the engine: stale or from the future.
+    pub records_ignored: u64,
+}
+
+#[derive(Debug)]
+enum Request {
+    Snapshot(oneshot::Sender<Snapshot>),
+}
+
+/// Cloneable handle to the running network actor.
+#[derive(Debug, Clone)]
+pub struct Network {
+    requests: mpsc::Sender<Request>,
+}
+
+impl Network {
+    /// Builds the swarm, binds every listen address (errors here are fatal
+    /// and returned), and spawns the actor. `local` is this node's record
+    /// template, its `seq` already carrying this start's generation.
+    /// `ready` fires once every listener has an address.
+    pub fn start(
+        config: Config,
+        keypair: Keypair,
+        local: NodeRecord,
+        shutdown: CancellationToken,
+    ) -> Result<(Network, oneshot::Receiver<Ready>, JoinHandle<()>), NetworkError> {
+        let mut swarm = build_swarm(&config, keypair.clone())?;
+        let topic = IdentTopic::new(MEMBERS_TOPIC);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&topic)
+            .map_err(|e| NetworkError::Setup(format!("subscribe to {MEMBERS_TOPIC}: {e}")))?;
+        swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
+
+        let mut pending_listeners = Vec::new();
+        for addr in &config.listen {
+            let id = swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetworkError::Listen {
+                    addr: addr.clone(),
+                    reason: transport_error_text(&e),
+                })?;
+            pending_listeners.push(id);
+        }
+
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let now = unix_now_ms();
+        let actor = NetworkActor {
+            dialer: Dialer::new(
+                config.bootstrap.clone(),
+                duration_ms(config.bootstrap_backoff_initial),
+                duration_ms(config.bootstrap_backoff_max),
+                config.target_peers,
+            ),
+            membership: Membership::new(config.membership.clone(), local, now),
+            tick_interval: config.tick_interval,
+            keypair,
+            swarm,
+            topic,
+            requests: rx,
+            shutdown,
+            pending_listeners,
+            ready: Some(ready_tx),
+            listen_addrs: Vec::new(),
+            counters: Counters::default(),
+        };
+        let handle = tokio::spawn(actor.run());
+        Ok((Network { requests: tx }, ready_rx, handle))
+    }
+
+    /// The current view and counters.
+    pub async fn snapshot(&self) -> Result<Snapshot, NetworkError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Snapshot(tx))
+            .await
+            .map_err(|_| NetworkError::Stopped)?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+pub(crate) fn gossipsub_config(gossip: &GossipConfig) -> Result<gossipsub::Config, NetworkError> {
+    gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(gossip.heartbeat_interval_ms))
+        .mesh_n_low(gossip.mesh_n_low)
+        .mesh_n(gossip.mesh_n)
+        .mesh_n_high(gossip.mesh_n_high)
+        .mesh_outbound_min(gossip.mesh_outbound_min)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        // Records are checked by us (signature, signer) before they are forwarded.
+        .validate_messages()
+        .build()
+        .map_err(|e| {
+            NetworkError::Setup(format!(
+                "invalid [gossip] settings ({e}): need mesh_outbound_min <= mesh_n_low <= mesh_n <= mesh_n_high and mesh_outbound_min <= mesh_n / 2"
+            ))
+        })
+}
+
+fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, NetworkError> {
+    config.gossip.validate().map_err(NetworkError::Setup)?;
+    let gossip_config = gossipsub_config(&config.gossip)?;
+    let mdns_enabled = config.mdns;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NetworkError::Setup(format!("tcp transport: {e}")))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| NetworkError::Setup(format!("dns resolver: {e}")))?
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_config,
+            )?;
+            let identify = identify::Behaviour::new(
+                identify::Config::new(PROTOCOL_VERSION.to_owned(), key.public())
+                    .with_agent_version(format!("agentmesh/{}", mesh_types::AGENTMESH_VERSION)),
+            );
+            let kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad::Config::new(KAD_PROTOCOL),
+            );
+            let mdns = if mdns_enabled {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                gossipsub,
+                identify,
+                kad,
+                mdns: Toggle::from(mdns),
+            })
+        })
+        .map_err(|e| NetworkError::Setup(format!("behaviours: {e}")))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+        .build();
+    Ok(swarm)
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    gossip_in: u64,
+    gossip_out: u64,
+    publish_failures: u64,
+    records_rejected: u64,
+    records_ignored: u64,
+}
+
+struct NetworkActor {
+    swarm: Swarm<Behaviour>,
+    membership: Membership,
+    dialer: Dialer<Multiaddr, PeerId>,
+    keypair: Keypair,
+    topic: IdentTopic,
+    tick_interval: Duration,
+    requests: mpsc::Receiver<Request>,
+    shutdown: CancellationToken,
+    pending_listeners: Vec<libp2p::core::transport::ListenerId>,
+    ready: Option<oneshot::Sender<Ready>>,
+    listen_addrs: Vec<Multiaddr>,
+    counters: Counters,
+}
+
+impl NetworkActor {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.tick_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                Some(request) = self.requests.recv() => self.on_request(request),
+                _ = tick.tick() => self.on_tick(),
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+            }
+        }
+        self.leave().await;
+    }
+
+    async fn leave(&mut self) {
+        info!("leaving the mesh: announcing it to peers");
+        let commands = self.membership.handle(Event::Leave, unix_now_ms());
+        self.execute(commands);
+        let flush = tokio::time::sleep(LEAVE_FLUSH);
+        tokio::pin!(flush);
+        loop {
+            tokio::select! {
+                _ = &mut flush => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+            }
+        }
+    }
+
+    fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Snapshot(reply) => {
+                let info = self.swarm.network_info();
+                let snapshot = Snapshot {
+                    members: self.membership.view(unix_now_ms()),
+                    counts: self.membership.counts(),
+                    connections: info.connection_counters().num_established(),
+                    connected_peers: info.num_peers(),
+                    gossip_in: self.counters.gossip_in,
+                    gossip_out: self.counters.gossip_out,
+                    publish_failures: self.counters.publish_failures,
+                    records_rejected: self.counters.records_rejected,
+                    records_ignored: self.counters.records_ignored,
+                };
+                // The caller may have given up; nothing to do then.
+                let _ = reply.send(snapshot);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = unix_now_ms();
+        let commands = self.membership.handle(Event::Tick, now);
+        self.execute(commands);
+
+        let connected = self.swarm.network_info().num_peers();
+        for dial in self.dialer.poll_bootstrap(now, connected) {
+            if dial.attempt > 1 {
+                warn!(
+                    addr = %dial.addr,
+                    attempt = dial.attempt,
+                    retry_in_ms = dial.retry_in_ms,
+                    "no peer has answered yet; dialing bootstrap peer again"
+                );
+            } else {
+                info!(addr = %dial.addr, "dialing bootstrap peer");
+            }
+            if let Err(e) = self.swarm.dial(dial.addr.clone()) {
+                warn!(addr = %dial.addr, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+
+        let candidates: Vec<PeerId> = self
+            .membership
+            .view(now)
+            .into_iter()
+            .filter(|m| !m.is_self && m.state == MemberState::Alive)
+            .filter_map(|m| m.peer_id.0.parse::<PeerId>().ok())
+            .filter(|p| !self.swarm.is_connected(p))
+            .collect();
+        for peer in self.dialer.poll_top_up(now, connected, candidates) {
+            self.dial_member(peer);
+        }
+    }
+
+    fn dial_member(&mut self, peer: PeerId) {
+        let addrs: Vec<Multiaddr> = self
+            .membership
+            .record(&mesh_types::NodeId(peer.to_base58()))
+            .map(|r| r.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+            .unwrap_or_default();
+        if addrs.is_empty() {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            debug!(%peer, error = %e, "top-up dial not started");
+        }
+    }
+
+    fn execute(&mut self, commands: Vec<Command>) {
+        for command in commands {
+            match command {
+                Command::Announce(record) => self.publish(&record),
+                Command::StateChanged { node, from, to } => {
+                    let region = self
+                        .membership
+                        .record(&node)
+                        .map(|r| r.region.to_string())
+                        .unwrap_or_default();
+                    let from = from.map(|s| s.as_str()).unwrap_or("unknown");
+                    match to {
+                        MemberState::Alive | MemberState::Left => {
+                            info!(peer = %node, %region, from, to = to.as_str(), "member state changed")
+                        }
+                        MemberState::Suspect | MemberState::Dead => {
+                            warn!(peer = %node, %region, from, to = to.as_str(), "member state changed")
+                        }
+                    }
+                }
+                Command::RecordIgnored { node, reason } => {
+                    self.counters.records_ignored += 1;
+                    debug!(peer = %node, ?reason, "record ignored");
+                }
+                Command::Forgot(node) => debug!(peer = %node, "forgot member"),
+            }
+        }
+    }
+
+    fn publish(&mut self, record: &NodeRecord) {
+        let sealed = match envelope::seal(&self.keypair, record) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                error!(error = %e, "cannot sign the local record");
+                return;
+            }
+        };
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topic.clone(), sealed)
+        {
+            Ok(_) => self.counters.gossip_out += 1,
+            // Normal while alone: the next announcement, or a peer's
+            // subscription (see on_gossip), sends the record again.
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                self.counters.publish_failures += 1;
+                debug!("no subscribed peer yet; record will be sent on the next announcement");
+            }
+            Err(e) => {
+                self.counters.publish_failures += 1;
+                warn!(error = %e, "cannot publish the local record");
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => self.on_gossip(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocol_version != PROTOCOL_VERSION {
+                    debug!(%peer_id, version = %info.protocol_version, "peer speaks another protocol");
+                    return;
+                }
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer_id, addr) in found {
+                    debug!(%peer_id, %addr, "found by mDNS");
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
+                    if !self.swarm.is_connected(&peer_id) {
+                        let opts = DialOpts::peer_id(peer_id)
+                            .addresses(vec![addr])
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(_) => {}
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                info!(%address, "listening");
+                self.listen_addrs.push(address);
+                self.pending_listeners.retain(|id| *id != listener_id);
+                self.announce_addrs();
+                if self.pending_listeners.is_empty() {
+                    if let Some(ready) = self.ready.take() {
+                        let _ = ready.send(Ready {
+                            peer_id: *self.swarm.local_peer_id(),
+                            listen: self.listen_addrs.clone(),
+                        });
+                    }
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+                self.announce_addrs();
+            }
+            SwarmEvent::ListenerClosed {
+                addresses,
+                reason: Err(e),
+                ..
+            } => error!(?addresses, error = %e, "listener closed"),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                debug!(%peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
+                if let ConnectedPoint::Dialer { address, .. } = endpoint {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, address);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                debug!(%peer_id, num_established, ?cause, "connection closed");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, error = %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn announce_addrs(&mut self) {
+        let addrs = self.listen_addrs.iter().map(|a| a.to_string()).collect();
+        let commands = self
+            .membership
+            .handle(Event::LocalAddrs(addrs), unix_now_ms());
+        self.execute(commands);
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                self.counters.gossip_in += 1;
+                let verdict = match envelope::open(&message.data) {
+                    Ok((record, signer)) if message.source == Some(signer) => Ok(record),
+                    Ok((_, signer)) => Err(format!(
+                        "published by {:?} but signed by {signer}",
+                        message.source
+                    )),
+                    Err(e) => Err(e.to_string()),
+                };
+                let acceptance = match verdict {
+                    Ok(record) => {
+                        let commands = self.membership.handle(Event::Record(record), unix_now_ms());
+                        self.execute(commands);
+                        MessageAcceptance::Accept
+                    }
+                    Err(reason) => {
+                        self.counters.records_rejected += 1;
+                        warn!(from = %propagation_source, %reason, "refused a node record");
+                        MessageAcceptance::Reject
+                    }
+                };
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            gossipsub::Event::Subscribed { peer_id, .. } => {
+                // A new peer: send it our record now rather than at the next interval.
+                debug!(%peer_id, "peer subscribed to the members topic");
+                let record = self.membership.local().clone();
+                self.publish(&record);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn transport_error_text(e: &libp2p::TransportError<std::io::Error>) -> String {
+    match e {
+        libp2p::TransportError::MultiaddrNotSupported(addr) => {
+            format!("no transport supports {addr} (use /ip4/../tcp/.. or /ip4/../udp/../quic-v1)")
+        }
+        libp2p::TransportError::Other(io) => io.to_string(),
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The wall clock in milliseconds. The only clock read of the network layer;
+/// the engines get time from here.
+pub fn unix_now_ms() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(duration_ms)
+        .unwrap_or(0)
+}

@@ -1,0 +1,231 @@
+//! The HTTP API every node serves (axum). Handlers ask the network actor for
+//! a snapshot and render it; errors are JSON `{"error", "detail"}`.
+//!
+//! | route            | answer                                        |
+//! |------------------|-----------------------------------------------|
+//! | GET /v1/health   | `{status, peer_id, region, version}`          |
+//! | GET /v1/members  | `[MemberView]`, the local node first          |
+//! | GET /metrics     | Prometheus text                               |
+
+use std::fmt::Write as _;
+
+use axum::extract::State;
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use mesh_net::{Network, Snapshot};
+use mesh_types::MemberView;
+use serde::Serialize;
+
+/// What handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The network actor.
+    pub network: Network,
+    /// This node's peer id.
+    pub peer_id: String,
+    /// This node's region.
+    pub region: String,
+}
+
+/// An API error: a status and a JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    detail: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.error,
+            detail: &self.detail,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<mesh_net::NetworkError> for ApiError {
+    fn from(e: mesh_net::NetworkError) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: "unavailable",
+            detail: format!("{e}; the node is shutting down, try another node"),
+        }
+    }
+}
+
+/// The router with every route.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/members", get(members))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+#[derive(Serialize)]
+struct Health<'a> {
+    status: &'a str,
+    peer_id: &'a str,
+    region: &'a str,
+    version: &'a str,
+}
+
+async fn health(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    // Answering through the actor proves the event loop is alive, not only the HTTP task.
+    state.network.snapshot().await?;
+    Ok(Json(Health {
+        status: "ok",
+        peer_id: &state.peer_id,
+        region: &state.region,
+        version: mesh_types::AGENTMESH_VERSION,
+    })
+    .into_response())
+}
+
+async fn members(State(state): State<ApiState>) -> Result<Json<Vec<MemberView>>, ApiError> {
+    Ok(Json(state.network.snapshot().await?.members))
+}
+
+async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let snapshot = state.network.snapshot().await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render_metrics(&snapshot),
+    )
+        .into_response())
+}
+
+/// Prometheus text exposition of a snapshot.
+pub fn render_metrics(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let by_state: Vec<(String, u64)> = s
+        .counts
+        .iter()
+        .map(|(state, n)| (format!("{{state=\"{state}\"}}"), *n as u64))
+        .collect();
+    family(
+        "agentmesh_members",
+        "gauge",
+        "Remote members in this node's view, by state.",
+        &by_state,
+    );
+    let one = |v: u64| vec![(String::new(), v)];
+    family(
+        "agentmesh_connections_open",
+        "gauge",
+        "Open libp2p connections.",
+        &one(u64::from(s.connections)),
+    );
+    family(
+        "agentmesh_peers_connected",
+        "gauge",
+        "Peers with at least one open connection.",
+        &one(s.connected_peers as u64),
+    );
+    family(
+        "agentmesh_gossip_messages_received_total",
+        "counter",
+        "gossipsub messages received on the members topic.",
+        &one(s.gossip_in),
+    );
+    family(
+        "agentmesh_gossip_messages_published_total",
+        "counter",
+        "Node records this node published.",
+        &one(s.gossip_out),
+    );
+    family(
+        "agentmesh_gossip_publish_failures_total",
+        "counter",
+        "Publishes that reached no peer.",
+        &one(s.publish_failures),
+    );
+    family(
+        "agentmesh_records_rejected_total",
+        "counter",
+        "Records refused: malformed, bad signature or wrong signer.",
+        &one(s.records_rejected),
+    );
+    family(
+        "agentmesh_records_ignored_total",
+        "counter",
+        "Records ignored: stale sequence number or from the future.",
+        &one(s.records_ignored),
+    );
+    out
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        error: "not_found",
+        detail: format!("no route {uri}; this node serves /v1/health, /v1/members and /metrics"),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        error: "method_not_allowed",
+        detail: format!("{method} is not allowed on {uri}; use GET"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_types::MemberState;
+
+    use super::*;
+
+    #[test]
+    fn metrics_render_every_family_with_help_and_type() {
+        let snapshot = Snapshot {
+            members: vec![],
+            counts: [
+                (MemberState::Alive, 4),
+                (MemberState::Suspect, 1),
+                (MemberState::Dead, 0),
+                (MemberState::Left, 2),
+            ],
+            connections: 5,
+            connected_peers: 4,
+            gossip_in: 10,
+            gossip_out: 3,
+            publish_failures: 1,
+            records_rejected: 0,
+            records_ignored: 2,
+        };
+        let text = render_metrics(&snapshot);
+        assert!(
+            text.contains("agentmesh_members{state=\"alive\"} 4\n"),
+            "{text}"
+        );
+        assert!(text.contains("agentmesh_members{state=\"left\"} 2\n"));
+        assert!(text.contains("agentmesh_connections_open 5\n"));
+        assert!(text.contains("agentmesh_gossip_messages_received_total 10\n"));
+        assert!(text.contains("agentmesh_gossip_messages_published_total 3\n"));
+        assert_eq!(
+            text.matches("# TYPE").count(),
+            text.matches("# HELP").count()
+        );
+    }
+}

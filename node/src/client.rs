@@ -1,0 +1,62 @@
+//! The CLI's side of the HTTP API: one GET with a timeout and errors that
+//! say what to do.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use serde::de::DeserializeOwned;
+
+/// How long the CLI waits for a node before it gives up.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client of one node's API.
+#[derive(Debug)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// A client for the node at `api` (HOST:PORT).
+    pub fn new(api: &str) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| anyhow!("cannot build an HTTP client: {e}"))?;
+        Ok(Self {
+            base: format!("http://{api}"),
+            http,
+        })
+    }
+
+    /// GETs `path` and decodes the JSON answer.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let response = self.http.get(&url).send().await.map_err(|e| {
+            let why = if e.is_timeout() {
+                "it did not answer in time".to_owned()
+            } else if e.is_connect() {
+                "nothing answers there".to_owned()
+            } else {
+                e.to_string()
+            };
+            anyhow!(
+                "cannot reach the agentmesh API at {}: {why}; is a node running there? Start one with `agentmesh node start` or pass --api HOST:PORT",
+                self.base
+            )
+        })?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| anyhow!("reading the answer of {url}: {e}"))?;
+        if !status.is_success() {
+            let detail = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            return Err(anyhow!("{url} answered {status}: {detail}"));
+        }
+        serde_json::from_slice(&body).map_err(|e| anyhow!("{url} answered something that is not what this CLI expects ({e}); are the CLI and node versions the same?"))
+    }
+}

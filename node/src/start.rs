@@ -1,0 +1,129 @@
+//! `agentmesh node start`: wire the data dir, identity, network and API
+//! together, print the ready line, and stop cleanly on SIGTERM/SIGINT.
+//!
+//! Order matters: everything that can fail because of bad input (config,
+//! data dir, identity, API port, listen addresses) fails before the node
+//! announces itself, with one message and a non-zero exit.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use mesh_net::{identity, Network};
+use mesh_types::{Load, NodeId, NodeRecord, AGENTMESH_VERSION};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{self, ApiState};
+use crate::config::CheckedConfig;
+use crate::data_dir::{DataDir, NodeFile};
+
+/// How long to wait for the listeners to report their addresses.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the network gets to announce the leave and close after a signal.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs a node until SIGTERM or SIGINT.
+pub async fn run(config: CheckedConfig) -> Result<()> {
+    let data_dir = DataDir::open(&config.data_dir)?;
+    let (keypair, created) = identity::load_or_create(data_dir.path())?;
+    let peer_id = keypair.public().to_peer_id();
+    if created {
+        info!(%peer_id, dir = %data_dir.path().display(), "created a new node identity");
+    }
+    let generation = data_dir.next_generation()?;
+
+    let api_listener = TcpListener::bind(config.api).await.map_err(|e| {
+        anyhow!(
+            "cannot listen for the HTTP API on {}: {e}; pass another --api HOST:PORT or stop what uses that port",
+            config.api
+        )
+    })?;
+    let api_addr = api_listener.local_addr().context("API listener address")?;
+
+    let started_at_ms = mesh_net::actor::unix_now_ms();
+    let local = NodeRecord {
+        node_id: NodeId(peer_id.to_base58()),
+        region: config.region.clone(),
+        addrs: Vec::new(),
+        version: AGENTMESH_VERSION.to_owned(),
+        started_at_ms,
+        seq: u64::from(generation) << 32,
+        sent_at_ms: started_at_ms,
+        leaving: false,
+        models: Vec::new(),
+        datasets: Vec::new(),
+        load: Load::default(),
+    };
+
+    let shutdown = CancellationToken::new();
+    let (network, ready, network_task) =
+        Network::start(config.network.clone(), keypair, local, shutdown.clone())?;
+    let ready = tokio::time::timeout(READY_TIMEOUT, ready)
+        .await
+        .map_err(|_| anyhow!("the listeners did not report an address within {READY_TIMEOUT:?}"))?
+        .map_err(|_| anyhow!("the network stopped before it was ready"))?;
+
+    let listen: Vec<String> = ready.listen.iter().map(ToString::to_string).collect();
+    data_dir.write_node_file(&NodeFile {
+        peer_id: peer_id.to_base58(),
+        region: config.region.as_str(),
+        api: api_addr.to_string(),
+        listen: listen.clone(),
+        pid: std::process::id(),
+        version: AGENTMESH_VERSION,
+        generation,
+        started_at_ms,
+    })?;
+
+    let state = ApiState {
+        network,
+        peer_id: peer_id.to_base58(),
+        region: config.region.to_string(),
+    };
+    let api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(async move {
+        axum::serve(api_listener, api::router(state))
+            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
+            .await
+    });
+
+    {
+        // The one line scripts and tests wait for; stdout carries nothing else.
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "ready peer_id={peer_id} api={api_addr} listen={}",
+            listen.join(",")
+        )?;
+        out.flush()?;
+    }
+    info!(%peer_id, region = %config.region, api = %api_addr, generation, "node ready");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM received: leaving the mesh"),
+        _ = sigint.recv() => info!("SIGINT received: leaving the mesh"),
+    }
+    shutdown.cancel();
+
+    let stopped = async {
+        let _ = network_task.await;
+        match api_task.await {
+            Ok(Err(e)) => warn!(error = %e, "HTTP API stopped with an error"),
+            Err(e) => warn!(error = %e, "HTTP API task failed"),
+            Ok(Ok(())) => {}
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, stopped)
+        .await
+        .is_err()
+    {
+        warn!("shutdown took longer than {SHUTDOWN_DEADLINE:?}; exiting anyway");
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The main job, as far as it exists today: a local mesh of four nodes in two
+# regions on loopback, each joining through the first one, and the mesh as
+# every node sees it. Stops everything it started, also on Ctrl-C or failure.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+"$AGENTMESH_ROOT/scripts/setup.sh"
+build
+
+work="$(mktemp -d -t agentmesh-demo.XXXXXX)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# start NAME REGION [BOOTSTRAP]: starts a node, waits for its ready line, and
+# leaves it in $ready (not run in a subshell, so $pids keeps the node).
+start() {
+    local name=$1 region=$2 bootstrap=${3:-}
+    local args=(node start --data-dir "$work/$name" --region "$region"
+                --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0)
+    [ -n "$bootstrap" ] && args+=(--bootstrap "$bootstrap")
+    mkfifo "$work/$name.ready"
+    "$AGENTMESH_BIN" "${args[@]}" >"$work/$name.ready" 2>"$work/$name.log" &
+    pids+=($!)
+    exec {fd}<"$work/$name.ready"
+    if ! read -r -t 30 ready <&"$fd"; then
+        cat "$work/$name.log" >&2
+        die "node $name did not get ready"
+    fi
+    # Keep draining stdout so the node never blocks on it.
+    cat <&"$fd" >/dev/null &
+    exec {fd}<&-
+    echo "  $name ($region): $ready"
+}
+
+say "starting 4 nodes: 2 in eu-west, 2 in us-east, each joining through the first"
+start eu-1 eu-west
+seed=$(sed -E 's/.* listen=([^, ]+).*/\1/' <<<"$ready")
+api1=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
+for spec in eu-2:eu-west us-1:us-east us-2:us-east; do
+    start "${spec%%:*}" "${spec##*:}" "$seed"
+    last_api=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
+done
+
+say "waiting until every node sees all 4 alive"
+for _ in $(seq 100); do
+    alive=$("$AGENTMESH_BIN" members --api "$last_api" --json | grep -c '"state": "alive"' || true)
+    [ "$alive" -eq 4 ] && break
+    sleep 0.1
+done
+[ "$alive" -eq 4 ] || die "the mesh did not converge (last node sees $alive alive)"
+
+say "agentmesh members --api $api1"
+"$AGENTMESH_BIN" members --api "$api1"
+echo
+say "agentmesh members --api $last_api (another region, same mesh)"
+"$AGENTMESH_BIN" members --api "$last_api"
+echo
+say "stopping us-2 with SIGTERM: it announces that it leaves"
+kill -TERM "${pids[3]}"
+wait "${pids[3]}" || true
+sleep 0.5
+"$AGENTMESH_BIN" members --api "$api1"
+echo
+say "demo done; stopping the mesh"

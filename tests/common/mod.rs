@@ -1,0 +1,219 @@
+//! Helpers for tests that start real `agentmesh` processes on loopback.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test, built by cargo for this test target.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_agentmesh")
+}
+
+/// A running node; SIGKILLed when dropped so a failing test leaves nothing behind.
+#[derive(Debug)]
+pub struct Node {
+    pub child: Option<Child>,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub api: String,
+    pub peer_id: String,
+    pub listen: Vec<String>,
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct NodeSpec<'a> {
+    pub name: &'a str,
+    pub data_dir: &'a Path,
+    pub region: &'a str,
+    pub bootstrap: Vec<String>,
+    pub config: Option<&'a Path>,
+    pub extra: Vec<String>,
+}
+
+impl<'a> NodeSpec<'a> {
+    pub fn new(name: &'a str, data_dir: &'a Path, region: &'a str) -> Self {
+        Self {
+            name,
+            data_dir,
+            region,
+            bootstrap: Vec::new(),
+            config: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// How long a node may take to print its ready line (a cold binary on a busy 2-core CI machine).
+pub const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Starts a node on 127.0.0.1 with free ports and waits for its ready line.
+pub fn start(spec: &NodeSpec<'_>) -> Node {
+    let log = spec.data_dir.with_extension("log");
+    let mut command = Command::new(bin());
+    command
+        .args([
+            "--log-format",
+            "json",
+            "node",
+            "start",
+            "--region",
+            spec.region,
+        ])
+        .arg("--data-dir")
+        .arg(spec.data_dir)
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
+        .env("RUST_LOG", "info,libp2p=warn");
+    for b in &spec.bootstrap {
+        command.args(["--bootstrap", b]);
+    }
+    if let Some(config) = spec.config {
+        command.arg("--config").arg(config);
+    }
+    command.args(&spec.extra);
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("open log file");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn agentmesh");
+    let line = read_ready_line(&mut child, READY_WITHIN).unwrap_or_else(|e| {
+        panic!(
+            "node {} not ready: {e}\n--- log ---\n{}",
+            spec.name,
+            read(&log)
+        )
+    });
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
+            .unwrap_or_else(|| panic!("ready line lacks {key}: {line}"))
+    };
+    Node {
+        child: Some(child),
+        name: spec.name.to_owned(),
+        data_dir: spec.data_dir.to_owned(),
+        log,
+        api: field("api"),
+        peer_id: field("peer_id"),
+        listen: field("listen").split(',').map(str::to_owned).collect(),
+    }
+}
+
+/// Reads the first stdout line; keeps draining stdout in the background.
+pub fn read_ready_line(child: &mut Child, within: Duration) -> Result<String, String> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next();
+        let _ = tx.send(first);
+        for _ in lines {}
+    });
+    match rx.recv_timeout(within) {
+        Ok(Some(Ok(line))) if line.starts_with("ready ") => Ok(line),
+        Ok(Some(Ok(line))) => Err(format!("unexpected first line {line:?}")),
+        Ok(_) => Err(format!("stdout closed; exit status {:?}", child.try_wait())),
+        Err(_) => Err(format!("no ready line within {within:?}")),
+    }
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+impl Node {
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit, at most `within`.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("node is running");
+        sigterm(&child);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "node {} did not stop within {within:?} of SIGTERM\n{}",
+                    self.name,
+                    read(&self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node's membership view through `agentmesh members --json`.
+    pub fn members(&self) -> Vec<Value> {
+        let out = Command::new(bin())
+            .args(["members", "--json", "--api", &self.api])
+            .output()
+            .expect("run agentmesh members");
+        assert!(
+            out.status.success(),
+            "members --api {} failed: {}",
+            self.api,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let value: Value = serde_json::from_slice(&out.stdout).expect("members --json is JSON");
+        value.as_array().expect("a JSON array").clone()
+    }
+
+    /// The state this node sees `peer_id` in, if listed.
+    pub fn state_of(&self, peer_id: &str) -> Option<String> {
+        self.members()
+            .iter()
+            .find(|m| m["peer_id"] == peer_id)
+            .map(|m| m["state"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends SIGTERM through kill(1), which keeps the tests free of `unsafe`
+/// (the workspace forbids it). SIGKILL is `Child::kill`.
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM {} failed", child.id());
+}
+
+/// Polls `check` every 100 ms until it returns true or `within` passes;
+/// returns the time it took.
+pub fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return start.elapsed();
+        }
+        if start.elapsed() > within {
+            panic!("timed out after {within:?} waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
