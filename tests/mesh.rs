@@ -74,6 +74,17 @@ fn five_nodes_discover_detect_death_restart_and_leave() {
         all_see(&nodes.iter().collect::<Vec<_>>(), &id_refs, "alive")
     });
     eprintln!("converged in {took:?}");
+    // Every node knew only n0, yet each ends up connected to all four others
+    // (identify + kademlia + dialing known members), so losing n0 cuts nobody off.
+    wait_until(
+        "every node is connected to all 4 others",
+        CONVERGE_WITHIN,
+        || {
+            nodes
+                .iter()
+                .all(|n| n.metric("agentmesh_peers_connected") == 4)
+        },
+    );
 
     // 2. SIGKILL one (not the bootstrap node): every survivor marks it dead in time.
     let victim = 3;
@@ -151,4 +162,42 @@ fn five_nodes_discover_detect_death_restart_and_leave() {
     .expect("node.json is JSON");
     assert_eq!(node_json["peer_id"], nodes[0].peer_id);
     assert_eq!(node_json["api"], nodes[0].api);
+}
+
+#[test]
+fn two_nodes_find_each_other_over_quic() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    let quic = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let a = start(&NodeSpec {
+        listen: quic,
+        ..NodeSpec::new("a", &a_dir, "eu-west")
+    });
+    assert!(a.listen[0].ends_with("/quic-v1"), "{:?}", a.listen);
+    let b = start(&NodeSpec {
+        listen: quic,
+        bootstrap: vec![a.listen[0].clone()],
+        ..NodeSpec::new("b", &b_dir, "us-east")
+    });
+    // The API answers health and gives JSON errors for unknown routes.
+    let health: serde_json::Value =
+        serde_json::from_str(&common::http_get(&a.api, "/v1/health")).expect("health is JSON");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["peer_id"], a.peer_id);
+    let missing: serde_json::Value =
+        serde_json::from_str(&common::http_get(&a.api, "/v1/nope")).expect("error is JSON");
+    assert_eq!(missing["error"], "not_found");
+    assert!(missing["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("/v1/members"));
+
+    wait_until(
+        "both see each other alive over QUIC",
+        CONVERGE_WITHIN,
+        || {
+            a.state_of(&b.peer_id).as_deref() == Some("alive")
+                && b.state_of(&a.peer_id).as_deref() == Some("alive")
+        },
+    );
 }

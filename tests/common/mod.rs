@@ -34,6 +34,8 @@ pub struct NodeSpec<'a> {
     pub region: &'a str,
     pub bootstrap: Vec<String>,
     pub config: Option<&'a Path>,
+    /// Listen multiaddr; TCP on a free loopback port unless set.
+    pub listen: &'a str,
     pub extra: Vec<String>,
 }
 
@@ -45,6 +47,7 @@ impl<'a> NodeSpec<'a> {
             region,
             bootstrap: Vec::new(),
             config: None,
+            listen: "/ip4/127.0.0.1/tcp/0",
             extra: Vec::new(),
         }
     }
@@ -68,7 +71,7 @@ pub fn start(spec: &NodeSpec<'_>) -> Node {
         ])
         .arg("--data-dir")
         .arg(spec.data_dir)
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
+        .args(["--listen", spec.listen, "--api", "127.0.0.1:0"])
         .env("RUST_LOG", "info,libp2p=warn");
     for b in &spec.bootstrap {
         command.args(["--bootstrap", b]);
@@ -178,6 +181,15 @@ impl Node {
         value.as_array().expect("a JSON array").clone()
     }
 
+    /// A gauge or counter from `GET /metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = http_get(&self.api, "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} not in /metrics of {}:\n{text}", self.name))
+    }
+
     /// The state this node sees `peer_id` in, if listed.
     pub fn state_of(&self, peer_id: &str) -> Option<String> {
         self.members()
@@ -185,6 +197,21 @@ impl Node {
             .find(|m| m["peer_id"] == peer_id)
             .map(|m| m["state"].as_str().unwrap_or_default().to_owned())
     }
+}
+
+/// A plain HTTP/1.0 GET; returns the body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
 }
 
 impl Drop for Node {

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Benchmarks, side by side with the peer each one is measured against.
+#   scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300]
+# Prints markdown tables for BENCHMARKS.md. Never part of the tests.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+what=$1; shift
+
+"$AGENTMESH_ROOT/scripts/setup.sh"
+case "$what" in
+    discovery)
+        apt_install serf python3
+        say "building agentmesh (release)"
+        (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh)
+        say "agentmesh against serf $(serf version | head -1) on $(nproc) cores"
+        python3 "$AGENTMESH_ROOT/scripts/bench/discovery.py" --agentmesh "$CARGO_TARGET_DIR/release/agentmesh" "$@"
+        ;;
+    *) usage ;;
+esac
