@@ -201,3 +201,48 @@ fn two_nodes_find_each_other_over_quic() {
         },
     );
 }
+
+/// With announcements 20 s apart, a joining node can only learn the members
+/// it is not connected to from the push-pull sync with its bootstrap peer.
+#[test]
+fn a_joining_node_learns_the_whole_view_by_sync_not_by_waiting() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("slow.toml");
+    std::fs::write(
+        &config,
+        "[membership]\nannounce_interval_ms = 20000\nsuspect_after_ms = 60000\ndead_after_ms = 120000\n",
+    )
+    .expect("write config");
+    let dirs: Vec<_> = (0..4).map(|i| tmp.path().join(format!("s{i}"))).collect();
+    let seed = start(&NodeSpec {
+        config: Some(&config),
+        ..NodeSpec::new("s0", &dirs[0], "eu-west")
+    });
+    let mut nodes = vec![];
+    for (i, dir) in dirs.iter().enumerate().skip(1).take(2) {
+        nodes.push(start(&spec(&format!("s{i}"), dir, &config, &seed)));
+    }
+    wait_until(
+        "the seed knows the first two joiners",
+        CONVERGE_WITHIN,
+        || {
+            nodes
+                .iter()
+                .all(|n| seed.state_of(&n.peer_id).as_deref() == Some("alive"))
+        },
+    );
+    let late = start(&spec("s3", &dirs[3], &config, &seed));
+    // Far less than the 20 s until anyone announces again.
+    let took = wait_until(
+        "the late node sees everyone alive",
+        Duration::from_secs(5),
+        || {
+            let view = late.members();
+            nodes.iter().chain([&seed]).all(|n| {
+                view.iter()
+                    .any(|m| m["peer_id"] == n.peer_id && m["state"] == "alive")
+            })
+        },
+    );
+    eprintln!("late joiner learned the view in {took:?}");
+}

@@ -60,8 +60,12 @@ class Cluster:
     def record(self, observer, subject, kind):
         t = time.monotonic()
         with self.lock:
-            self.state[(observer, subject)] = (kind, t)
             self.events.append((t, observer, subject, kind))
+            # Serf's prober logs "Suspect X has failed" again after X is marked
+            # failed: a suspicion never undoes a death.
+            if kind == "suspect" and self.state.get((observer, subject), ("",))[0] == "dead":
+                return
+            self.state[(observer, subject)] = (kind, t)
 
     def follow(self, index, stream, first_line_event):
         for raw in iter(stream.readline, b""):
@@ -215,6 +219,8 @@ def run_once(make, n, idle_s, log):
                     "dead": sum(1 for e in window if e[3] == "dead"),
                     "cpu_per_node_pct": 100 * (cpu1 - cpu0) / (t1 - t0) / n,
                 }
+                log(f"  idle: {idle['suspect']} false suspicions, {idle['dead']} false deaths, "
+                    f"{idle['cpu_per_node_pct']:.2f} % of a core per node")
 
             victim = n // 2
             t_kill = time.monotonic()

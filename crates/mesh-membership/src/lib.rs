@@ -104,6 +104,16 @@ pub enum Event {
     Tick,
     /// A record arrived whose signature the caller has already checked.
     Record(NodeRecord),
+    /// A record learned from a peer's view during a join sync: that peer
+    /// received it `age_ms` ago. Liveness counts from then, and a record
+    /// already older than the suspicion timeout is not taken, so a sync never
+    /// resurrects a node that has gone silent.
+    SyncedRecord {
+        /// The record, signature checked by the caller.
+        record: NodeRecord,
+        /// How long ago the peer received it.
+        age_ms: u64,
+    },
     /// The local node's listen addresses changed.
     LocalAddrs(Vec<String>),
     /// The local node is stopping on purpose: announce that it leaves.
@@ -193,7 +203,12 @@ impl Membership {
         let mut commands = Vec::new();
         match event {
             Event::Tick => self.tick(now, &mut commands),
-            Event::Record(record) => self.on_record(record, now, &mut commands),
+            Event::Record(record) => self.on_record(record, now, now, &mut commands),
+            Event::SyncedRecord { record, age_ms } => {
+                if age_ms < self.config.suspect_after_ms {
+                    self.on_record(record, now.saturating_sub(age_ms), now, &mut commands);
+                }
+            }
             Event::LocalAddrs(addrs) => {
                 if addrs != self.local.addrs {
                     self.local.addrs = addrs;
@@ -295,7 +310,14 @@ impl Membership {
         }
     }
 
-    fn on_record(&mut self, record: NodeRecord, now: UnixMillis, commands: &mut Vec<Command>) {
+    /// Applies a record the sender made, that reached us (or a peer) at `seen_at`.
+    fn on_record(
+        &mut self,
+        record: NodeRecord,
+        seen_at: UnixMillis,
+        now: UnixMillis,
+        commands: &mut Vec<Command>,
+    ) {
         if record.node_id == self.local.node_id {
             return; // our own announcement, echoed back
         }
@@ -323,7 +345,7 @@ impl Membership {
             Some(member) => {
                 let from = member.state;
                 member.record = record;
-                member.last_seen_at = now;
+                member.last_seen_at = member.last_seen_at.max(seen_at);
                 if from != to {
                     member.state = to;
                     member.state_since = now;
@@ -341,7 +363,7 @@ impl Membership {
                     Member {
                         record,
                         state: to,
-                        last_seen_at: now,
+                        last_seen_at: seen_at,
                         state_since: now,
                     },
                 );

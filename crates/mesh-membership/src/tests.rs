@@ -333,3 +333,48 @@ fn config_validation_explains_the_relation() {
     };
     assert_eq!(bad.validate(), Err(ConfigError::ZeroAnnounceInterval));
 }
+
+#[test]
+fn a_synced_record_counts_liveness_from_when_the_peer_saw_it() {
+    let mut m = engine();
+    let out = m.handle(
+        Event::SyncedRecord {
+            record: record("peer", GEN + 1, T0),
+            age_ms: 400,
+        },
+        T0 + 400,
+    );
+    assert_eq!(
+        changes(&out),
+        vec![("peer".into(), None, MemberState::Alive)]
+    );
+    // Seen 400 ms before it reached us: suspect 400 ms earlier than a direct record.
+    assert!(changes(&m.handle(Event::Tick, T0 + 999)).is_empty());
+    assert_eq!(changes(&m.handle(Event::Tick, T0 + 1_000)).len(), 1);
+}
+
+#[test]
+fn a_synced_record_older_than_the_suspicion_timeout_is_not_taken() {
+    let mut m = engine();
+    let stale = Event::SyncedRecord {
+        record: record("peer", GEN + 1, T0),
+        age_ms: 1_000,
+    };
+    assert!(m.handle(stale, T0 + 1_000).is_empty());
+    assert_eq!(m.state(&peer()), None);
+}
+
+#[test]
+fn a_synced_record_never_moves_liveness_backwards() {
+    let mut m = engine();
+    m.handle(Event::Record(record("peer", GEN + 1, T0)), T0 + 500);
+    // A newer seq that the syncing peer got earlier than our own copy arrived.
+    m.handle(
+        Event::SyncedRecord {
+            record: record("peer", GEN + 2, T0),
+            age_ms: 900,
+        },
+        T0 + 1_000,
+    );
+    assert!(changes(&m.handle(Event::Tick, T0 + 1_499)).is_empty());
+}

@@ -7,6 +7,7 @@
 //! cancelled: it announces that it leaves, lets the swarm flush that for
 //! [`LEAVE_FLUSH`], and returns.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -16,17 +17,22 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, kad, mdns, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{
+    identify, kad, mdns, noise, request_response, tcp, yamux, Multiaddr, PeerId, StreamProtocol,
+    Swarm,
+};
 use mesh_membership::{Command, Event, Membership};
-use mesh_types::{MemberState, MemberView, NodeRecord, UnixMillis};
+use mesh_types::{MemberState, MemberView, NodeId, NodeRecord, UnixMillis};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::codec::FrameCodec;
 use crate::config::{Config, GossipConfig};
 use crate::dialer::Dialer;
 use crate::envelope;
+use crate::sync::{SyncEntry, SyncMessage};
 
 /// The gossipsub topic every node's record is published on.
 pub const MEMBERS_TOPIC: &str = "agentmesh/members/1";
@@ -34,6 +40,12 @@ pub const MEMBERS_TOPIC: &str = "agentmesh/members/1";
 pub const PROTOCOL_VERSION: &str = "/agentmesh/1.0.0";
 /// Kademlia protocol name, so agentmesh's DHT never mixes with IPFS's.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/kad/1.0.0");
+/// Push-pull sync of member records when two nodes connect (like Serf's
+/// push-pull on join): a new node learns the whole view in one round trip
+/// instead of waiting for every member's next announcement.
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/members-sync/1");
+/// A sync that takes longer than this is abandoned; gossip still converges.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the swarm keeps running after the leave announcement, so it
 /// reaches the peers before the connections close.
 pub const LEAVE_FLUSH: Duration = Duration::from_millis(500);
@@ -153,6 +165,7 @@ impl Network {
             pending_listeners,
             ready: Some(ready_tx),
             listen_addrs: Vec::new(),
+            envelopes: BTreeMap::new(),
             counters: Counters::default(),
         };
         let handle = tokio::spawn(actor.run());
@@ -176,6 +189,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    sync: request_response::Behaviour<FrameCodec>,
 }
 
 pub(crate) fn gossipsub_config(gossip: &GossipConfig) -> Result<gossipsub::Config, NetworkError> {
@@ -234,11 +248,17 @@ fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, Ne
             } else {
                 None
             };
+            let sync = request_response::Behaviour::with_codec(
+                FrameCodec,
+                [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(SYNC_TIMEOUT),
+            );
             Ok(Behaviour {
                 gossipsub,
                 identify,
                 kad,
                 mdns: Toggle::from(mdns),
+                sync,
             })
         })
         .map_err(|e| NetworkError::Setup(format!("behaviours: {e}")))?
@@ -268,6 +288,9 @@ struct NetworkActor {
     pending_listeners: Vec<libp2p::core::transport::ListenerId>,
     ready: Option<oneshot::Sender<Ready>>,
     listen_addrs: Vec<Multiaddr>,
+    /// The signed bytes of the freshest record of every member (and of this
+    /// node), served to peers that sync with us. Pruned with the view.
+    envelopes: BTreeMap<NodeId, Vec<u8>>,
     counters: Counters,
 }
 
@@ -399,7 +422,10 @@ impl NetworkActor {
                     self.counters.records_ignored += 1;
                     debug!(peer = %node, ?reason, "record ignored");
                 }
-                Command::Forgot(node) => debug!(peer = %node, "forgot member"),
+                Command::Forgot(node) => {
+                    self.envelopes.remove(&node);
+                    debug!(peer = %node, "forgot member");
+                }
             }
         }
     }
@@ -464,6 +490,7 @@ impl NetworkActor {
                     }
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync(event),
             SwarmEvent::Behaviour(_) => {}
             SwarmEvent::NewListenAddr {
                 listener_id,
@@ -498,6 +525,11 @@ impl NetworkActor {
                 ..
             } => {
                 debug!(%peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
+                if num_established.get() == 1 {
+                    // Push our record, pull theirs: both sides do this, so each learns the other's view.
+                    let push = self.sync_message(true);
+                    self.swarm.behaviour_mut().sync.send_request(&peer_id, push);
+                }
                 if let ConnectedPoint::Dialer { address, .. } = endpoint {
                     self.swarm
                         .behaviour_mut()
@@ -546,8 +578,7 @@ impl NetworkActor {
                 };
                 let acceptance = match verdict {
                     Ok(record) => {
-                        let commands = self.membership.handle(Event::Record(record), unix_now_ms());
-                        self.execute(commands);
+                        self.apply_record(Event::Record(record), &message.data);
                         MessageAcceptance::Accept
                     }
                     Err(reason) => {
@@ -568,6 +599,119 @@ impl NetworkActor {
                 self.publish(&record);
             }
             _ => {}
+        }
+    }
+}
+
+impl NetworkActor {
+    /// Feeds a checked record to the engine and keeps its signed bytes if
+    /// the engine took it as the member's freshest.
+    fn apply_record(&mut self, event: Event, sealed: &[u8]) {
+        let (node, seq) = match &event {
+            Event::Record(r) | Event::SyncedRecord { record: r, .. } => (r.node_id.clone(), r.seq),
+            _ => return,
+        };
+        let commands = self.membership.handle(event, unix_now_ms());
+        self.execute(commands);
+        if self.membership.record(&node).is_some_and(|r| r.seq == seq) {
+            self.envelopes.insert(node, sealed.to_vec());
+        }
+    }
+
+    /// Our side of a sync: our own record only (`own_only`, in a request), or
+    /// our record and every member we see alive, with how long ago we heard
+    /// from it (in a response).
+    fn sync_message(&mut self, own_only: bool) -> Vec<u8> {
+        let local_id = self.membership.local().node_id.clone();
+        if !self.envelopes.contains_key(&local_id) {
+            let record = self.membership.local().clone();
+            match envelope::seal(&self.keypair, &record) {
+                Ok(sealed) => {
+                    self.envelopes.insert(local_id.clone(), sealed);
+                }
+                Err(e) => error!(error = %e, "cannot sign the local record"),
+            }
+        }
+        let mut entries: Vec<SyncEntry> = self
+            .envelopes
+            .get(&local_id)
+            .map(|e| SyncEntry {
+                envelope: e.clone(),
+                age_ms: 0,
+            })
+            .into_iter()
+            .collect();
+        if !own_only {
+            for member in self.membership.view(unix_now_ms()) {
+                if member.is_self || member.state != MemberState::Alive {
+                    continue;
+                }
+                if let Some(e) = self.envelopes.get(&member.peer_id) {
+                    entries.push(SyncEntry {
+                        envelope: e.clone(),
+                        age_ms: member.last_seen_ms,
+                    });
+                }
+            }
+        }
+        SyncMessage::new(entries).encode()
+    }
+
+    fn apply_sync(&mut self, from: PeerId, bytes: &[u8]) {
+        let message = match SyncMessage::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.counters.records_rejected += 1;
+                warn!(%from, error = %e, "refused a member sync");
+                return;
+            }
+        };
+        for entry in message.entries {
+            match envelope::open(&entry.envelope) {
+                Ok((record, _)) => {
+                    let event = Event::SyncedRecord {
+                        record,
+                        age_ms: entry.age_ms,
+                    };
+                    self.apply_record(event, &entry.envelope);
+                }
+                Err(e) => {
+                    self.counters.records_rejected += 1;
+                    warn!(%from, error = %e, "refused a synced node record");
+                }
+            }
+        }
+    }
+
+    fn on_sync(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    self.apply_sync(peer, &request);
+                    let reply = self.sync_message(false);
+                    if self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, reply)
+                        .is_err()
+                    {
+                        debug!(%peer, "sync peer went away before our answer");
+                    }
+                }
+                request_response::Message::Response { response, .. } => {
+                    self.apply_sync(peer, &response)
+                }
+            },
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "member sync failed; gossip will converge instead");
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound member sync failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
         }
     }
 }

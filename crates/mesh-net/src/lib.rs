@@ -5,7 +5,8 @@
 //!                                ├─ gossipsub  "agentmesh/members/1": signed NodeRecords
 //!                                ├─ identify   listen addrs ──> kademlia
 //!                                ├─ kademlia   finds every node from one bootstrap peer
-//!                                └─ mdns       (optional) LAN discovery
+//!                                ├─ mdns       (optional) LAN discovery
+//!                                └─ sync       push-pull of the member view when two nodes connect
 //!
 //!   NetworkActor (owns the Swarm and the Membership engine)
 //!        ▲  bounded mpsc of (Request, oneshot)       tick ──> Membership::handle
@@ -18,10 +19,12 @@
 //! (pure, tested without IO), [`actor`] is the async shell.
 
 pub mod actor;
+pub mod codec;
 pub mod config;
 pub mod dialer;
 pub mod envelope;
 pub mod identity;
+pub mod sync;
 
 pub use actor::{Network, NetworkError, Ready, Snapshot};
 pub use config::Config;
