@@ -109,7 +109,11 @@ fn five_nodes_discover_detect_death_restart_and_leave() {
         .collect();
     assert!(
         all_see(&survivors, &others, "alive"),
-        "a survivor was marked down"
+        "a survivor was marked down: {:#?}",
+        survivors
+            .iter()
+            .map(|n| (n.name.clone(), n.members()))
+            .collect::<Vec<_>>()
     );
 
     // 3. Restart it on the same data dir: same peer id, alive everywhere.

@@ -9,7 +9,9 @@
 //! ```text
 //!  Event::Tick ──────────┐                 ┌──> Command::Announce(record)   publish on gossip
 //!  Event::Record(r) ─────┼──> Membership ──┼──> Command::StateChanged{..}   log, metrics
+//!  Event::SyncedRecord ──┤                 │
 //!  Event::LocalAddrs(..) ┤       (view)    ├──> Command::RecordIgnored{..}  log, metrics
+//!  Event::AnnounceNow ───┤                 │
 //!  Event::Leave ─────────┘                 └──> Command::Forgot(id)
 //! ```
 //!
@@ -118,6 +120,9 @@ pub enum Event {
     LocalAddrs(Vec<String>),
     /// The local node is stopping on purpose: announce that it leaves.
     Leave,
+    /// Announce now, for example because the first peer just became
+    /// reachable and the last announcement reached nobody.
+    AnnounceNow,
 }
 
 /// Why a received record changed nothing.
@@ -217,6 +222,7 @@ impl Membership {
                 }
             }
             Event::Leave => commands.push(self.announce(now, true)),
+            Event::AnnounceNow => commands.push(self.announce(now, false)),
         }
         commands
     }

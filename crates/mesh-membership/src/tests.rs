@@ -378,3 +378,18 @@ fn a_synced_record_never_moves_liveness_backwards() {
     );
     assert!(changes(&m.handle(Event::Tick, T0 + 1_499)).is_empty());
 }
+
+#[test]
+fn announce_now_bumps_the_seq_and_restarts_the_interval() {
+    let mut m = engine();
+    m.handle(Event::Tick, T0);
+    match m.handle(Event::AnnounceNow, T0 + 30).as_slice() {
+        [Command::Announce(r)] => assert_eq!((r.seq, r.leaving), (GEN + 2, false)),
+        other => panic!("expected one announcement, got {other:?}"),
+    }
+    let next_tick = m.handle(Event::Tick, T0 + 100);
+    assert!(
+        next_tick.iter().all(|c| !matches!(c, Command::Announce(_))),
+        "interval counts from the last announcement"
+    );
+}

@@ -1,0 +1,31 @@
+//! Region Raft groups. Each region's nodes form one openraft group that keeps
+//! the region's policy (and, later, its agent directory) consistent.
+//!
+//! ```text
+//!   policy apply ──> Raft::client_write(RegionCommand) ──> log (LogStore) ──> replicate
+//!                                                              │ committed
+//!                                                              ▼
+//!                               RegionStateMachine::apply ──> RegionState { policy, policy_version }
+//!   LogStore and RegionStateMachine persist through mesh_store::Store:
+//!   rocksdb in a node, MemStore in tests and the simulator.
+//! ```
+//!
+//! Why openraft 0.9 and not 0.10-alpha: 0.9 is the stable line with the v2
+//! storage API (`RaftLogStorage` + `RaftStateMachine`) and its conformance
+//! suite; 0.10 is still alpha. The simulator issue may revisit this for
+//! 0.10's pluggable runtime.
+
+// openraft's StorageError is large by design; every storage method returns it.
+#![allow(clippy::result_large_err)]
+
+pub mod codec;
+pub mod log_store;
+pub mod state_machine;
+pub mod types;
+
+pub use log_store::LogStore;
+pub use state_machine::{RegionState, RegionStateMachine};
+pub use types::{RegionCommand, RegionNode, RegionResponse, TypeConfig};
+
+#[cfg(test)]
+mod suite;

@@ -1,0 +1,190 @@
+//! The Raft log and vote on a [`Store`]: entries in `Column::RaftLog` keyed
+//! by big-endian index, the vote, the committed id and the last purged id in
+//! `Column::RaftMeta`. Every write that Raft relies on is `Durability::Sync`.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use mesh_store::{Column, Durability, Store, WriteOp};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{
+    AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
+
+use crate::codec;
+use crate::types::{NodeId, TypeConfig};
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+/// Must be persisted: after a purge the log alone cannot say where it starts.
+const LAST_PURGED: &[u8] = b"last_purged";
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+fn index_key(index: u64) -> Vec<u8> {
+    index.to_be_bytes().to_vec()
+}
+
+fn read_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::read_logs(AnyError::error(e.to_string())).into()
+}
+
+fn write_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::write_logs(AnyError::error(e.to_string())).into()
+}
+
+/// The log of one region group. Cheap to clone: clones share the store.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    store: Arc<dyn Store>,
+}
+
+impl LogStore {
+    /// A log on `store`, resuming whatever it already holds.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
+        match self.store.get(Column::RaftMeta, key).map_err(read_err)? {
+            Some(bytes) => codec::decode(&bytes).map(Some).map_err(read_err),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> StorageResult<()> {
+        let op = WriteOp::Put {
+            column: Column::RaftMeta,
+            key: key.to_vec(),
+            value: codec::encode(value).map_err(write_err)?,
+        };
+        self.store
+            .write(vec![op], Durability::Sync)
+            .map_err(write_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let from = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let to = match range.end_bound() {
+            Bound::Included(&i) => Some(i + 1),
+            Bound::Excluded(&i) => Some(i),
+            Bound::Unbounded => None,
+        };
+        let to_key = to.map(index_key);
+        let pairs = self
+            .store
+            .range(Column::RaftLog, &index_key(from), to_key.as_deref())
+            .map_err(read_err)?;
+        pairs
+            .into_iter()
+            .map(|(_, v)| codec::decode(&v).map_err(read_err))
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<NodeId>> = self.meta(LAST_PURGED)?;
+        let last_log_id = match self.store.last(Column::RaftLog).map_err(read_err)? {
+            Some((_, bytes)) => Some(
+                codec::decode::<Entry<TypeConfig>>(&bytes)
+                    .map_err(read_err)?
+                    .log_id,
+            ),
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(VOTE, vote)
+            .map_err(|e| StorageIOError::write_vote(AnyError::error(e.to_string())).into())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.put_meta(COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self.meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut ops = Vec::new();
+        for entry in entries {
+            ops.push(WriteOp::Put {
+                column: Column::RaftLog,
+                key: index_key(entry.log_id.index),
+                value: codec::encode(&entry).map_err(write_err)?,
+            });
+        }
+        // Synced before the callback: Raft may count this entry toward a quorum.
+        let result = self.store.write(ops, Durability::Sync);
+        let io_result = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(io_result);
+        result.map_err(write_err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let op = WriteOp::DeleteRange {
+            column: Column::RaftLog,
+            from: index_key(log_id.index),
+            to: index_key(u64::MAX),
+        };
+        // DeleteRange excludes its end: remove a (theoretical) entry at u64::MAX too.
+        let last = WriteOp::Delete {
+            column: Column::RaftLog,
+            key: index_key(u64::MAX),
+        };
+        self.store
+            .write(vec![op, last], Durability::Sync)
+            .map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record the purge point and drop the entries in one atomic batch.
+        let ops = vec![
+            WriteOp::Put {
+                column: Column::RaftMeta,
+                key: LAST_PURGED.to_vec(),
+                value: codec::encode(&log_id).map_err(write_err)?,
+            },
+            WriteOp::DeleteRange {
+                column: Column::RaftLog,
+                from: index_key(0),
+                to: index_key(log_id.index + 1),
+            },
+        ];
+        self.store.write(ops, Durability::Sync).map_err(write_err)
+    }
+}
