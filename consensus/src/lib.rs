@@ -19,13 +19,19 @@
 #![allow(clippy::result_large_err)]
 
 pub mod codec;
+pub mod group;
 pub mod log_store;
+pub mod rpc;
 pub mod state_machine;
 pub mod types;
 
+pub use group::{GroupError, RaftSettings, RegionGroup, RegionStatus};
 pub use log_store::LogStore;
 pub use state_machine::{RegionState, RegionStateMachine};
 pub use types::{RegionCommand, RegionNode, RegionResponse, TypeConfig};
 
 #[cfg(test)]
 mod suite;
+
+#[cfg(test)]
+mod group_tests;

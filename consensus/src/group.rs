@@ -1,0 +1,406 @@
+//! One region's Raft group as the node uses it: open it on a store, start it
+//! with a set of voters, propose policy, read policy locally or through the
+//! leader, add learners, replace voters, and report status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_store::Store;
+use mesh_types::policy::Policy;
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{ChangeMembers, Raft, ServerState};
+use serde::{Deserialize, Serialize};
+
+use crate::rpc::{Network, Transport};
+use crate::types::{node_id_of, NodeId, RegionCommand, RegionNode, RegionResponse, TypeConfig};
+use crate::{LogStore, RegionState, RegionStateMachine};
+
+/// Raft timings. The defaults fit a LAN (and a loaded 2-core test machine);
+/// for a region spread over a WAN with round trips of R ms, use a heartbeat
+/// of about 2R and election timeouts of about 10R to 20R.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSettings {
+    /// Leader heartbeat. Default 100.
+    pub heartbeat_interval_ms: u64,
+    /// Lower bound of the randomized election timeout. Default 500.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout. Default 1000.
+    pub election_timeout_max_ms: u64,
+    /// How long a write may wait for a quorum before it fails as retryable. Default 5000.
+    pub write_timeout_ms: u64,
+    /// Build a snapshot after this many entries since the last one. Default 5000.
+    pub snapshot_after_entries: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            write_timeout_ms: 5000,
+            snapshot_after_entries: 5000,
+        }
+    }
+}
+
+impl RaftSettings {
+    /// Every problem with the timings.
+    pub fn validate(&self) -> Result<(), String> {
+        let config = self.openraft_config()?;
+        config
+            .validate()
+            .map(|_| ())
+            .map_err(|e| format!("invalid [raft] settings: {e}"))?;
+        if self.write_timeout_ms == 0 {
+            return Err("raft.write_timeout_ms must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    fn openraft_config(&self) -> Result<openraft::Config, String> {
+        Ok(openraft::Config {
+            cluster_name: "agentmesh-region".into(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            // Keep logs through a long snapshot install (openraft#1706).
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        })
+    }
+}
+
+/// Why a group operation failed. `retryable()` says whether to try again.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// This node is not the leader; send the request there.
+    #[error("this node is not the leader of the region; the leader is {}", leader.as_deref().unwrap_or("unknown (an election is running)"))]
+    NotLeader {
+        /// Peer id of the leader, if known.
+        leader: Option<String>,
+    },
+    /// No quorum answered in time.
+    #[error("the region did not commit within {0:?}: no quorum of voters is reachable; retry when the region has a leader")]
+    Timeout(Duration),
+    /// The group was already started.
+    #[error("the region group is already bootstrapped")]
+    AlreadyInitialized,
+    /// A membership change is still in progress.
+    #[error("a membership change is in progress; retry when it has committed")]
+    ChangeInProgress,
+    /// Anything else openraft reported.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+impl GroupError {
+    /// True when the same request may succeed later or elsewhere.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::NotLeader { .. } | Self::Timeout(_) | Self::ChangeInProgress
+        )
+    }
+}
+
+/// One member's replication progress, as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberProgress {
+    /// Peer id.
+    pub peer_id: String,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// Highest log index known to match the leader's (leader only).
+    pub matched: Option<u64>,
+    /// Entries behind the leader's last log index (leader only).
+    pub lag: Option<u64>,
+}
+
+/// `region status` as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionStatus {
+    /// Whether the group has a membership at all.
+    pub bootstrapped: bool,
+    /// This node's peer id.
+    pub node: String,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: String,
+    /// Leader's peer id, if known.
+    pub leader: Option<String>,
+    /// Current term.
+    pub term: u64,
+    /// Last log index on this node.
+    pub last_log_index: Option<u64>,
+    /// Last index applied on this node.
+    pub last_applied: Option<u64>,
+    /// Version of the policy in force here (0: none).
+    pub policy_version: u64,
+    /// Every member, voters first.
+    pub members: Vec<MemberProgress>,
+}
+
+/// A region group of this node.
+#[derive(Clone)]
+pub struct RegionGroup {
+    raft: Raft<TypeConfig>,
+    state_machine: RegionStateMachine,
+    node_id: NodeId,
+    peer_id: String,
+    write_timeout: Duration,
+}
+
+impl std::fmt::Debug for RegionGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionGroup")
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RegionGroup {
+    /// Opens the group on `store`, resuming its log, vote and state.
+    pub async fn open<T: Transport>(
+        settings: &RaftSettings,
+        store: Arc<dyn Store>,
+        peer_id: &str,
+        transport: T,
+    ) -> Result<Self, GroupError> {
+        let config = settings.openraft_config().map_err(GroupError::Raft)?;
+        let config = Arc::new(
+            config
+                .validate()
+                .map_err(|e| GroupError::Raft(e.to_string()))?,
+        );
+        let state_machine =
+            RegionStateMachine::open(store.clone()).map_err(|e| GroupError::Raft(e.to_string()))?;
+        let node_id = node_id_of(peer_id);
+        let raft = Raft::new(
+            node_id,
+            config,
+            Network::new(transport),
+            LogStore::new(store),
+            state_machine.clone(),
+        )
+        .await
+        .map_err(|e| GroupError::Raft(e.to_string()))?;
+        Ok(Self {
+            raft,
+            state_machine,
+            node_id,
+            peer_id: peer_id.to_owned(),
+            write_timeout: Duration::from_millis(settings.write_timeout_ms),
+        })
+    }
+
+    /// The openraft handle, for serving RPCs.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Starts the group with `voters` (peer ids). Refused if it has a membership already.
+    pub async fn initialize(&self, voters: &[String]) -> Result<(), GroupError> {
+        let members: BTreeMap<NodeId, RegionNode> = voters
+            .iter()
+            .map(|p| (node_id_of(p), RegionNode { peer_id: p.clone() }))
+            .collect();
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                Err(GroupError::AlreadyInitialized)
+            }
+            Err(e) => Err(GroupError::Raft(e.to_string())),
+        }
+    }
+
+    /// True once the group has a membership (bootstrapped, or joined as learner).
+    pub fn is_bootstrapped(&self) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        let bootstrapped = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .next()
+            .is_some();
+        bootstrapped
+    }
+
+    /// Proposes a validated policy; returns its version (the log index).
+    pub async fn set_policy(&self, policy: Policy) -> Result<u64, GroupError> {
+        let write = self.raft.client_write(RegionCommand::SetPolicy(policy));
+        match tokio::time::timeout(self.write_timeout, write).await {
+            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
+            Ok(Ok(response)) => match response.data {
+                RegionResponse::PolicySet { version } => Ok(version),
+                RegionResponse::Applied => Err(GroupError::Raft(
+                    "policy write applied as a non-policy entry".into(),
+                )),
+            },
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
+    /// The applied state on this node, possibly behind the leader.
+    pub fn local_state(&self) -> RegionState {
+        self.state_machine.state()
+    }
+
+    /// A linearizable read: confirms leadership with a quorum, waits until
+    /// the state machine has applied everything committed before the read.
+    pub async fn consistent_state(&self) -> Result<RegionState, GroupError> {
+        let read = self.raft.ensure_linearizable();
+        match tokio::time::timeout(self.write_timeout, read).await {
+            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
+            Ok(Ok(_)) => Ok(self.state_machine.state()),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                f,
+            )))) => Err(GroupError::NotLeader {
+                leader: f.leader_node.map(|n| n.peer_id),
+            }),
+            Ok(Err(e)) => Err(GroupError::Raft(e.to_string())),
+        }
+    }
+
+    /// Adds `peer_id` as a learner (leader only), without waiting for it to catch up.
+    pub async fn add_learner(&self, peer_id: &str) -> Result<(), GroupError> {
+        let node = RegionNode {
+            peer_id: peer_id.to_owned(),
+        };
+        let add = self.raft.add_learner(node_id_of(peer_id), node, false);
+        match tokio::time::timeout(self.write_timeout, add).await {
+            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
+    /// Replaces voter `dead` by learner `learner` in one membership change
+    /// (openraft runs it as joint consensus and leaves the joint config when
+    /// it commits). Leader only.
+    pub async fn replace_voter(&self, dead: &str, learner: &str) -> Result<(), GroupError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let mut voters: BTreeSet<NodeId> =
+            metrics.membership_config.membership().voter_ids().collect();
+        voters.remove(&node_id_of(dead));
+        voters.insert(node_id_of(learner));
+        // retain = false: the dead voter leaves the group entirely.
+        let change = self
+            .raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), false);
+        match tokio::time::timeout(self.write_timeout, change).await {
+            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
+    /// Peer ids of the voters and of the learners.
+    pub fn members(&self) -> (Vec<String>, Vec<String>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut v = Vec::new();
+        let mut l = Vec::new();
+        for (id, node) in membership.nodes() {
+            if voters.contains(id) {
+                v.push(node.peer_id.clone());
+            } else {
+                l.push(node.peer_id.clone());
+            }
+        }
+        (v, l)
+    }
+
+    /// True when this node leads the group.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// Peer id of the leader, if known.
+    pub fn leader(&self) -> Option<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.peer_id.clone())
+    }
+
+    /// The status as this node sees it; progress figures only on the leader.
+    pub fn status(&self) -> RegionStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let last_log = metrics.last_log_index;
+        let mut members: Vec<MemberProgress> = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned())
+                    .map(|m| m.map(|l| l.index).unwrap_or(0));
+                MemberProgress {
+                    peer_id: node.peer_id.clone(),
+                    role: if voters.contains(id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    }
+                    .into(),
+                    matched,
+                    lag: matched.map(|m| last_log.unwrap_or(0).saturating_sub(m)),
+                }
+            })
+            .collect();
+        members
+            .sort_by(|a, b| (a.role != "voter", &a.peer_id).cmp(&(b.role != "voter", &b.peer_id)));
+        let role = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let bootstrapped = membership.nodes().next().is_some();
+        RegionStatus {
+            bootstrapped,
+            node: self.peer_id.clone(),
+            role: role.into(),
+            leader: metrics
+                .current_leader
+                .and_then(|l| membership.get_node(&l).map(|n| n.peer_id.clone())),
+            term: metrics.current_term,
+            last_log_index: last_log,
+            last_applied: metrics.last_applied.map(|l| l.index),
+            policy_version: self.state_machine.state().policy_version,
+            members,
+        }
+    }
+
+    /// Stops the Raft task.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+
+    fn write_error(
+        &self,
+        e: RaftError<NodeId, ClientWriteError<NodeId, RegionNode>>,
+    ) -> GroupError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => GroupError::NotLeader {
+                leader: f.leader_node.map(|n| n.peer_id),
+            },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                openraft::error::ChangeMembershipError::InProgress(_),
+            )) => GroupError::ChangeInProgress,
+            other => GroupError::Raft(other.to_string()),
+        }
+    }
+}

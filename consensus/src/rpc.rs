@@ -1,0 +1,191 @@
+//! Raft RPCs between the nodes of a region, over any [`Transport`] (libp2p
+//! request-response `/agentmesh/raft/1` in a node, simulated links in the
+//! simulator). Messages are [`crate::codec`] values: a version byte, then
+//! bincode 2. Snapshots travel as openraft's chunked InstallSnapshot RPCs.
+
+use std::future::Future;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::Raft;
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::types::{NodeId, RegionNode, TypeConfig};
+
+/// Sends one request to a peer and returns its answer. Implementations MUST
+/// time out (a dead peer must not hang Raft) and MUST NOT retry: Raft retries.
+pub trait Transport: Clone + Send + Sync + 'static {
+    /// `peer_id` is the base58 libp2p peer id of the target.
+    fn call(
+        &self,
+        peer_id: &str,
+        request: Vec<u8>,
+    ) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+}
+
+/// A Raft request on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRequest {
+    /// Replication and heartbeats.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Elections.
+    Vote(VoteRequest<NodeId>),
+    /// One chunk of a snapshot.
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// A Raft answer on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftReply {
+    /// To [`RaftRequest::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`RaftRequest::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`RaftRequest::InstallSnapshot`].
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    /// The receiver could not decode the request.
+    Refused(String),
+}
+
+/// Answers one encoded request with the local Raft; never fails (errors
+/// travel back as [`RaftReply::Refused`] or inside the reply).
+pub async fn serve(raft: &Raft<TypeConfig>, request: &[u8]) -> Vec<u8> {
+    let reply = match codec::decode::<RaftRequest>(request) {
+        Ok(RaftRequest::AppendEntries(rpc)) => {
+            RaftReply::AppendEntries(raft.append_entries(rpc).await)
+        }
+        Ok(RaftRequest::Vote(rpc)) => RaftReply::Vote(raft.vote(rpc).await),
+        Ok(RaftRequest::InstallSnapshot(rpc)) => {
+            RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
+        }
+        Err(e) => RaftReply::Refused(e.to_string()),
+    };
+    codec::encode(&reply).unwrap_or_else(|e| {
+        // A reply that does not encode is a bug; tell the caller rather than hang it.
+        codec::encode(&RaftReply::Refused(format!("reply does not encode: {e}")))
+            .unwrap_or_default()
+    })
+}
+
+/// Creates one [`Client`] per target.
+#[derive(Debug, Clone)]
+pub struct Network<T> {
+    transport: T,
+}
+
+impl<T: Transport> Network<T> {
+    /// Raft networking over `transport`.
+    pub fn new(transport: T) -> Self {
+        Self { transport }
+    }
+}
+
+impl<T: Transport> RaftNetworkFactory<TypeConfig> for Network<T> {
+    type Network = Client<T>;
+
+    async fn new_client(&mut self, target: NodeId, node: &RegionNode) -> Self::Network {
+        Client {
+            target,
+            peer_id: node.peer_id.clone(),
+            transport: self.transport.clone(),
+        }
+    }
+}
+
+/// Sends the RPCs of one replication stream.
+#[derive(Debug)]
+pub struct Client<T> {
+    target: NodeId,
+    peer_id: String,
+    transport: T,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportFailure(String);
+
+impl<T: Transport> Client<T> {
+    async fn call<E: std::error::Error>(
+        &self,
+        request: RaftRequest,
+    ) -> Result<RaftReply, RPCError<NodeId, RegionNode, RaftError<NodeId, E>>> {
+        let bytes =
+            codec::encode(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let answer = self
+            .transport
+            .call(&self.peer_id, bytes)
+            .await
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&TransportFailure(e))))?;
+        let reply: RaftReply =
+            codec::decode(&answer).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if let RaftReply::Refused(reason) = reply {
+            return Err(RPCError::Network(NetworkError::new(&TransportFailure(
+                format!("{} refused the request: {reason}", self.peer_id),
+            ))));
+        }
+        Ok(reply)
+    }
+
+    fn remote<E: std::error::Error>(
+        &self,
+        e: RaftError<NodeId, E>,
+    ) -> RPCError<NodeId, RegionNode, RaftError<NodeId, E>> {
+        RPCError::RemoteError(RemoteError::new(self.target, e))
+    }
+}
+
+fn unexpected<E: std::error::Error>(
+    what: &str,
+) -> RPCError<NodeId, RegionNode, RaftError<NodeId, E>> {
+    RPCError::Network(NetworkError::new(&TransportFailure(format!(
+        "peer answered {what} with another kind of reply"
+    ))))
+}
+
+impl<T: Transport> RaftNetwork<TypeConfig> for Client<T> {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, RegionNode, RaftError<NodeId>>>
+    {
+        match self.call(RaftRequest::AppendEntries(rpc)).await? {
+            RaftReply::AppendEntries(result) => result.map_err(|e| self.remote(e)),
+            _ => Err(unexpected("AppendEntries")),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, RegionNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self.call(RaftRequest::InstallSnapshot(rpc)).await? {
+            RaftReply::InstallSnapshot(result) => result.map_err(|e| self.remote(e)),
+            _ => Err(unexpected("InstallSnapshot")),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, RegionNode, RaftError<NodeId>>> {
+        match self.call(RaftRequest::Vote(rpc)).await? {
+            RaftReply::Vote(result) => result.map_err(|e| self.remote(e)),
+            _ => Err(unexpected("Vote")),
+        }
+    }
+}
