@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job, as far as it exists today: a local mesh of four nodes in two
-# regions on loopback, each joining through the first one, and the mesh as
-# every node sees it. Stops everything it started, also on Ctrl-C or failure.
+# The main job, as far as it exists today: a local mesh of five nodes in two
+# regions on loopback, each joining through the first one; the eu-west Raft
+# group bootstrapped and given a policy through a node of another region;
+# the mesh and the region as the nodes see them. Stops everything it
+# started, also on Ctrl-C or failure.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 "$AGENTMESH_ROOT/scripts/setup.sh"
@@ -37,22 +39,22 @@ start() {
     echo "  $name ($region): $ready"
 }
 
-say "starting 4 nodes: 2 in eu-west, 2 in us-east, each joining through the first"
+say "starting 5 nodes: 3 in eu-west, 2 in us-east, each joining through the first"
 start eu-1 eu-west
 seed=$(sed -E 's/.* listen=([^, ]+).*/\1/' <<<"$ready")
 api1=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
-for spec in eu-2:eu-west us-1:us-east us-2:us-east; do
+for spec in eu-2:eu-west eu-3:eu-west us-1:us-east us-2:us-east; do
     start "${spec%%:*}" "${spec##*:}" "$seed"
     last_api=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
 done
 
-say "waiting until every node sees all 4 alive"
+say "waiting until every node sees all 5 alive"
 for _ in $(seq 100); do
     alive=$("$AGENTMESH_BIN" members --api "$last_api" --json | grep -c '"state": "alive"' || true)
-    [ "$alive" -eq 4 ] && break
+    [ "$alive" -eq 5 ] && break
     sleep 0.1
 done
-[ "$alive" -eq 4 ] || die "the mesh did not converge (last node sees $alive alive)"
+[ "$alive" -eq 5 ] || die "the mesh did not converge (last node sees $alive alive)"
 
 say "agentmesh members --api $api1"
 "$AGENTMESH_BIN" members --api "$api1"
@@ -60,9 +62,21 @@ echo
 say "agentmesh members --api $last_api (another region, same mesh)"
 "$AGENTMESH_BIN" members --api "$last_api"
 echo
+say "agentmesh region bootstrap --region eu-west, sent to a us-east node (it forwards)"
+"$AGENTMESH_BIN" region bootstrap --region eu-west --voters 3 --api "$last_api"
+echo
+say "agentmesh policy apply -f examples/policy.toml --region eu-west, again through us-east"
+"$AGENTMESH_BIN" policy apply -f "$AGENTMESH_ROOT/examples/policy.toml" --region eu-west --api "$last_api"
+echo
+say "agentmesh policy get --region eu-west (the local replica of eu-1)"
+"$AGENTMESH_BIN" policy get --region eu-west --api "$api1"
+echo
+say "agentmesh region status --region eu-west"
+"$AGENTMESH_BIN" region status --region eu-west --api "$api1"
+echo
 say "stopping us-2 with SIGTERM: it announces that it leaves"
-kill -TERM "${pids[3]}"
-wait "${pids[3]}" || true
+kill -TERM "${pids[4]}"
+wait "${pids[4]}" || true
 sleep 0.5
 "$AGENTMESH_BIN" members --api "$api1"
 echo

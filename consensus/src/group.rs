@@ -32,6 +32,9 @@ pub struct RaftSettings {
     pub write_timeout_ms: u64,
     /// Build a snapshot after this many entries since the last one. Default 5000.
     pub snapshot_after_entries: u64,
+    /// A voter the membership view shows dead for this long is replaced by a
+    /// live learner. Default 60000.
+    pub replace_dead_voter_after_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -42,6 +45,7 @@ impl Default for RaftSettings {
             election_timeout_max_ms: 1000,
             write_timeout_ms: 5000,
             snapshot_after_entries: 5000,
+            replace_dead_voter_after_ms: 60_000,
         }
     }
 }

@@ -6,13 +6,14 @@
 //! | GET /v1/health   | `{status, peer_id, region, version}`          |
 //! | GET /v1/members  | `[MemberView]`, the local node first          |
 //! | GET /metrics     | Prometheus text                               |
+//! | POST /v1/regions/{r}/bootstrap, GET .../status, GET/PUT .../policy | see `regions_api` |
 
 use std::fmt::Write as _;
 
 use axum::extract::State;
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use mesh_net::{Network, Snapshot};
 use mesh_types::MemberView;
@@ -26,7 +27,11 @@ pub struct ApiState {
     /// This node's peer id.
     pub peer_id: String,
     /// This node's region.
-    pub region: String,
+    pub region: mesh_types::Region,
+    /// This node's region group.
+    pub group: consensus::RegionGroup,
+    /// For forwarding requests to other nodes.
+    pub http: reqwest::Client,
 }
 
 /// An API error: a status and a JSON body.
@@ -35,6 +40,17 @@ pub struct ApiError {
     status: StatusCode,
     error: &'static str,
     detail: String,
+}
+
+impl ApiError {
+    /// An error with its status, a short machine-readable name and a detail for people.
+    pub fn new(status: StatusCode, error: &'static str, detail: String) -> Self {
+        Self {
+            status,
+            error,
+            detail,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -69,6 +85,18 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/members", get(members))
         .route("/metrics", get(metrics))
+        .route(
+            "/v1/regions/{region}/bootstrap",
+            post(crate::regions_api::bootstrap),
+        )
+        .route(
+            "/v1/regions/{region}/status",
+            get(crate::regions_api::status),
+        )
+        .route(
+            "/v1/regions/{region}/policy",
+            get(crate::regions_api::get_policy).put(crate::regions_api::put_policy),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -88,7 +116,7 @@ async fn health(State(state): State<ApiState>) -> Result<Response, ApiError> {
     Ok(Json(Health {
         status: "ok",
         peer_id: &state.peer_id,
-        region: &state.region,
+        region: state.region.as_str(),
         version: mesh_types::AGENTMESH_VERSION,
     })
     .into_response())
@@ -178,7 +206,7 @@ async fn not_found(uri: Uri) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         error: "not_found",
-        detail: format!("no route {uri}; this node serves /v1/health, /v1/members and /metrics"),
+        detail: format!("no route {uri}; this node serves /v1/health, /v1/members, /v1/regions/REGION/{{bootstrap,status,policy}} and /metrics"),
     }
 }
 

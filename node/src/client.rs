@@ -7,7 +7,7 @@ use anyhow::{anyhow, Result};
 use serde::de::DeserializeOwned;
 
 /// How long the CLI waits for a node before it gives up.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A client of one node's API.
 #[derive(Debug)]
@@ -31,8 +31,22 @@ impl ApiClient {
 
     /// GETs `path` and decodes the JSON answer.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(reqwest::Method::GET, path, None::<&()>).await
+    }
+
+    /// Sends `body` as JSON with `method` to `path` and decodes the JSON answer.
+    pub async fn send<T: DeserializeOwned, B: serde::Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
         let url = format!("{}{path}", self.base);
-        let response = self.http.get(&url).send().await.map_err(|e| {
+        let mut request = self.http.request(method, &url);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| {
             let why = if e.is_timeout() {
                 "it did not answer in time".to_owned()
             } else if e.is_connect() {

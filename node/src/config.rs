@@ -57,6 +57,9 @@ pub struct NodeConfig {
     /// Failure-detector timings.
     #[serde(default)]
     pub membership: mesh_membership::Config,
+    /// Region Raft group timings.
+    #[serde(default)]
+    pub raft: consensus::RaftSettings,
 }
 
 /// `[network]` in the config file.
@@ -109,6 +112,8 @@ pub struct CheckedConfig {
     pub log_format: LogFormat,
     /// Network settings.
     pub network: mesh_net::Config,
+    /// Region Raft group settings.
+    pub raft: consensus::RaftSettings,
 }
 
 /// Flags of `node start` that override the file.
@@ -202,6 +207,9 @@ impl NodeConfig {
         if let Err(e) = self.gossip.validate() {
             problems.push(e);
         }
+        if let Err(e) = self.raft.validate() {
+            problems.push(e);
+        }
         let net = &self.network;
         if net.tick_interval_ms == 0 {
             problems.push("network.tick_interval_ms must be greater than 0".to_owned());
@@ -245,6 +253,7 @@ impl NodeConfig {
                     gossip: self.gossip,
                     membership: self.membership,
                 },
+                raft: self.raft,
             }),
             _ => Err(problems),
         }

@@ -12,6 +12,9 @@ mod client;
 mod config;
 mod data_dir;
 mod members;
+mod region;
+mod region_cli;
+mod regions_api;
 mod start;
 
 use std::io::IsTerminal;
@@ -39,12 +42,83 @@ enum Command {
     /// Run and manage this machine's node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Bootstrap a region's Raft group and see its status.
+    #[command(subcommand)]
+    Region(RegionCommand),
+    /// Set and read a region's policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Show the mesh as one node sees it.
     Members {
         /// The node's HTTP API.
         #[arg(long, default_value = DEFAULT_API)]
         api: String,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegionCommand {
+    /// Start the region's Raft group on its live nodes (any node accepts this).
+    Bootstrap {
+        /// The region.
+        #[arg(long)]
+        region: String,
+        /// How many voters to pick among the region's live nodes (the ones with the smallest peer ids).
+        #[arg(long, default_value_t = 3)]
+        voters: usize,
+        /// Start with fewer voters when fewer nodes are alive.
+        #[arg(long)]
+        allow_fewer: bool,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leader, term, voters, learners and how far each member lags.
+    Status {
+        /// The region.
+        #[arg(long)]
+        region: String,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file and make it the region's policy.
+    Apply {
+        /// The policy file (TOML; see examples/policy.toml).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// The region.
+        #[arg(long)]
+        region: String,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+    },
+    /// Show the region's policy and its version.
+    Get {
+        /// The region.
+        #[arg(long)]
+        region: String,
+        /// Read through the leader (linearizable) instead of the local replica.
+        #[arg(long)]
+        consistent: bool,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -85,6 +159,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `agentmesh ... | head` closing the pipe early is not an error.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -121,6 +204,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })?;
             init_logging(checked.log_format);
             runtime.block_on(start::run(checked))
+        }
+        Command::Region(RegionCommand::Bootstrap {
+            region,
+            voters,
+            allow_fewer,
+            api,
+            json,
+        }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(region_cli::bootstrap(
+                &api,
+                &region,
+                voters,
+                allow_fewer,
+                json,
+            ))
+        }
+        Command::Region(RegionCommand::Status { region, api, json }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(region_cli::status(&api, &region, json))
+        }
+        Command::Policy(PolicyCommand::Apply { file, region, api }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(region_cli::apply_policy(&api, &region, &file))
+        }
+        Command::Policy(PolicyCommand::Get {
+            region,
+            consistent,
+            api,
+            json,
+        }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(region_cli::get_policy(&api, &region, consistent, json))
         }
         Command::Members { api, json } => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));

@@ -22,7 +22,7 @@ pub async fn run(api: &str, json: bool) -> Result<()> {
 
 /// The table for people: one row per member, the answering node marked `*`.
 pub fn table(members: &[MemberView]) -> String {
-    let rows: Vec<[String; 5]> = members
+    let rows: Vec<[String; 6]> = members
         .iter()
         .map(|m| {
             let seen = if m.is_self {
@@ -34,12 +34,13 @@ pub fn table(members: &[MemberView]) -> String {
                 format!("{}{}", m.peer_id.short(), if m.is_self { "*" } else { "" }),
                 m.region.to_string(),
                 m.state.to_string(),
+                m.raft.map_or("-", |r| r.as_str()).to_owned(),
                 preferred_addr(&m.addrs).unwrap_or("-").to_owned(),
                 seen,
             ]
         })
         .collect();
-    let header = ["PEER", "REGION", "STATE", "ADDRESS", "LAST SEEN"].map(str::to_owned);
+    let header = ["PEER", "REGION", "STATE", "RAFT", "ADDRESS", "LAST SEEN"].map(str::to_owned);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -92,6 +93,8 @@ mod tests {
             last_seen_ms: 1_250,
             version: "0.1.0".into(),
             is_self,
+            api: None,
+            raft: is_self.then_some(mesh_types::RaftRole::Voter),
         };
         let text = table(&[
             member("AAAAAAAAAA", MemberState::Alive, true),
@@ -100,6 +103,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("PEER"));
         assert!(lines[1].starts_with("AAAAAAAA*"));
+        assert!(lines[1].contains(" voter "));
         assert!(lines[1].contains("/ip4/127.0.0.1/tcp/1"));
         assert!(lines[1].ends_with("self"));
         assert!(lines[2].contains("dead") && lines[2].ends_with("1.2s ago"));

@@ -8,8 +8,12 @@
 use std::io::Write;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{anyhow, Context, Result};
+use consensus::RegionGroup;
 use mesh_net::{identity, Network};
+use mesh_store::{RocksStore, Store};
 use mesh_types::{Load, NodeId, NodeRecord, AGENTMESH_VERSION};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -19,9 +23,12 @@ use tracing::{info, warn};
 use crate::api::{self, ApiState};
 use crate::config::CheckedConfig;
 use crate::data_dir::{DataDir, NodeFile};
+use crate::region::{self, MeshTransport};
 
 /// How long to wait for the listeners to report their addresses.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a request forwarded to another node may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the network gets to announce the leave and close after a signal.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -56,11 +63,37 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         models: Vec::new(),
         datasets: Vec::new(),
         load: Load::default(),
+        api: Some(api_addr.to_string()),
+        raft: None,
     };
 
+    // Open the region store before joining the mesh: a corrupt store is
+    // reported with its path and the node does not start half-way.
+    let raft_dir = data_dir.path().join("raft");
+    let store: Arc<dyn Store> = Arc::new(RocksStore::open(&raft_dir)?);
+
     let shutdown = CancellationToken::new();
-    let (network, ready, network_task) =
-        Network::start(config.network.clone(), keypair, local, shutdown.clone())?;
+    let mesh_net::Started {
+        network,
+        ready,
+        inbound_rpcs,
+        task: network_task,
+    } = Network::start(config.network.clone(), keypair, local, shutdown.clone())?;
+    let group = RegionGroup::open(
+        &config.raft,
+        store,
+        &peer_id.to_base58(),
+        MeshTransport(network.clone()),
+    )
+    .await?;
+    tokio::spawn(region::serve_rpcs(group.clone(), inbound_rpcs));
+    tokio::spawn(region::housekeeping(
+        group.clone(),
+        network.clone(),
+        config.region.clone(),
+        config.raft.clone(),
+        shutdown.clone(),
+    ));
     let ready = tokio::time::timeout(READY_TIMEOUT, ready)
         .await
         .map_err(|_| anyhow!("the listeners did not report an address within {READY_TIMEOUT:?}"))?
@@ -81,7 +114,12 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
     let state = ApiState {
         network,
         peer_id: peer_id.to_base58(),
-        region: config.region.to_string(),
+        region: config.region.clone(),
+        group: group.clone(),
+        http: reqwest::Client::builder()
+            .timeout(FORWARD_TIMEOUT)
+            .build()
+            .context("build the HTTP client")?,
     };
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
@@ -109,6 +147,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         _ = sigint.recv() => info!("SIGINT received: leaving the mesh"),
     }
     shutdown.cancel();
+    group.shutdown().await;
 
     let stopped = async {
         let _ = network_task.await;

@@ -118,6 +118,8 @@ pub enum Event {
     },
     /// The local node's listen addresses changed.
     LocalAddrs(Vec<String>),
+    /// The local node's role in its region group changed.
+    LocalRaftRole(Option<mesh_types::RaftRole>),
     /// The local node is stopping on purpose: announce that it leaves.
     Leave,
     /// Announce now, for example because the first peer just became
@@ -221,6 +223,12 @@ impl Membership {
                     commands.push(self.announce(now, false));
                 }
             }
+            Event::LocalRaftRole(role) => {
+                if role != self.local.raft {
+                    self.local.raft = role;
+                    commands.push(self.announce(now, false));
+                }
+            }
             Event::Leave => commands.push(self.announce(now, true)),
             Event::AnnounceNow => commands.push(self.announce(now, false)),
         }
@@ -237,6 +245,8 @@ impl Membership {
             last_seen_ms: 0,
             version: self.local.version.clone(),
             is_self: true,
+            api: self.local.api.clone(),
+            raft: self.local.raft,
         }];
         let mut others: Vec<&Member> = self.members.values().collect();
         others.sort_by(|a, b| {
@@ -250,6 +260,8 @@ impl Membership {
             last_seen_ms: now.saturating_sub(m.last_seen_at),
             version: m.record.version.clone(),
             is_self: false,
+            api: m.record.api.clone(),
+            raft: m.record.raft,
         }));
         rows
     }

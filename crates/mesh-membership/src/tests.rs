@@ -30,6 +30,8 @@ fn record(id: &str, seq: u64, sent_at_ms: UnixMillis) -> NodeRecord {
         models: vec![],
         datasets: vec![],
         load: Load::default(),
+        api: None,
+        raft: None,
     }
 }
 
@@ -392,4 +394,23 @@ fn announce_now_bumps_the_seq_and_restarts_the_interval() {
         next_tick.iter().all(|c| !matches!(c, Command::Announce(_))),
         "interval counts from the last announcement"
     );
+}
+
+#[test]
+fn a_new_raft_role_is_announced_at_once() {
+    let mut m = engine();
+    let out = m.handle(
+        Event::LocalRaftRole(Some(mesh_types::RaftRole::Voter)),
+        T0 + 1,
+    );
+    assert!(
+        matches!(out.as_slice(), [Command::Announce(r)] if r.raft == Some(mesh_types::RaftRole::Voter))
+    );
+    assert!(m
+        .handle(
+            Event::LocalRaftRole(Some(mesh_types::RaftRole::Voter)),
+            T0 + 2
+        )
+        .is_empty());
+    assert_eq!(m.view(T0 + 3)[0].raft, Some(mesh_types::RaftRole::Voter));
 }

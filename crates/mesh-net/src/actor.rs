@@ -7,10 +7,11 @@
 //! cancelled: it announces that it leaves, lets the swarm flush that for
 //! [`LEAVE_FLUSH`], and returns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use libp2p::core::ConnectedPoint;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::identity::Keypair;
@@ -47,6 +48,13 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/kad/1.0
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/members-sync/1");
 /// A sync that takes longer than this is abandoned; gossip still converges.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Raft RPCs between the nodes of a region (see the `consensus` crate).
+pub const RAFT_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/raft/1");
+/// A Raft RPC with no answer after this is failed; Raft retries on its own.
+const RAFT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inbound Raft RPCs waiting for the node to take them; past this the
+/// request is dropped and the sender sees a failure (backpressure).
+const INBOUND_RPC_QUEUE: usize = 256;
 /// How long the swarm keeps running after the leave announcement, so it
 /// reaches the peers before the connections close.
 pub const LEAVE_FLUSH: Duration = Duration::from_millis(500);
@@ -107,6 +115,41 @@ pub struct Snapshot {
 #[derive(Debug)]
 enum Request {
     Snapshot(oneshot::Sender<Snapshot>),
+    Rpc {
+        peer: PeerId,
+        request: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+    SetRaftRole(Option<mesh_types::RaftRole>),
+}
+
+/// A Raft RPC from a peer, for the node to answer through `reply`.
+#[derive(Debug)]
+pub struct InboundRpc {
+    /// The sender.
+    pub from: PeerId,
+    /// The encoded request.
+    pub request: Vec<u8>,
+    /// Where the encoded answer goes; dropping it fails the sender's call.
+    pub reply: oneshot::Sender<Vec<u8>>,
+}
+
+type PendingReply = futures::future::BoxFuture<
+    'static,
+    (request_response::ResponseChannel<Vec<u8>>, Option<Vec<u8>>),
+>;
+
+/// What [`Network::start`] hands back.
+#[derive(Debug)]
+pub struct Started {
+    /// The handle.
+    pub network: Network,
+    /// Fires once every listener has an address.
+    pub ready: oneshot::Receiver<Ready>,
+    /// Raft RPCs from peers; the node MUST consume them, or they are dropped.
+    pub inbound_rpcs: mpsc::Receiver<InboundRpc>,
+    /// The actor task; it ends after the leave announcement once shutdown is cancelled.
+    pub task: JoinHandle<()>,
 }
 
 /// Cloneable handle to the running network actor.
@@ -125,7 +168,7 @@ impl Network {
         keypair: Keypair,
         local: NodeRecord,
         shutdown: CancellationToken,
-    ) -> Result<(Network, oneshot::Receiver<Ready>, JoinHandle<()>), NetworkError> {
+    ) -> Result<Started, NetworkError> {
         let mut swarm = build_swarm(&config, keypair.clone())?;
         let topic = IdentTopic::new(MEMBERS_TOPIC);
         swarm
@@ -147,6 +190,7 @@ impl Network {
         }
 
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_RPC_QUEUE);
         let (ready_tx, ready_rx) = oneshot::channel();
         let now = unix_now_ms();
         let actor = NetworkActor {
@@ -168,10 +212,43 @@ impl Network {
             listen_addrs: Vec::new(),
             envelopes: BTreeMap::new(),
             announce_unheard: false,
+            inbound_rpcs: inbound_tx,
+            pending_rpcs: HashMap::new(),
+            pending_replies: FuturesUnordered::new(),
             counters: Counters::default(),
         };
         let handle = tokio::spawn(actor.run());
-        Ok((Network { requests: tx }, ready_rx, handle))
+        Ok(Started {
+            network: Network { requests: tx },
+            ready: ready_rx,
+            inbound_rpcs: inbound_rx,
+            task: handle,
+        })
+    }
+
+    /// Sends one Raft RPC to `peer` and waits for its answer.
+    pub async fn rpc(&self, peer: PeerId, request: Vec<u8>) -> Result<Vec<u8>, String> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Rpc {
+                peer,
+                request,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| NetworkError::Stopped.to_string())?;
+        rx.await.map_err(|_| NetworkError::Stopped.to_string())?
+    }
+
+    /// Sets this node's Raft role in its gossip record (announced at once if it changed).
+    pub async fn set_raft_role(
+        &self,
+        role: Option<mesh_types::RaftRole>,
+    ) -> Result<(), NetworkError> {
+        self.requests
+            .send(Request::SetRaftRole(role))
+            .await
+            .map_err(|_| NetworkError::Stopped)
     }
 
     /// The current view and counters.
@@ -192,6 +269,7 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     sync: request_response::Behaviour<FrameCodec>,
+    raft: request_response::Behaviour<FrameCodec>,
 }
 
 pub(crate) fn gossipsub_config(gossip: &GossipConfig) -> Result<gossipsub::Config, NetworkError> {
@@ -261,12 +339,18 @@ fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, Ne
                 [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(SYNC_TIMEOUT),
             );
+            let raft = request_response::Behaviour::with_codec(
+                FrameCodec,
+                [(RAFT_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(RAFT_RPC_TIMEOUT),
+            );
             Ok(Behaviour {
                 gossipsub,
                 identify,
                 kad,
                 mdns: Toggle::from(mdns),
                 sync,
+                raft,
             })
         })
         .map_err(|e| NetworkError::Setup(format!("behaviours: {e}")))?
@@ -301,6 +385,13 @@ struct NetworkActor {
     envelopes: BTreeMap<NodeId, Vec<u8>>,
     /// The last announcement reached no subscribed peer.
     announce_unheard: bool,
+    /// Raft RPCs from peers go to the node through here.
+    inbound_rpcs: mpsc::Sender<InboundRpc>,
+    /// Our Raft RPCs waiting for an answer. Not iterated, so a HashMap is fine.
+    pending_rpcs:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, String>>>,
+    /// Answers the node is computing for peers' Raft RPCs.
+    pending_replies: FuturesUnordered<PendingReply>,
     counters: Counters,
 }
 
@@ -314,6 +405,11 @@ impl NetworkActor {
                 _ = self.shutdown.cancelled() => break,
                 Some(request) = self.requests.recv() => self.on_request(request),
                 _ = tick.tick() => self.on_tick(),
+                Some((channel, answer)) = self.pending_replies.next(), if !self.pending_replies.is_empty() => {
+                    if let Some(answer) = answer {
+                        let _ = self.swarm.behaviour_mut().raft.send_response(channel, answer);
+                    }
+                }
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
             }
         }
@@ -351,6 +447,20 @@ impl NetworkActor {
                 };
                 // The caller may have given up; nothing to do then.
                 let _ = reply.send(snapshot);
+            }
+            Request::Rpc {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().raft.send_request(&peer, request);
+                self.pending_rpcs.insert(id, reply);
+            }
+            Request::SetRaftRole(role) => {
+                let commands = self
+                    .membership
+                    .handle(Event::LocalRaftRole(role), unix_now_ms());
+                self.execute(commands);
             }
         }
     }
@@ -505,6 +615,7 @@ impl NetworkActor {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Raft(event)) => self.on_raft(event),
             SwarmEvent::Behaviour(_) => {}
             SwarmEvent::NewListenAddr {
                 listener_id,
@@ -692,6 +803,52 @@ impl NetworkActor {
                     warn!(%from, error = %e, "refused a synced node record");
                 }
             }
+        }
+    }
+
+    fn on_raft(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let (tx, rx) = oneshot::channel();
+                    let inbound = InboundRpc {
+                        from: peer,
+                        request,
+                        reply: tx,
+                    };
+                    if self.inbound_rpcs.try_send(inbound).is_err() {
+                        // Full or no consumer: drop the channel, the sender sees a failure.
+                        warn!(%peer, "inbound Raft RPC queue is full; dropping a request");
+                        return;
+                    }
+                    self.pending_replies
+                        .push(async move { (channel, rx.await.ok()) }.boxed());
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_rpcs.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_rpcs.remove(&request_id) {
+                    let _ = reply.send(Err(format!("Raft RPC to {peer} failed: {error}")));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound Raft RPC failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
         }
     }
 

@@ -117,6 +117,8 @@ mod tests {
             models: vec![],
             datasets: vec![],
             load: Load::default(),
+            api: None,
+            raft: None,
         }
     }
 

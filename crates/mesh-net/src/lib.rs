@@ -6,7 +6,8 @@
 //!                                ├─ identify   listen addrs ──> kademlia
 //!                                ├─ kademlia   finds every node from one bootstrap peer
 //!                                ├─ mdns       (optional) LAN discovery
-//!                                └─ sync       push-pull of the member view when two nodes connect
+//!                                ├─ sync       push-pull of the member view when two nodes connect
+//!                                └─ raft       Raft RPCs of the region group (/agentmesh/raft/1)
 //!
 //!   NetworkActor (owns the Swarm and the Membership engine)
 //!        ▲  bounded mpsc of (Request, oneshot)       tick ──> Membership::handle
@@ -26,5 +27,5 @@ pub mod envelope;
 pub mod identity;
 pub mod sync;
 
-pub use actor::{Network, NetworkError, Ready, Snapshot};
+pub use actor::{InboundRpc, Network, NetworkError, Ready, Snapshot, Started};
 pub use config::Config;

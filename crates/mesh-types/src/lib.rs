@@ -15,7 +15,7 @@ pub mod policy;
 pub mod record;
 pub mod region;
 
-pub use record::{Load, MemberState, MemberView, ModelAdvert, NodeId, NodeRecord};
+pub use record::{Load, MemberState, MemberView, ModelAdvert, NodeId, NodeRecord, RaftRole};
 pub use region::{Region, RegionError};
 
 /// Milliseconds since the Unix epoch. Every clock reading in agentmesh is passed

@@ -17,8 +17,13 @@ pub struct NodeId(pub String);
 impl NodeId {
     /// The first characters after the common `12D3KooW` prefix, for tables.
     pub fn short(&self) -> &str {
-        let s = self.0.strip_prefix("12D3KooW").unwrap_or(&self.0);
-        &s[..s.len().min(8)]
+        Self::short_str(&self.0)
+    }
+
+    /// [`NodeId::short`] of a peer id given as text.
+    pub fn short_str(peer_id: &str) -> &str {
+        let s = peer_id.strip_prefix("12D3KooW").unwrap_or(peer_id);
+        s.get(..s.len().min(8)).unwrap_or(s)
     }
 }
 
@@ -44,6 +49,26 @@ pub struct Load {
     pub tasks_running: u32,
     /// Agents active on the node.
     pub agents_active: u32,
+}
+
+/// A node's place in its region's Raft group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RaftRole {
+    /// Votes in elections and counts toward the quorum.
+    Voter,
+    /// Holds a replica of the region state, does not vote.
+    Learner,
+}
+
+impl RaftRole {
+    /// The lowercase name used in JSON and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Voter => "voter",
+            Self::Learner => "learner",
+        }
+    }
 }
 
 /// What a node gossips about itself, on start and every announce interval.
@@ -77,6 +102,10 @@ pub struct NodeRecord {
     pub datasets: Vec<String>,
     /// Current load (later issue).
     pub load: Load,
+    /// HTTP API address, so any node can forward a request to this one.
+    pub api: Option<String>,
+    /// Role in its region's Raft group; `None` before the region is bootstrapped.
+    pub raft: Option<RaftRole>,
 }
 
 /// Where a member stands in the local view.
@@ -132,6 +161,12 @@ pub struct MemberView {
     /// True for the node that answered.
     #[serde(default)]
     pub is_self: bool,
+    /// Its HTTP API address.
+    #[serde(default)]
+    pub api: Option<String>,
+    /// Its role in its region's Raft group, if the region is bootstrapped.
+    #[serde(default)]
+    pub raft: Option<RaftRole>,
 }
 
 #[cfg(test)]
@@ -154,6 +189,8 @@ mod tests {
             }],
             datasets: vec!["d".into()],
             load: Load::default(),
+            api: Some("127.0.0.1:7070".into()),
+            raft: Some(RaftRole::Voter),
         }
     }
 

@@ -1,0 +1,213 @@
+//! The node's side of its region group: Raft RPCs in and out over the mesh,
+//! the leader's housekeeping (learners in, dead voters out), and the
+//! requests the API serves (bootstrap, policy, status).
+//!
+//! ```text
+//!  mesh_net InboundRpc ──> serve(raft) ──> reply          MeshTransport ──> Network::rpc ──> peer
+//!  every HOUSEKEEPING_INTERVAL:  gossip role ◄── group membership
+//!                                leader: alive region members not in group ──> add_learner
+//!                                leader: voter dead > replace_after ──> replace by a live learner
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use consensus::rpc::{serve, Transport};
+use consensus::{GroupError, RaftSettings, RegionGroup};
+use libp2p::PeerId;
+use mesh_net::{InboundRpc, Network};
+use mesh_types::{MemberState, MemberView, RaftRole, Region};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How often the leader checks for members to add or replace.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// Inbound Raft RPCs answered at once; more wait in mesh-net's bounded queue.
+const RPC_CONCURRENCY: usize = 64;
+
+/// Raft RPCs over the mesh's libp2p connections.
+#[derive(Debug, Clone)]
+pub struct MeshTransport(pub Network);
+
+impl Transport for MeshTransport {
+    async fn call(&self, peer_id: &str, request: Vec<u8>) -> Result<Vec<u8>, String> {
+        let peer: PeerId = peer_id
+            .parse()
+            .map_err(|e| format!("bad peer id {peer_id}: {e}"))?;
+        self.0.rpc(peer, request).await
+    }
+}
+
+/// Answers peers' Raft RPCs until the channel closes.
+pub async fn serve_rpcs(group: RegionGroup, mut inbound: mpsc::Receiver<InboundRpc>) {
+    let permits = Arc::new(Semaphore::new(RPC_CONCURRENCY));
+    while let Some(rpc) = inbound.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let group = group.clone();
+        tokio::spawn(async move {
+            let answer = serve(group.raft(), &rpc.request).await;
+            let _ = rpc.reply.send(answer);
+            drop(permit);
+        });
+    }
+}
+
+/// The leader's housekeeping and the gossip of this node's role, until `shutdown`.
+pub async fn housekeeping(
+    group: RegionGroup,
+    network: Network,
+    region: Region,
+    settings: RaftSettings,
+    shutdown: CancellationToken,
+) {
+    let replace_after = Duration::from_millis(settings.replace_dead_voter_after_ms);
+    let mut dead_since: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut interval = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let Ok(snapshot) = network.snapshot().await else {
+            return;
+        };
+        let (voters, learners) = group.members();
+        let me = snapshot
+            .members
+            .iter()
+            .find(|m| m.is_self)
+            .map(|m| m.peer_id.0.clone())
+            .unwrap_or_default();
+        let role = if voters.contains(&me) {
+            Some(RaftRole::Voter)
+        } else if learners.contains(&me) {
+            Some(RaftRole::Learner)
+        } else {
+            None
+        };
+        let _ = network.set_raft_role(role).await;
+        if !group.is_leader() {
+            dead_since.clear();
+            continue;
+        }
+        let in_region: Vec<&MemberView> = snapshot
+            .members
+            .iter()
+            .filter(|m| m.region == region)
+            .collect();
+        let state_of = |peer: &str| {
+            in_region
+                .iter()
+                .find(|m| m.peer_id.0 == peer)
+                .map(|m| m.state)
+        };
+
+        // Every live node of the region holds the region state: add newcomers as learners.
+        if let Some(newcomer) = in_region.iter().find(|m| {
+            m.state == MemberState::Alive
+                && !voters.contains(&m.peer_id.0)
+                && !learners.contains(&m.peer_id.0)
+        }) {
+            match group.add_learner(&newcomer.peer_id.0).await {
+                Ok(()) => {
+                    info!(peer = %newcomer.peer_id, %region, "added a learner to the region group")
+                }
+                Err(e) => warn!(peer = %newcomer.peer_id, error = %e, "cannot add a learner yet"),
+            }
+            continue; // one membership change at a time
+        }
+
+        // Replace a voter that stayed dead (or was forgotten) too long by a live learner.
+        let now = Instant::now();
+        dead_since.retain(|peer, _| voters.contains(peer));
+        for voter in &voters {
+            match state_of(voter) {
+                Some(MemberState::Alive) | Some(MemberState::Suspect) => {
+                    dead_since.remove(voter);
+                }
+                _ if voter == &me => {}
+                _ => {
+                    dead_since.entry(voter.clone()).or_insert(now);
+                }
+            }
+        }
+        let overdue = dead_since
+            .iter()
+            .find(|(_, since)| now.duration_since(**since) >= replace_after)
+            .map(|(p, _)| p.clone());
+        if let Some(dead) = overdue {
+            let Some(learner) = learners
+                .iter()
+                .find(|l| state_of(l) == Some(MemberState::Alive))
+            else {
+                warn!(voter = %dead, "a voter is dead but no live learner can replace it");
+                continue;
+            };
+            match group.replace_voter(&dead, learner).await {
+                Ok(()) => {
+                    info!(dead = %dead, replacement = %learner, %region, "replaced a dead voter");
+                    dead_since.remove(&dead);
+                }
+                Err(GroupError::ChangeInProgress) => {}
+                Err(e) => warn!(voter = %dead, error = %e, "cannot replace the dead voter yet"),
+            }
+        }
+    }
+}
+
+/// The voters `region bootstrap` picks: the `count` live members of the
+/// region with the smallest peer ids (base58 text order). Deterministic, so
+/// the same request sent to any node picks the same voters.
+pub fn pick_voters(members: &[MemberView], region: &Region, count: usize) -> Vec<String> {
+    let mut live: Vec<String> = members
+        .iter()
+        .filter(|m| &m.region == region && m.state == MemberState::Alive)
+        .map(|m| m.peer_id.0.clone())
+        .collect();
+    live.sort();
+    live.truncate(count);
+    live
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_types::NodeId;
+
+    use super::*;
+
+    fn member(id: &str, region: &str, state: MemberState) -> MemberView {
+        MemberView {
+            peer_id: NodeId(id.into()),
+            region: Region::parse(region).expect("valid"),
+            state,
+            addrs: vec![],
+            last_seen_ms: 0,
+            version: "t".into(),
+            is_self: false,
+            api: None,
+            raft: None,
+        }
+    }
+
+    #[test]
+    fn voters_are_the_live_members_of_the_region_with_the_smallest_ids() {
+        let members = vec![
+            member("d", "eu-west", MemberState::Alive),
+            member("a", "us-east", MemberState::Alive),
+            member("c", "eu-west", MemberState::Alive),
+            member("b", "eu-west", MemberState::Dead),
+            member("e", "eu-west", MemberState::Alive),
+        ];
+        let eu = Region::parse("eu-west").expect("valid");
+        assert_eq!(pick_voters(&members, &eu, 2), vec!["c", "d"]);
+        assert_eq!(
+            pick_voters(&members, &eu, 5),
+            vec!["c", "d", "e"],
+            "only live ones, fewer if need be"
+        );
+    }
+}

@@ -1,0 +1,430 @@
+//! `/v1/regions/{region}/...`: bootstrap, status and policy, served by any
+//! node. A request for another region is forwarded to a live node of that
+//! region; a write (or a consistent read) is forwarded to the leader. Each
+//! request is forwarded at most once (`x-agentmesh-forwarded`).
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use consensus::{GroupError, RegionStatus};
+use mesh_types::policy::Policy;
+use mesh_types::{MemberState, Region};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ApiError, ApiState};
+use crate::region::pick_voters;
+
+/// Marks a request a node already forwarded once.
+const FORWARDED: &str = "x-agentmesh-forwarded";
+/// How long a new group may take to elect its first leader.
+const FIRST_LEADER_WITHIN: Duration = Duration::from_secs(15);
+
+/// Body of `POST /v1/regions/{region}/bootstrap`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BootstrapRequest {
+    /// How many voters to pick.
+    pub voters: usize,
+    /// Start with fewer voters if fewer nodes are alive.
+    #[serde(default)]
+    pub allow_fewer: bool,
+}
+
+/// Answer of a bootstrap.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BootstrapAnswer {
+    /// The region.
+    pub region: String,
+    /// True when the group existed already and nothing changed.
+    pub already_bootstrapped: bool,
+    /// The leader, if one is elected.
+    pub leader: Option<String>,
+    /// Voters' peer ids.
+    pub voters: Vec<String>,
+    /// Learners' peer ids.
+    pub learners: Vec<String>,
+}
+
+/// Answer of a policy write.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PolicyWritten {
+    /// The region.
+    pub region: String,
+    /// The new policy version (the Raft log index).
+    pub version: u64,
+}
+
+/// Answer of a policy read.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PolicyRead {
+    /// The region.
+    pub region: String,
+    /// Version of the policy (0: none applied yet).
+    pub version: u64,
+    /// The policy, if one was applied.
+    pub policy: Option<Policy>,
+    /// True for a linearizable read through the leader.
+    pub consistent: bool,
+    /// The node that answered.
+    pub served_by: String,
+    /// Entries the answering replica is behind the leader's log (None: unknown).
+    pub behind_leader: Option<u64>,
+}
+
+/// Query of `GET .../policy`.
+#[derive(Debug, Deserialize)]
+pub struct PolicyQuery {
+    #[serde(default)]
+    consistent: bool,
+}
+
+fn error(status: StatusCode, error: &'static str, detail: String) -> ApiError {
+    ApiError::new(status, error, detail)
+}
+
+fn parse_region(name: &str) -> Result<Region, ApiError> {
+    Region::parse(name).map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_region", e.to_string()))
+}
+
+fn group_error(region: &Region, e: GroupError) -> ApiError {
+    match e {
+        GroupError::Timeout(_)
+        | GroupError::NotLeader { leader: None }
+        | GroupError::ChangeInProgress => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_quorum",
+            format!("region {region}: {e}; this is retryable"),
+        ),
+        other => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "raft",
+            format!("region {region}: {other}"),
+        ),
+    }
+}
+
+/// Sends the same request to the node at `api` and relays its answer.
+async fn forward(
+    state: &ApiState,
+    headers: &HeaderMap,
+    api: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    if headers.contains_key(FORWARDED) {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "forwarding_loop",
+            format!("{path} was forwarded here but this node cannot serve it either (the view is changing); retry"),
+        ));
+    }
+    let url = format!("http://{api}{path}");
+    let mut request = state.http.request(method, &url).header(FORWARDED, "1");
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.map_err(|e| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "unreachable_peer",
+            format!("cannot forward to {api}: {e}; the node may have just failed, retry"),
+        )
+    })?;
+    let status =
+        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let bytes = response.bytes().await.map_err(|e| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "unreachable_peer",
+            format!("reading the answer of {api}: {e}"),
+        )
+    })?;
+    Ok((
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        bytes,
+    )
+        .into_response())
+}
+
+/// The API address of a live node of `region`, preferring `preferred` (a peer id).
+async fn api_in_region(
+    state: &ApiState,
+    region: &Region,
+    preferred: Option<&str>,
+) -> Result<String, ApiError> {
+    let members = state.network.snapshot().await?.members;
+    let live = |m: &&mesh_types::MemberView| {
+        &m.region == region && m.state == MemberState::Alive && m.api.is_some() && !m.is_self
+    };
+    let found = preferred
+        .and_then(|p| members.iter().filter(live).find(|m| m.peer_id.0 == p))
+        .or_else(|| members.iter().find(live));
+    found.and_then(|m| m.api.clone()).ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "unknown_region",
+            format!("no live node of region {region} is known to this node; start one with `agentmesh node start --region {region}`"),
+        )
+    })
+}
+
+fn not_bootstrapped(region: &Region) -> ApiError {
+    error(
+        StatusCode::CONFLICT,
+        "not_bootstrapped",
+        format!("region {region} has no Raft group yet; run `agentmesh region bootstrap --region {region}` first"),
+    )
+}
+
+/// `POST /v1/regions/{region}/bootstrap`
+pub async fn bootstrap(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<BootstrapRequest>,
+) -> Result<Response, ApiError> {
+    let region = parse_region(&name)?;
+    let path = format!("/v1/regions/{region}/bootstrap");
+    let json = serde_json::to_value(&body).ok();
+    if region != state.region {
+        let api = api_in_region(&state, &region, None).await?;
+        return forward(&state, &headers, &api, Method::POST, &path, json).await;
+    }
+    if body.voters == 0 {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "--voters must be at least 1".into(),
+        ));
+    }
+    if !state.group.is_bootstrapped() {
+        let members = state.network.snapshot().await?.members;
+        let voters = pick_voters(&members, &region, body.voters);
+        if voters.len() < body.voters && !body.allow_fewer {
+            return Err(error(
+                StatusCode::CONFLICT,
+                "too_few_nodes",
+                format!(
+                    "region {region} has {} live node(s), fewer than --voters {}; start more nodes of the region, or pass --allow-fewer",
+                    voters.len(),
+                    body.voters
+                ),
+            ));
+        }
+        if !voters.contains(&state.peer_id) {
+            let api = api_in_region(&state, &region, voters.first().map(String::as_str)).await?;
+            return forward(&state, &headers, &api, Method::POST, &path, json).await;
+        }
+        match state.group.initialize(&voters).await {
+            Ok(()) => {
+                tracing::info!(%region, ?voters, "bootstrapped the region group");
+            }
+            Err(GroupError::AlreadyInitialized) => {}
+            Err(e) => return Err(group_error(&region, e)),
+        }
+        let deadline = tokio::time::Instant::now() + FIRST_LEADER_WITHIN;
+        while state.group.leader().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (voters, learners) = state.group.members();
+        return Ok(Json(BootstrapAnswer {
+            region: region.to_string(),
+            already_bootstrapped: false,
+            leader: state.group.leader(),
+            voters,
+            learners,
+        })
+        .into_response());
+    }
+    let (voters, learners) = state.group.members();
+    Ok(Json(BootstrapAnswer {
+        region: region.to_string(),
+        already_bootstrapped: true,
+        leader: state.group.leader(),
+        voters,
+        learners,
+    })
+    .into_response())
+}
+
+/// `GET /v1/regions/{region}/status`
+pub async fn status(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let region = parse_region(&name)?;
+    if region != state.region {
+        let api = api_in_region(&state, &region, None).await?;
+        return forward(
+            &state,
+            &headers,
+            &api,
+            Method::GET,
+            &format!("/v1/regions/{region}/status"),
+            None,
+        )
+        .await;
+    }
+    // The leader knows every member's progress: ask it when this node is not it.
+    if !state.group.is_leader() && !headers.contains_key(FORWARDED) {
+        if let Some(leader) = state.group.leader() {
+            if let Ok(api) = api_in_region(&state, &region, Some(&leader)).await {
+                if let Ok(answer) = forward(
+                    &state,
+                    &headers,
+                    &api,
+                    Method::GET,
+                    &format!("/v1/regions/{region}/status"),
+                    None,
+                )
+                .await
+                {
+                    if answer.status().is_success() {
+                        return Ok(answer);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Json(StatusAnswer {
+        region: region.to_string(),
+        status: state.group.status(),
+    })
+    .into_response())
+}
+
+/// Answer of `region status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusAnswer {
+    /// The region.
+    pub region: String,
+    /// The status, as the answering node (the leader when reachable) sees it.
+    #[serde(flatten)]
+    pub status: RegionStatus,
+}
+
+/// `PUT /v1/regions/{region}/policy`
+pub async fn put_policy(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Json(policy): Json<Policy>,
+) -> Result<Response, ApiError> {
+    let region = parse_region(&name)?;
+    let path = format!("/v1/regions/{region}/policy");
+    if let Err(problems) = policy.validate() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_policy",
+            problems.join("; "),
+        ));
+    }
+    let json = serde_json::to_value(&policy).ok();
+    if region != state.region {
+        let api = api_in_region(&state, &region, None).await?;
+        return forward(&state, &headers, &api, Method::PUT, &path, json).await;
+    }
+    if !state.group.is_bootstrapped() {
+        return Err(not_bootstrapped(&region));
+    }
+    match state.group.set_policy(policy).await {
+        Ok(version) => Ok(Json(PolicyWritten {
+            region: region.to_string(),
+            version,
+        })
+        .into_response()),
+        Err(GroupError::NotLeader {
+            leader: Some(leader),
+        }) => {
+            let api = api_in_region(&state, &region, Some(&leader)).await?;
+            forward(&state, &headers, &api, Method::PUT, &path, json).await
+        }
+        Err(e) => Err(group_error(&region, e)),
+    }
+}
+
+/// `GET /v1/regions/{region}/policy[?consistent=true]`
+pub async fn get_policy(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Query(query): Query<PolicyQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let region = parse_region(&name)?;
+    let path = format!(
+        "/v1/regions/{region}/policy{}",
+        if query.consistent {
+            "?consistent=true"
+        } else {
+            ""
+        }
+    );
+    if region != state.region {
+        let api = api_in_region(&state, &region, None).await?;
+        return forward(&state, &headers, &api, Method::GET, &path, None).await;
+    }
+    if !state.group.is_bootstrapped() {
+        return Err(not_bootstrapped(&region));
+    }
+    if query.consistent {
+        return match state.group.consistent_state().await {
+            Ok(s) => Ok(Json(PolicyRead {
+                region: region.to_string(),
+                version: s.policy_version,
+                policy: s.policy,
+                consistent: true,
+                served_by: state.peer_id.clone(),
+                behind_leader: Some(0),
+            })
+            .into_response()),
+            Err(GroupError::NotLeader {
+                leader: Some(leader),
+            }) => {
+                let api = api_in_region(&state, &region, Some(&leader)).await?;
+                forward(&state, &headers, &api, Method::GET, &path, None).await
+            }
+            Err(e) => Err(group_error(&region, e)),
+        };
+    }
+    let local = state.group.local_state();
+    let applied = state.group.status().last_applied.unwrap_or(0);
+    let behind_leader = leader_last_index(&state, &region)
+        .await
+        .map(|l| l.saturating_sub(applied));
+    Ok(Json(PolicyRead {
+        region: region.to_string(),
+        version: local.policy_version,
+        policy: local.policy,
+        consistent: false,
+        served_by: state.peer_id.clone(),
+        behind_leader,
+    })
+    .into_response())
+}
+
+/// The leader's last log index: local if this node leads, else one status call.
+async fn leader_last_index(state: &ApiState, region: &Region) -> Option<u64> {
+    if state.group.is_leader() {
+        return state.group.status().last_log_index;
+    }
+    let leader = state.group.leader()?;
+    let api = api_in_region(state, region, Some(&leader)).await.ok()?;
+    let url = format!("http://{api}/v1/regions/{region}/status");
+    let answer: StatusAnswer = state
+        .http
+        .get(url)
+        .header(FORWARDED, "1")
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    answer.status.last_log_index
+}
