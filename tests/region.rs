@@ -24,23 +24,39 @@ replace_dead_voter_after_ms = 1000
 const WITHIN: Duration = Duration::from_secs(30);
 
 fn cli(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().expect("run agentmesh")
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run agentmesh")
 }
 
 fn cli_json(args: &[&str]) -> Value {
     let out = cli(args);
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 fn status(node: &Node) -> Value {
-    cli_json(&["region", "status", "--region", "eu-west", "--json", "--api", &node.api])
+    cli_json(&[
+        "region", "status", "--region", "eu-west", "--json", "--api", &node.api,
+    ])
 }
 
 /// The policy version a node serves from its local replica; `None` while it
 /// cannot serve one (not yet in the group, or restarting).
 fn policy_version(node: &Node) -> Option<u64> {
-    let out = cli(&["policy", "get", "--region", "eu-west", "--json", "--api", &node.api]);
+    let out = cli(&[
+        "policy", "get", "--region", "eu-west", "--json", "--api", &node.api,
+    ]);
     if !out.status.success() {
         return None;
     }
@@ -48,7 +64,16 @@ fn policy_version(node: &Node) -> Option<u64> {
 }
 
 fn apply(node: &Node, file: &Path) -> Output {
-    cli(&["policy", "apply", "-f", file.to_str().expect("utf-8"), "--region", "eu-west", "--api", &node.api])
+    cli(&[
+        "policy",
+        "apply",
+        "-f",
+        file.to_str().expect("utf-8"),
+        "--region",
+        "eu-west",
+        "--api",
+        &node.api,
+    ])
 }
 
 fn write_policy(dir: &Path, burst: u32) -> std::path::PathBuf {
@@ -68,7 +93,9 @@ fn start_in(tmp: &Path, name: &str, region: &str, bootstrap: Option<&Node>) -> N
     let config = tmp.join("node.toml");
     start(&NodeSpec {
         config: Some(&config),
-        bootstrap: bootstrap.map(|b| vec![b.listen[0].clone()]).unwrap_or_default(),
+        bootstrap: bootstrap
+            .map(|b| vec![b.listen[0].clone()])
+            .unwrap_or_default(),
         ..NodeSpec::new(name, &dir, region)
     })
 }
@@ -88,37 +115,88 @@ fn a_region_agrees_survives_failures_restarts_and_grows() {
     }
     let us = start_in(tmp.path(), "u0", "us-east", Some(&nodes[0]));
     wait_until("the us node sees the three eu nodes", WITHIN, || {
-        nodes.iter().all(|n| us.state_of(&n.peer_id).as_deref() == Some("alive"))
+        nodes
+            .iter()
+            .all(|n| us.state_of(&n.peer_id).as_deref() == Some("alive"))
     });
 
     // Bootstrap through a node of another region; a second bootstrap changes nothing.
-    let answer = cli_json(&["region", "bootstrap", "--region", "eu-west", "--voters", "3", "--json", "--api", &us.api]);
-    assert_eq!(answer["voters"].as_array().map(Vec::len), Some(3), "{answer}");
+    let answer = cli_json(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "eu-west",
+        "--voters",
+        "3",
+        "--json",
+        "--api",
+        &us.api,
+    ]);
+    assert_eq!(
+        answer["voters"].as_array().map(Vec::len),
+        Some(3),
+        "{answer}"
+    );
     assert_eq!(answer["already_bootstrapped"], false);
-    let again = cli_json(&["region", "bootstrap", "--region", "eu-west", "--json", "--api", &nodes[1].api]);
+    let again = cli_json(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "eu-west",
+        "--json",
+        "--api",
+        &nodes[1].api,
+    ]);
     assert_eq!(again["already_bootstrapped"], true);
     assert_eq!(again["voters"], answer["voters"]);
 
     // A policy applied through a non-leader is read with the same version everywhere.
-    wait_until("every eu node knows the leader", WITHIN, || nodes.iter().all(|n| leader_of(n).is_some()));
+    wait_until("every eu node knows the leader", WITHIN, || {
+        nodes.iter().all(|n| leader_of(n).is_some())
+    });
     let leader = leader_of(&nodes[0]).expect("leader");
-    let follower = nodes.iter().find(|n| n.peer_id != leader).expect("a follower");
+    let follower = nodes
+        .iter()
+        .find(|n| n.peer_id != leader)
+        .expect("a follower");
     let out = apply(follower, &write_policy(tmp.path(), 11));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let version = cli_json(&["policy", "get", "--region", "eu-west", "--consistent", "--json", "--api", &follower.api])["version"]
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = cli_json(&[
+        "policy",
+        "get",
+        "--region",
+        "eu-west",
+        "--consistent",
+        "--json",
+        "--api",
+        &follower.api,
+    ])["version"]
         .as_u64()
         .expect("version");
-    wait_until("all replicas serve the same version", WITHIN, || nodes.iter().all(|n| policy_version(n) == Some(version)));
+    wait_until("all replicas serve the same version", WITHIN, || {
+        nodes.iter().all(|n| policy_version(n) == Some(version))
+    });
 
     // SIGKILL the leader: a new one is elected and the next write succeeds.
-    let leader_index = nodes.iter().position(|n| n.peer_id == leader).expect("leader is one of ours");
+    let leader_index = nodes
+        .iter()
+        .position(|n| n.peer_id == leader)
+        .expect("leader is one of ours");
     nodes[leader_index].kill();
     let survivors: Vec<usize> = (0..3).filter(|i| *i != leader_index).collect();
     wait_until("a new leader is elected", WITHIN, || {
         leader_of(&nodes[survivors[0]]).is_some_and(|l| l != leader)
     });
     let out = apply(&nodes[survivors[0]], &write_policy(tmp.path(), 12));
-    assert!(out.status.success(), "write after leader loss: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "write after leader loss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Stop all three (the killed one is already down), restart on the same data dirs: the policy is kept.
     let before = policy_version(&nodes[survivors[0]]).expect("a survivor serves the policy");
@@ -133,15 +211,21 @@ fn a_region_agrees_survives_failures_restarts_and_grows() {
         restarted.push(node);
     }
     let nodes = restarted;
-    wait_until("the restarted region elects a leader", WITHIN, || leader_of(&nodes[0]).is_some());
-    // The node killed as leader missed the last write and catches up from the others.
-    wait_until("every restarted node serves the policy written before the stop", WITHIN, || {
-        nodes.iter().all(|n| policy_version(n) == Some(before))
+    wait_until("the restarted region elects a leader", WITHIN, || {
+        leader_of(&nodes[0]).is_some()
     });
+    // The node killed as leader missed the last write and catches up from the others.
+    wait_until(
+        "every restarted node serves the policy written before the stop",
+        WITHIN,
+        || nodes.iter().all(|n| policy_version(n) == Some(before)),
+    );
 
     // A fourth node joins as a learner by itself and serves the policy locally.
     let learner = start_in(tmp.path(), "e3", "eu-west", Some(&nodes[0]));
-    wait_until("the fourth node holds the policy", WITHIN, || policy_version(&learner) == Some(before));
+    wait_until("the fourth node holds the policy", WITHIN, || {
+        policy_version(&learner) == Some(before)
+    });
     let members = status(&nodes[0])["members"].clone();
     let role = members
         .as_array()
@@ -151,18 +235,31 @@ fn a_region_agrees_survives_failures_restarts_and_grows() {
 
     // A voter killed for good is replaced by the live learner.
     let mut nodes = nodes;
-    let victim = nodes.iter().position(|n| leader_of(n).as_deref() != Some(n.peer_id.as_str())).expect("a follower");
+    let victim = nodes
+        .iter()
+        .position(|n| leader_of(n).as_deref() != Some(n.peer_id.as_str()))
+        .expect("a follower");
     let victim_id = nodes[victim].peer_id.clone();
     nodes[victim].kill();
-    let observer = nodes.iter().find(|n| n.peer_id != victim_id).expect("a survivor");
+    let observer = nodes
+        .iter()
+        .find(|n| n.peer_id != victim_id)
+        .expect("a survivor");
     wait_until("the learner replaces the dead voter", WITHIN, || {
         let members = status(observer)["members"].clone();
         let list = members.as_array().cloned().unwrap_or_default();
-        let is_voter = |p: &str| list.iter().any(|m| m["peer_id"] == p && m["role"] == "voter");
+        let is_voter = |p: &str| {
+            list.iter()
+                .any(|m| m["peer_id"] == p && m["role"] == "voter")
+        };
         is_voter(&learner.peer_id) && !list.iter().any(|m| m["peer_id"] == victim_id.as_str())
     });
     let out = apply(observer, &write_policy(tmp.path(), 13));
-    assert!(out.status.success(), "write with the new voter set: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "write with the new voter set: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -172,45 +269,104 @@ fn region_errors_are_clear() {
     let a = start_in(tmp.path(), "a", "eu-west", None);
 
     // Bootstrap of a region no node belongs to.
-    let out = cli(&["region", "bootstrap", "--region", "ap-south", "--api", &a.api]);
+    let out = cli(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "ap-south",
+        "--api",
+        &a.api,
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no live node of region ap-south"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no live node of region ap-south"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Policy for a region with no group yet.
     let out = apply(&a, &write_policy(tmp.path(), 3));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("region bootstrap --region eu-west"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("region bootstrap --region eu-west"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Too few nodes for the voters asked for, unless --allow-fewer.
-    let out = cli(&["region", "bootstrap", "--region", "eu-west", "--voters", "3", "--api", &a.api]);
+    let out = cli(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "eu-west",
+        "--voters",
+        "3",
+        "--api",
+        &a.api,
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-fewer"));
 
     // An invalid policy lists every problem and sends nothing.
     let bad = tmp.path().join("bad.toml");
-    std::fs::write(&bad, "[[residency]]\ntag = \"x\"\nregions = []\n[[models]]\nname = \"m\"\nsha256 = \"nope\"\n").expect("write");
+    std::fs::write(
+        &bad,
+        "[[residency]]\ntag = \"x\"\nregions = []\n[[models]]\nname = \"m\"\nsha256 = \"nope\"\n",
+    )
+    .expect("write");
     let out = apply(&a, &bad);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("region list is empty") && stderr.contains("sha256"), "{stderr}");
+    assert!(
+        stderr.contains("region list is empty") && stderr.contains("sha256"),
+        "{stderr}"
+    );
     let unknown = tmp.path().join("unknown.toml");
     std::fs::write(&unknown, "colour = \"blue\"\n").expect("write");
     assert!(String::from_utf8_lossy(&apply(&a, &unknown).stderr).contains("colour"));
 
     // A single-voter region with --allow-fewer; then its store is corrupted: a clear error naming the path.
-    let out = cli(&["region", "bootstrap", "--region", "eu-west", "--voters", "3", "--allow-fewer", "--api", &a.api]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "eu-west",
+        "--voters",
+        "3",
+        "--allow-fewer",
+        "--api",
+        &a.api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let data_dir = a.data_dir.clone();
     drop(a);
     std::fs::write(data_dir.join("raft").join("CURRENT"), b"MANIFEST-424242\n").expect("corrupt");
     let out = Command::new(bin())
-        .args(["node", "start", "--region", "eu-west", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "node",
+            "start",
+            "--region",
+            "eu-west",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&data_dir)
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a corrupt store must stop the node");
-    assert!(stderr.contains(&data_dir.join("raft").display().to_string()) && stderr.contains("cannot open the store"), "{stderr}");
+    assert!(
+        stderr.contains(&data_dir.join("raft").display().to_string())
+            && stderr.contains("cannot open the store"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -221,17 +377,39 @@ fn a_write_without_quorum_fails_retryably_in_bounded_time() {
     let mut b = start_in(tmp.path(), "b", "eu-west", Some(&a));
     let mut c = start_in(tmp.path(), "c", "eu-west", Some(&a));
     wait_until("a sees b and c", WITHIN, || {
-        a.state_of(&b.peer_id).as_deref() == Some("alive") && a.state_of(&c.peer_id).as_deref() == Some("alive")
+        a.state_of(&b.peer_id).as_deref() == Some("alive")
+            && a.state_of(&c.peer_id).as_deref() == Some("alive")
     });
-    let out = cli(&["region", "bootstrap", "--region", "eu-west", "--api", &a.api]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "eu-west",
+        "--api",
+        &a.api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until("a knows the leader", WITHIN, || leader_of(&a).is_some());
     b.kill();
     c.kill();
     let started = std::time::Instant::now();
     let out = apply(&a, &write_policy(tmp.path(), 4));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a lone voter of three must not commit");
-    assert!(stderr.contains("retry"), "the error must say it is retryable: {stderr}");
-    assert!(started.elapsed() < Duration::from_secs(25), "bounded, not a hang: {:?}", started.elapsed());
+    assert!(
+        !out.status.success(),
+        "a lone voter of three must not commit"
+    );
+    assert!(
+        stderr.contains("retry"),
+        "the error must say it is retryable: {stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "bounded, not a hang: {:?}",
+        started.elapsed()
+    );
 }

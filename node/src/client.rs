@@ -8,6 +8,8 @@ use serde::de::DeserializeOwned;
 
 /// How long the CLI waits for a node before it gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connecting to the node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client of one node's API.
 #[derive(Debug)]
@@ -21,6 +23,7 @@ impl ApiClient {
     pub fn new(api: &str) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| anyhow!("cannot build an HTTP client: {e}"))?;
         Ok(Self {

@@ -27,8 +27,11 @@ use crate::region::{self, MeshTransport};
 
 /// How long to wait for the listeners to report their addresses.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a request forwarded to another node may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long connecting to another node may take before the forward fails
+/// (a cut link drops SYNs silently; without this the caller waits the full timeout).
+const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How much longer than a Raft write a forwarded request may take.
+const FORWARD_MARGIN: Duration = Duration::from_secs(3);
 /// How long the network gets to announce the leave and close after a signal.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -117,7 +120,10 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         region: config.region.clone(),
         group: group.clone(),
         http: reqwest::Client::builder()
-            .timeout(FORWARD_TIMEOUT)
+            // A forwarded write waits up to write_timeout on the leader; past
+            // that plus a margin, the leader (or the link to it) is gone.
+            .timeout(Duration::from_millis(config.raft.write_timeout_ms) + FORWARD_MARGIN)
+            .connect_timeout(FORWARD_CONNECT_TIMEOUT)
             .build()
             .context("build the HTTP client")?,
     };

@@ -24,6 +24,8 @@ pub struct Node {
     pub api: String,
     pub peer_id: String,
     pub listen: Vec<String>,
+    /// The network namespace the node runs in, if any.
+    pub netns: Option<String>,
 }
 
 /// What to start.
@@ -36,6 +38,10 @@ pub struct NodeSpec<'a> {
     pub config: Option<&'a Path>,
     /// Listen multiaddr; TCP on a free loopback port unless set.
     pub listen: &'a str,
+    /// HTTP API address; a free loopback port unless set.
+    pub api: &'a str,
+    /// Run the node inside this network namespace (`ip netns exec`).
+    pub netns: Option<&'a str>,
     pub extra: Vec<String>,
 }
 
@@ -48,6 +54,8 @@ impl<'a> NodeSpec<'a> {
             bootstrap: Vec::new(),
             config: None,
             listen: "/ip4/127.0.0.1/tcp/0",
+            api: "127.0.0.1:0",
+            netns: None,
             extra: Vec::new(),
         }
     }
@@ -59,7 +67,7 @@ pub const READY_WITHIN: Duration = Duration::from_secs(30);
 /// Starts a node on 127.0.0.1 with free ports and waits for its ready line.
 pub fn start(spec: &NodeSpec<'_>) -> Node {
     let log = spec.data_dir.with_extension("log");
-    let mut command = Command::new(bin());
+    let mut command = in_netns(spec.netns);
     command
         .args([
             "--log-format",
@@ -71,7 +79,7 @@ pub fn start(spec: &NodeSpec<'_>) -> Node {
         ])
         .arg("--data-dir")
         .arg(spec.data_dir)
-        .args(["--listen", spec.listen, "--api", "127.0.0.1:0"])
+        .args(["--listen", spec.listen, "--api", spec.api])
         .env("RUST_LOG", "info,libp2p=warn");
     for b in &spec.bootstrap {
         command.args(["--bootstrap", b]);
@@ -111,6 +119,19 @@ pub fn start(spec: &NodeSpec<'_>) -> Node {
         api: field("api"),
         peer_id: field("peer_id"),
         listen: field("listen").split(',').map(str::to_owned).collect(),
+        netns: spec.netns.map(str::to_owned),
+    }
+}
+
+/// A command running the binary under test, inside `netns` if given.
+pub fn in_netns(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin()]);
+            c
+        }
+        None => Command::new(bin()),
     }
 }
 
@@ -167,7 +188,8 @@ impl Node {
 
     /// The node's membership view through `agentmesh members --json`.
     pub fn members(&self) -> Vec<Value> {
-        let out = Command::new(bin())
+        let out = self
+            .cli()
             .args(["members", "--json", "--api", &self.api])
             .output()
             .expect("run agentmesh members");
@@ -179,6 +201,11 @@ impl Node {
         );
         let value: Value = serde_json::from_slice(&out.stdout).expect("members --json is JSON");
         value.as_array().expect("a JSON array").clone()
+    }
+
+    /// The binary, run where this node runs (its namespace, if any).
+    pub fn cli(&self) -> Command {
+        in_netns(self.netns.as_deref())
     }
 
     /// A gauge or counter from `GET /metrics`.
