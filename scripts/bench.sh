@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Benchmarks, side by side with the peer each one is measured against.
 #   scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300]
+#   scripts/bench.sh policy [SECONDS]
 # Prints markdown tables for BENCHMARKS.md. Never part of the tests.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300]" >&2; exit 2; }
+usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 what=$1; shift
 
@@ -17,6 +18,13 @@ case "$what" in
         (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh)
         say "agentmesh against serf $(serf version | head -1) on $(nproc) cores"
         python3 "$AGENTMESH_ROOT/scripts/bench/discovery.py" --agentmesh "$CARGO_TARGET_DIR/release/agentmesh" "$@"
+        ;;
+    policy)
+        apt_install etcd-server curl python3
+        say "building agentmesh and the load generator (release)"
+        (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh -p agentmesh-bench)
+        say "agentmesh against $(etcd --version | head -1) on $(nproc) cores"
+        "$AGENTMESH_ROOT/scripts/bench/policy.sh" "$CARGO_TARGET_DIR/release/agentmesh" "$CARGO_TARGET_DIR/release/loadgen" "$@"
         ;;
     *) usage ;;
 esac

@@ -262,7 +262,9 @@ impl RegionGroup {
             Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
                 f,
             )))) => Err(GroupError::NotLeader {
-                leader: f.leader_node.map(|n| n.peer_id),
+                // openraft names the leader only once its vote is committed
+                // here; the metrics may know it a little earlier.
+                leader: f.leader_node.map(|n| n.peer_id).or_else(|| self.leader()),
             }),
             Ok(Err(e)) => Err(GroupError::Raft(e.to_string())),
         }
@@ -399,7 +401,9 @@ impl RegionGroup {
     ) -> GroupError {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => GroupError::NotLeader {
-                leader: f.leader_node.map(|n| n.peer_id),
+                // openraft names the leader only once its vote is committed
+                // here; the metrics may know it a little earlier.
+                leader: f.leader_node.map(|n| n.peer_id).or_else(|| self.leader()),
             },
             RaftError::APIError(ClientWriteError::ChangeMembershipError(
                 openraft::error::ChangeMembershipError::InProgress(_),

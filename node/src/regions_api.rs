@@ -150,6 +150,19 @@ async fn forward(
         .into_response())
 }
 
+/// Forwards a request about another region to a live node of that region.
+async fn forward_to_region(
+    state: &ApiState,
+    headers: &HeaderMap,
+    region: &Region,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let api = api_in_region(state, region, None).await?;
+    forward(state, headers, &api, method, path, body).await
+}
+
 /// The API address of a live node of `region`, preferring `preferred` (a peer id).
 async fn api_in_region(
     state: &ApiState,
@@ -191,8 +204,7 @@ pub async fn bootstrap(
     let path = format!("/v1/regions/{region}/bootstrap");
     let json = serde_json::to_value(&body).ok();
     if region != state.region {
-        let api = api_in_region(&state, &region, None).await?;
-        return forward(&state, &headers, &api, Method::POST, &path, json).await;
+        return forward_to_region(&state, &headers, &region, Method::POST, &path, json).await;
     }
     if body.voters == 0 {
         return Err(error(
@@ -259,16 +271,8 @@ pub async fn status(
 ) -> Result<Response, ApiError> {
     let region = parse_region(&name)?;
     if region != state.region {
-        let api = api_in_region(&state, &region, None).await?;
-        return forward(
-            &state,
-            &headers,
-            &api,
-            Method::GET,
-            &format!("/v1/regions/{region}/status"),
-            None,
-        )
-        .await;
+        let path = format!("/v1/regions/{region}/status");
+        return forward_to_region(&state, &headers, &region, Method::GET, &path, None).await;
     }
     // The leader knows every member's progress: ask it when this node is not it.
     if !state.group.is_leader() && !headers.contains_key(FORWARDED) {
@@ -326,8 +330,7 @@ pub async fn put_policy(
     }
     let json = serde_json::to_value(&policy).ok();
     if region != state.region {
-        let api = api_in_region(&state, &region, None).await?;
-        return forward(&state, &headers, &api, Method::PUT, &path, json).await;
+        return forward_to_region(&state, &headers, &region, Method::PUT, &path, json).await;
     }
     if !state.group.is_bootstrapped() {
         return Err(not_bootstrapped(&region));
@@ -365,8 +368,7 @@ pub async fn get_policy(
         }
     );
     if region != state.region {
-        let api = api_in_region(&state, &region, None).await?;
-        return forward(&state, &headers, &api, Method::GET, &path, None).await;
+        return forward_to_region(&state, &headers, &region, Method::GET, &path, None).await;
     }
     if !state.group.is_bootstrapped() {
         return Err(not_bootstrapped(&region));
