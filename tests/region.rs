@@ -165,6 +165,13 @@ fn a_region_agrees_survives_failures_restarts_and_grows() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // From another region too: forwarded into eu-west, then to its leader, whichever node it lands on.
+    let out = apply(&us, &write_policy(tmp.path(), 11));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let version = cli_json(&[
         "policy",
         "get",

@@ -1,7 +1,8 @@
 //! `/v1/regions/{region}/...`: bootstrap, status and policy, served by any
 //! node. A request for another region is forwarded to a live node of that
-//! region; a write (or a consistent read) is forwarded to the leader. Each
-//! request is forwarded at most once (`x-agentmesh-forwarded`).
+//! region; a write (or a consistent read) is forwarded to the leader. A
+//! request is forwarded at most twice (`x-agentmesh-forwarded` counts):
+//! to the right region, then to its leader.
 
 use std::time::Duration;
 
@@ -17,8 +18,18 @@ use serde::{Deserialize, Serialize};
 use crate::api::{ApiError, ApiState};
 use crate::region::pick_voters;
 
-/// Marks a request a node already forwarded once.
+/// How many times a request was forwarded already.
 const FORWARDED: &str = "x-agentmesh-forwarded";
+/// Most forwards of one request: to the right region, then to its leader.
+const FORWARD_HOPS_MAX: u8 = 2;
+
+fn hops(headers: &HeaderMap) -> u8 {
+    headers
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
 /// How long a new group may take to elect its first leader.
 const FIRST_LEADER_WITHIN: Duration = Duration::from_secs(15);
 
@@ -114,7 +125,8 @@ async fn forward(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    if headers.contains_key(FORWARDED) {
+    let hops = hops(headers);
+    if hops >= FORWARD_HOPS_MAX {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "forwarding_loop",
@@ -122,7 +134,10 @@ async fn forward(
         ));
     }
     let url = format!("http://{api}{path}");
-    let mut request = state.http.request(method, &url).header(FORWARDED, "1");
+    let mut request = state
+        .http
+        .request(method, &url)
+        .header(FORWARDED, (hops + 1).to_string());
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -275,7 +290,7 @@ pub async fn status(
         return forward_to_region(&state, &headers, &region, Method::GET, &path, None).await;
     }
     // The leader knows every member's progress: ask it when this node is not it.
-    if !state.group.is_leader() && !headers.contains_key(FORWARDED) {
+    if !state.group.is_leader() && hops(&headers) < FORWARD_HOPS_MAX {
         if let Some(leader) = state.group.leader() {
             if let Ok(api) = api_in_region(&state, &region, Some(&leader)).await {
                 if let Ok(answer) = forward(
@@ -420,7 +435,7 @@ async fn leader_last_index(state: &ApiState, region: &Region) -> Option<u64> {
     let answer: StatusAnswer = state
         .http
         .get(url)
-        .header(FORWARDED, "1")
+        .header(FORWARDED, FORWARD_HOPS_MAX.to_string())
         .timeout(Duration::from_secs(2))
         .send()
         .await
