@@ -206,7 +206,19 @@ fn a_region_agrees_survives_failures_restarts_and_grows() {
     );
 
     // Stop all three (the killed one is already down), restart on the same data dirs: the policy is kept.
-    let before = policy_version(&nodes[survivors[0]]).expect("a survivor serves the policy");
+    // Read through the leader: a follower's replica may not have the last commit yet.
+    let before = cli_json(&[
+        "policy",
+        "get",
+        "--region",
+        "eu-west",
+        "--consistent",
+        "--json",
+        "--api",
+        &nodes[survivors[0]].api,
+    ])["version"]
+        .as_u64()
+        .expect("version");
     for i in &survivors {
         let status = nodes[*i].terminate(Duration::from_secs(10));
         assert!(status.success());

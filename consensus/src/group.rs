@@ -73,6 +73,11 @@ impl RaftSettings {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             // Keep logs through a long snapshot install (openraft#1706).
             max_in_snapshot_log_to_keep: 1000,
+            // Keep every RPC well under mesh-net's 16 MiB frame limit: at
+            // most 64 entries of at most 64 KiB (the API's body limit), and
+            // snapshots in 1 MiB chunks.
+            max_payload_entries: 64,
+            snapshot_max_chunk_size: 1024 * 1024,
             ..Default::default()
         })
     }

@@ -19,6 +19,9 @@ use mesh_net::{Network, Snapshot};
 use mesh_types::MemberView;
 use serde::Serialize;
 
+/// Largest request body accepted (a policy is a few KiB).
+pub const REQUEST_BODY_MAX: usize = 64 * 1024;
+
 /// What handlers share.
 #[derive(Debug, Clone)]
 pub struct ApiState {
@@ -97,6 +100,8 @@ pub fn router(state: ApiState) -> Router {
             "/v1/regions/{region}/policy",
             get(crate::regions_api::get_policy).put(crate::regions_api::put_policy),
         )
+        // Policies are small; this bound also keeps Raft batches under the frame limit.
+        .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_MAX))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -7,7 +7,7 @@ use anyhow::{anyhow, Result};
 use serde::de::DeserializeOwned;
 
 /// How long the CLI waits for a node before it gives up.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long connecting to the node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

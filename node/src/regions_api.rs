@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::api::{ApiError, ApiState};
 use crate::region::pick_voters;
 
+/// `None`: the client's own timeout (a Raft write plus a margin).
+const FORWARD_TIMEOUT_DEFAULT: Option<Duration> = None;
+
 /// How many times a request was forwarded already.
 const FORWARDED: &str = "x-agentmesh-forwarded";
 /// Most forwards of one request: to the right region, then to its leader.
@@ -32,6 +35,9 @@ fn hops(headers: &HeaderMap) -> u8 {
 }
 /// How long a new group may take to elect its first leader.
 const FIRST_LEADER_WITHIN: Duration = Duration::from_secs(15);
+/// A forwarded bootstrap may wait for the first leader on the other side (up
+/// to two hops).
+const BOOTSTRAP_FORWARD_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// Body of `POST /v1/regions/{region}/bootstrap`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,6 +131,28 @@ async fn forward(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<Response, ApiError> {
+    forward_with_timeout(
+        state,
+        headers,
+        api,
+        method,
+        path,
+        body,
+        FORWARD_TIMEOUT_DEFAULT,
+    )
+    .await
+}
+
+/// [`forward`] with its own deadline, for requests that may wait long on the other side.
+async fn forward_with_timeout(
+    state: &ApiState,
+    headers: &HeaderMap,
+    api: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    timeout: Option<Duration>,
+) -> Result<Response, ApiError> {
     let hops = hops(headers);
     if hops >= FORWARD_HOPS_MAX {
         return Err(error(
@@ -138,6 +166,9 @@ async fn forward(
         .http
         .request(method, &url)
         .header(FORWARDED, (hops + 1).to_string());
+    if let Some(timeout) = timeout {
+        request = request.timeout(timeout);
+    }
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -219,7 +250,17 @@ pub async fn bootstrap(
     let path = format!("/v1/regions/{region}/bootstrap");
     let json = serde_json::to_value(&body).ok();
     if region != state.region {
-        return forward_to_region(&state, &headers, &region, Method::POST, &path, json).await;
+        let api = api_in_region(&state, &region, None).await?;
+        return forward_with_timeout(
+            &state,
+            &headers,
+            &api,
+            Method::POST,
+            &path,
+            json,
+            Some(BOOTSTRAP_FORWARD_TIMEOUT),
+        )
+        .await;
     }
     if body.voters == 0 {
         return Err(error(
@@ -230,6 +271,25 @@ pub async fn bootstrap(
     }
     if !state.group.is_bootstrapped() {
         let members = state.network.snapshot().await?.members;
+        // This node may just not have been added yet: if any live node of
+        // the region gossips a Raft role, the group exists; ask that node,
+        // never start a second group.
+        let member_of_group = members.iter().find(|m| {
+            !m.is_self && m.region == region && m.state == MemberState::Alive && m.raft.is_some()
+        });
+        if let Some(member) = member_of_group {
+            let api = api_in_region(&state, &region, Some(&member.peer_id.0)).await?;
+            return forward_with_timeout(
+                &state,
+                &headers,
+                &api,
+                Method::POST,
+                &path,
+                json,
+                Some(BOOTSTRAP_FORWARD_TIMEOUT),
+            )
+            .await;
+        }
         let voters = pick_voters(&members, &region, body.voters);
         if voters.len() < body.voters && !body.allow_fewer {
             return Err(error(
@@ -244,15 +304,25 @@ pub async fn bootstrap(
         }
         if !voters.contains(&state.peer_id) {
             let api = api_in_region(&state, &region, voters.first().map(String::as_str)).await?;
-            return forward(&state, &headers, &api, Method::POST, &path, json).await;
+            return forward_with_timeout(
+                &state,
+                &headers,
+                &api,
+                Method::POST,
+                &path,
+                json,
+                Some(BOOTSTRAP_FORWARD_TIMEOUT),
+            )
+            .await;
         }
-        match state.group.initialize(&voters).await {
+        let already_bootstrapped = match state.group.initialize(&voters).await {
             Ok(()) => {
                 tracing::info!(%region, ?voters, "bootstrapped the region group");
+                false
             }
-            Err(GroupError::AlreadyInitialized) => {}
+            Err(GroupError::AlreadyInitialized) => true,
             Err(e) => return Err(group_error(&region, e)),
-        }
+        };
         let deadline = tokio::time::Instant::now() + FIRST_LEADER_WITHIN;
         while state.group.leader().is_none() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -260,7 +330,7 @@ pub async fn bootstrap(
         let (voters, learners) = state.group.members();
         return Ok(Json(BootstrapAnswer {
             region: region.to_string(),
-            already_bootstrapped: false,
+            already_bootstrapped,
             leader: state.group.leader(),
             voters,
             learners,

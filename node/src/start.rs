@@ -153,9 +153,9 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         _ = sigint.recv() => info!("SIGINT received: leaving the mesh"),
     }
     shutdown.cancel();
-    group.shutdown().await;
 
     let stopped = async {
+        group.shutdown().await;
         let _ = network_task.await;
         match api_task.await {
             Ok(Err(e)) => warn!(error = %e, "HTTP API stopped with an error"),

@@ -284,7 +284,9 @@ impl Membership {
     fn announce(&mut self, now: UnixMillis, leaving: bool) -> Command {
         self.local.seq += 1;
         self.local.sent_at_ms = now;
-        self.local.leaving = leaving;
+        // Sticky: once leaving, any later announcement (new addresses during
+        // the leave flush) still says so, or peers would see a death.
+        self.local.leaving |= leaving;
         self.next_announce_at = now + self.config.announce_interval_ms;
         Command::Announce(self.local.clone())
     }

@@ -414,3 +414,19 @@ fn a_new_raft_role_is_announced_at_once() {
         .is_empty());
     assert_eq!(m.view(T0 + 3)[0].raft, Some(mesh_types::RaftRole::Voter));
 }
+
+#[test]
+fn an_announcement_after_leave_still_says_leaving() {
+    let mut m = engine();
+    m.handle(Event::Leave, T0);
+    match m
+        .handle(
+            Event::LocalAddrs(vec!["/ip4/10.0.0.9/tcp/1".into()]),
+            T0 + 1,
+        )
+        .as_slice()
+    {
+        [Command::Announce(r)] => assert!(r.leaving, "a leave must not be withdrawn"),
+        other => panic!("expected one announcement, got {other:?}"),
+    }
+}
