@@ -308,6 +308,20 @@ impl RegionGroup {
         }
     }
 
+    /// Removes learner `peer_id` from the group (leader only): a learner that
+    /// is gone for good would otherwise be replicated to forever.
+    pub async fn remove_learner(&self, peer_id: &str) -> Result<(), GroupError> {
+        let gone: BTreeSet<NodeId> = [node_id_of(peer_id)].into();
+        let change = self
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(gone), false);
+        match tokio::time::timeout(self.write_timeout, change).await {
+            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
     /// Peer ids of the voters and of the learners.
     pub fn members(&self) -> (Vec<String>, Vec<String>) {
         let metrics = self.raft.metrics().borrow().clone();

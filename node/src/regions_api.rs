@@ -302,7 +302,9 @@ pub async fn bootstrap(
                 ),
             ));
         }
-        if !voters.contains(&state.peer_id) {
+        // Exactly one node initializes: the first voter. Any other node
+        // forwards there, so two concurrent bootstraps cannot race.
+        if voters.first() != Some(&state.peer_id) {
             let api = api_in_region(&state, &region, voters.first().map(String::as_str)).await?;
             return forward_with_timeout(
                 &state,
@@ -318,6 +320,11 @@ pub async fn bootstrap(
         let already_bootstrapped = match state.group.initialize(&voters).await {
             Ok(()) => {
                 tracing::info!(%region, ?voters, "bootstrapped the region group");
+                // Gossip the role now, so other nodes see the group at once.
+                let _ = state
+                    .network
+                    .set_raft_role(Some(mesh_types::RaftRole::Voter))
+                    .await;
                 false
             }
             Err(GroupError::AlreadyInitialized) => true,
