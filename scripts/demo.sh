@@ -18,25 +18,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# start NAME REGION [BOOTSTRAP]: starts a node, waits for its ready line, and
-# leaves it in $ready (not run in a subshell, so $pids keeps the node).
+# start NAME REGION [BOOTSTRAP]: starts a node (see start_node in lib.sh) and shows its ready line.
 start() {
-    local name=$1 region=$2 bootstrap=${3:-}
-    local args=(node start --data-dir "$work/$name" --region "$region"
-                --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0)
-    [ -n "$bootstrap" ] && args+=(--bootstrap "$bootstrap")
-    mkfifo "$work/$name.ready"
-    "$AGENTMESH_BIN" "${args[@]}" >"$work/$name.ready" 2>"$work/$name.log" &
-    pids+=($!)
-    exec {fd}<"$work/$name.ready"
-    if ! read -r -t 30 ready <&"$fd"; then
-        cat "$work/$name.log" >&2
-        die "node $name did not get ready"
-    fi
-    # Keep draining stdout so the node never blocks on it.
-    cat <&"$fd" >/dev/null &
-    exec {fd}<&-
-    echo "  $name ($region): $ready"
+    start_node "$AGENTMESH_BIN" "$work" "$@"
+    echo "  $1 ($2): $ready"
 }
 
 say "starting 5 nodes: 3 in eu-west, 2 in us-east, each joining through the first"

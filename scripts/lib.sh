@@ -28,3 +28,26 @@ build() {
     say "building agentmesh (target dir $CARGO_TARGET_DIR)"
     (cd "$AGENTMESH_ROOT" && cargo build --locked --workspace --bins "$@")
 }
+
+# start_node BIN WORKDIR NAME REGION [BOOTSTRAP]: starts a node on loopback
+# with free ports, data in WORKDIR/NAME, logs in WORKDIR/NAME.log; waits for
+# its ready line and leaves it in $ready and the pid appended to $pids.
+# Run it directly, not in $(...): the pid must reach the caller's $pids.
+start_node() {
+    local bin=$1 work=$2 name=$3 region=$4 bootstrap=${5:-}
+    local args=(node start --data-dir "$work/$name" --region "$region"
+                --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0)
+    [ -n "$bootstrap" ] && args+=(--bootstrap "$bootstrap")
+    mkfifo "$work/$name.ready"
+    "$bin" "${args[@]}" >"$work/$name.ready" 2>"$work/$name.log" &
+    pids+=($!)
+    local fd
+    exec {fd}<"$work/$name.ready"
+    if ! read -r -t 30 ready <&"$fd"; then
+        cat "$work/$name.log" >&2
+        die "node $name did not get ready"
+    fi
+    # Keep draining stdout so the node never blocks on it.
+    cat <&"$fd" >/dev/null &
+    exec {fd}<&-
+}

@@ -247,21 +247,6 @@ pub async fn bootstrap(
     Json(body): Json<BootstrapRequest>,
 ) -> Result<Response, ApiError> {
     let region = parse_region(&name)?;
-    let path = format!("/v1/regions/{region}/bootstrap");
-    let json = serde_json::to_value(&body).ok();
-    if region != state.region {
-        let api = api_in_region(&state, &region, None).await?;
-        return forward_with_timeout(
-            &state,
-            &headers,
-            &api,
-            Method::POST,
-            &path,
-            json,
-            Some(BOOTSTRAP_FORWARD_TIMEOUT),
-        )
-        .await;
-    }
     if body.voters == 0 {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -269,16 +254,11 @@ pub async fn bootstrap(
             "--voters must be at least 1".into(),
         ));
     }
-    if !state.group.is_bootstrapped() {
-        let members = state.network.snapshot().await?.members;
-        // This node may just not have been added yet: if any live node of
-        // the region gossips a Raft role, the group exists; ask that node,
-        // never start a second group.
-        let member_of_group = members.iter().find(|m| {
-            !m.is_self && m.region == region && m.state == MemberState::Alive && m.raft.is_some()
-        });
-        if let Some(member) = member_of_group {
-            let api = api_in_region(&state, &region, Some(&member.peer_id.0)).await?;
+    let already_bootstrapped = match bootstrap_target(&state, &region, &body).await? {
+        BootstrapTarget::Forward(api) => {
+            let path = format!("/v1/regions/{region}/bootstrap");
+            let json = serde_json::to_value(&body).ok();
+            let timeout = Some(BOOTSTRAP_FORWARD_TIMEOUT);
             return forward_with_timeout(
                 &state,
                 &headers,
@@ -286,38 +266,12 @@ pub async fn bootstrap(
                 Method::POST,
                 &path,
                 json,
-                Some(BOOTSTRAP_FORWARD_TIMEOUT),
+                timeout,
             )
             .await;
         }
-        let voters = pick_voters(&members, &region, body.voters);
-        if voters.len() < body.voters && !body.allow_fewer {
-            return Err(error(
-                StatusCode::CONFLICT,
-                "too_few_nodes",
-                format!(
-                    "region {region} has {} live node(s), fewer than --voters {}; start more nodes of the region, or pass --allow-fewer",
-                    voters.len(),
-                    body.voters
-                ),
-            ));
-        }
-        // Exactly one node initializes: the first voter. Any other node
-        // forwards there, so two concurrent bootstraps cannot race.
-        if voters.first() != Some(&state.peer_id) {
-            let api = api_in_region(&state, &region, voters.first().map(String::as_str)).await?;
-            return forward_with_timeout(
-                &state,
-                &headers,
-                &api,
-                Method::POST,
-                &path,
-                json,
-                Some(BOOTSTRAP_FORWARD_TIMEOUT),
-            )
-            .await;
-        }
-        let already_bootstrapped = match state.group.initialize(&voters).await {
+        BootstrapTarget::AlreadyHere => true,
+        BootstrapTarget::Initialize(voters) => match state.group.initialize(&voters).await {
             Ok(()) => {
                 tracing::info!(%region, ?voters, "bootstrapped the region group");
                 // Gossip the role now, so other nodes see the group at once.
@@ -329,30 +283,78 @@ pub async fn bootstrap(
             }
             Err(GroupError::AlreadyInitialized) => true,
             Err(e) => return Err(group_error(&region, e)),
-        };
-        let deadline = tokio::time::Instant::now() + FIRST_LEADER_WITHIN;
-        while state.group.leader().is_none() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let (voters, learners) = state.group.members();
-        return Ok(Json(BootstrapAnswer {
-            region: region.to_string(),
-            already_bootstrapped,
-            leader: state.group.leader(),
-            voters,
-            learners,
-        })
-        .into_response());
+        },
+    };
+    let deadline = tokio::time::Instant::now() + FIRST_LEADER_WITHIN;
+    while state.group.leader().is_none() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (voters, learners) = state.group.members();
     Ok(Json(BootstrapAnswer {
         region: region.to_string(),
-        already_bootstrapped: true,
+        already_bootstrapped,
         leader: state.group.leader(),
         voters,
         learners,
     })
     .into_response())
+}
+
+/// Where a bootstrap request is carried out.
+enum BootstrapTarget {
+    /// On the node at this API address.
+    Forward(String),
+    /// Nowhere: this node's group exists already.
+    AlreadyHere,
+    /// Here, with these voters.
+    Initialize(Vec<String>),
+}
+
+async fn bootstrap_target(
+    state: &ApiState,
+    region: &Region,
+    body: &BootstrapRequest,
+) -> Result<BootstrapTarget, ApiError> {
+    if region != &state.region {
+        return Ok(BootstrapTarget::Forward(
+            api_in_region(state, region, None).await?,
+        ));
+    }
+    if state.group.is_bootstrapped() {
+        return Ok(BootstrapTarget::AlreadyHere);
+    }
+    let members = state.network.snapshot().await?.members;
+    // This node may just not have been added yet: if any live node of the
+    // region gossips a Raft role, the group exists; ask that node, never
+    // start a second group.
+    let member_of_group = members.iter().find(|m| {
+        !m.is_self && &m.region == region && m.state == MemberState::Alive && m.raft.is_some()
+    });
+    if let Some(member) = member_of_group {
+        return Ok(BootstrapTarget::Forward(
+            api_in_region(state, region, Some(&member.peer_id.0)).await?,
+        ));
+    }
+    let voters = pick_voters(&members, region, body.voters);
+    if voters.len() < body.voters && !body.allow_fewer {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "too_few_nodes",
+            format!(
+                "region {region} has {} live node(s), fewer than --voters {}; start more nodes of the region, or pass --allow-fewer",
+                voters.len(),
+                body.voters
+            ),
+        ));
+    }
+    // Exactly one node initializes: the first voter. Any other node forwards
+    // there, so two concurrent bootstraps cannot race.
+    if voters.first() != Some(&state.peer_id) {
+        return Ok(BootstrapTarget::Forward(
+            api_in_region(state, region, voters.first().map(String::as_str)).await?,
+        ));
+    }
+    Ok(BootstrapTarget::Initialize(voters))
 }
 
 /// `GET /v1/regions/{region}/status`

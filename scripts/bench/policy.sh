@@ -6,6 +6,7 @@
 # Also measures the machine's floors: fdatasync and loopback round trip.
 # Usage: scripts/bench/policy.sh AGENTMESH_BIN LOADGEN_BIN [SECONDS]
 set -euo pipefail
+source "$(dirname "$0")/../lib.sh"
 bin=$1 loadgen=$2 seconds=${3:-10}
 work="$(mktemp -d -t agentmesh-bench-policy.XXXXXX)"
 pids=()
@@ -67,20 +68,9 @@ run_load() { # URL METHOD BODY CLIENTS
 }
 
 # --- agentmesh: three nodes of one region, default settings (every log append fsynced).
-start_node() { # NAME [BOOTSTRAP]
-    local args=(node start --data-dir "$work/$1" --region eu-west --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0)
-    [ -n "${2:-}" ] && args+=(--bootstrap "$2")
-    mkfifo "$work/$1.out"
-    "$bin" "${args[@]}" >"$work/$1.out" 2>"$work/$1.log" &
-    pids+=($!)
-    exec {fd}<"$work/$1.out"
-    read -r -t 30 ready <&"$fd" || { cat "$work/$1.log" >&2; exit 1; }
-    cat <&"$fd" >/dev/null &
-    exec {fd}<&-
-}
 log "starting a 3-node agentmesh region"
-start_node a; seed=$(sed -E 's/.* listen=([^, ]+).*/\1/' <<<"$ready"); api=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
-start_node b "$seed"; start_node c "$seed"
+start_node "$bin" "$work" a eu-west; seed=$(sed -E 's/.* listen=([^, ]+).*/\1/' <<<"$ready"); api=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
+start_node "$bin" "$work" b eu-west "$seed"; start_node "$bin" "$work" c eu-west "$seed"
 for _ in $(seq 100); do
     [ "$("$bin" members --api "$api" --json | grep -c '"state": "alive"')" -eq 3 ] && break; sleep 0.1
 done
