@@ -71,6 +71,24 @@ fn policy(burst: u32) -> Policy {
     p
 }
 
+/// Runs `op` on the current leader; retries when leadership moved meanwhile
+/// (an election on a loaded machine is legitimate, not a failure).
+async fn on_leader<T, F, Fut>(groups: &[RegionGroup], what: &str, op: F) -> T
+where
+    F: Fn(RegionGroup) -> Fut,
+    Fut: std::future::Future<Output = Result<T, GroupError>>,
+{
+    for _ in 0..20 {
+        let leader = leader_of(groups).await;
+        match op(leader).await {
+            Ok(value) => return value,
+            Err(e) if e.retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+    panic!("{what}: the leader kept changing")
+}
+
 async fn leader_of(groups: &[RegionGroup]) -> RegionGroup {
     wait_for("a leader is elected", || {
         groups.iter().any(RegionGroup::is_leader)
@@ -97,38 +115,71 @@ async fn three_voters_agree_on_policy_and_a_learner_catches_up() {
         Err(GroupError::AlreadyInitialized)
     ));
 
-    let leader = leader_of(&groups).await;
-    let follower = groups
-        .iter()
-        .find(|g| !g.is_leader())
-        .cloned()
-        .expect("a follower");
-    match follower.set_policy(policy(7)).await {
-        Err(GroupError::NotLeader { leader: Some(l) }) => assert_eq!(Some(l), leader.leader()),
-        other => panic!("a follower must point at the leader, got {other:?}"),
+    // A follower refuses a write and names the leader. Under load an
+    // election may be running; then the leader is legitimately unknown for a
+    // moment, so ask again once the group agrees on a leader.
+    let peer_ids: Vec<String> = groups.iter().map(|g| g.status().node).collect();
+    let mut named = None;
+    for _ in 0..50 {
+        let leader = leader_of(&groups).await;
+        let follower = groups
+            .iter()
+            .find(|g| !g.is_leader())
+            .cloned()
+            .expect("a follower");
+        match follower.set_policy(policy(7)).await {
+            Err(GroupError::NotLeader { leader: Some(l) }) => {
+                assert_ne!(l, follower.status().node, "a follower named itself");
+                named = Some((l, leader));
+                break;
+            }
+            Err(GroupError::NotLeader { leader: None }) => continue,
+            Ok(_) => assert!(follower.is_leader(), "a follower accepted a write"),
+            Err(other) => panic!("a follower must point at the leader, got {other:?}"),
+        }
     }
-    let version = leader.set_policy(policy(7)).await.expect("write");
+    let (named, _) = named.expect("a follower named the leader within 50 tries");
+    assert!(peer_ids.contains(&named), "{named} is not a member");
+    let version = on_leader(&groups, "write", |l| async move {
+        l.set_policy(policy(7)).await
+    })
+    .await;
     wait_for("every replica applied the policy", || {
         groups
             .iter()
             .all(|g| g.local_state().policy_version == version)
     })
     .await;
-    assert_eq!(follower.local_state().policy, Some(policy(7)));
-    let read = leader.consistent_state().await.expect("linearizable read");
-    assert_eq!(read.policy_version, version);
-    assert!(matches!(
-        follower.consistent_state().await,
-        Err(GroupError::NotLeader { .. })
-    ));
+    assert!(groups
+        .iter()
+        .all(|g| g.local_state().policy == Some(policy(7))));
+    let read = on_leader(&groups, "linearizable read", |l| async move {
+        l.consistent_state().await
+    })
+    .await;
+    assert!(read.policy_version >= version);
+    let follower = groups
+        .iter()
+        .find(|g| !g.is_leader())
+        .cloned()
+        .expect("a follower");
+    assert!(
+        matches!(
+            follower.consistent_state().await,
+            Err(GroupError::NotLeader { .. })
+        ) || follower.is_leader()
+    );
 
     let learner = start(&transport, "peer-d").await;
-    leader.add_learner("peer-d").await.expect("add learner");
+    on_leader(&groups, "add learner", |l| async move {
+        l.add_learner("peer-d").await
+    })
+    .await;
     wait_for("the learner applied the policy", || {
         learner.local_state().policy_version == version
     })
     .await;
-    let status = leader.status();
+    let status = leader_of(&groups).await.status();
     assert_eq!(
         status.members.iter().filter(|m| m.role == "voter").count(),
         3
@@ -153,9 +204,11 @@ async fn a_dead_voter_is_replaced_by_a_learner_and_a_minority_cannot_commit() {
         groups.push(start(&transport, p).await);
     }
     groups[0].initialize(&peers).await.expect("initialize");
-    let leader = leader_of(&groups).await;
     let _learner = start(&transport, "peer-d").await;
-    leader.add_learner("peer-d").await.expect("add learner");
+    on_leader(&groups, "add learner", |l| async move {
+        l.add_learner("peer-d").await
+    })
+    .await;
 
     let dead = groups
         .iter()
@@ -168,10 +221,18 @@ async fn a_dead_voter_is_replaced_by_a_learner_and_a_minority_cannot_commit() {
         .lock()
         .expect("lock")
         .insert(dead_peer.clone());
-    leader
-        .replace_voter(&dead_peer, "peer-d")
-        .await
-        .expect("replace");
+    let live: Vec<RegionGroup> = groups
+        .iter()
+        .filter(|g| g.status().node != dead_peer)
+        .cloned()
+        .collect();
+    let dead_ref = dead_peer.clone();
+    on_leader(&live, "replace", |l| {
+        let dead = dead_ref.clone();
+        async move { l.replace_voter(&dead, "peer-d").await }
+    })
+    .await;
+    let leader = leader_of(&live).await;
     let (voters, learners) = leader.members();
     assert!(
         voters.contains(&"peer-d".to_string()) && !voters.contains(&dead_peer),
@@ -181,10 +242,11 @@ async fn a_dead_voter_is_replaced_by_a_learner_and_a_minority_cannot_commit() {
         learners.is_empty(),
         "the dead voter left the group: {learners:?}"
     );
-    leader
-        .set_policy(policy(9))
-        .await
-        .expect("write with the new voter set");
+    on_leader(&live, "write with the new voter set", |l| async move {
+        l.set_policy(policy(9)).await
+    })
+    .await;
+    let leader = leader_of(&live).await;
 
     // Cut the leader off from both other voters: it cannot commit, and says so in bounded time.
     let others: Vec<String> = voters
