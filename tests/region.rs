@@ -432,3 +432,73 @@ fn a_write_without_quorum_fails_retryably_in_bounded_time() {
         started.elapsed()
     );
 }
+
+/// A member that joins after the log was compacted catches up from a
+/// snapshot, sent in chunks over the mesh.
+#[test]
+fn a_late_learner_installs_a_snapshot_when_the_log_is_compacted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("node.toml"),
+        format!("{CONFIG}snapshot_after_entries = 5\nlogs_kept_after_snapshot = 0\n"),
+    )
+    .expect("config");
+    let mut nodes = vec![start_in(tmp.path(), "s0", "eu-west", None)];
+    for name in ["s1", "s2"] {
+        let node = start_in(tmp.path(), name, "eu-west", Some(&nodes[0]));
+        nodes.push(node);
+    }
+    wait_until("s0 sees s1 and s2", WITHIN, || {
+        nodes[1..]
+            .iter()
+            .all(|n| nodes[0].state_of(&n.peer_id).as_deref() == Some("alive"))
+    });
+    let out = cli(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "eu-west",
+        "--api",
+        &nodes[0].api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for burst in 1..=20 {
+        let out = apply(&nodes[0], &write_policy(tmp.path(), burst));
+        assert!(
+            out.status.success(),
+            "write {burst}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let version = cli_json(&[
+        "policy",
+        "get",
+        "--region",
+        "eu-west",
+        "--consistent",
+        "--json",
+        "--api",
+        &nodes[0].api,
+    ])["version"]
+        .as_u64()
+        .expect("version");
+    // The leader has compacted its log: the entries a new member lacks are gone from it.
+    wait_until(
+        "the leader purged its log behind a snapshot",
+        WITHIN,
+        || {
+            status(&nodes[0])["log_purged_up_to"]
+                .as_u64()
+                .is_some_and(|p| p >= 5)
+        },
+    );
+    let late = start_in(tmp.path(), "s3", "eu-west", Some(&nodes[0]));
+    // So the only way for the late node to reach the latest version is a snapshot.
+    wait_until("the late learner serves the latest policy", WITHIN, || {
+        policy_version(&late) == Some(version)
+    });
+}

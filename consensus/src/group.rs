@@ -35,6 +35,9 @@ pub struct RaftSettings {
     /// A voter the membership view shows dead for this long is replaced by a
     /// live learner. Default 60000.
     pub replace_dead_voter_after_ms: u64,
+    /// Log entries kept behind a snapshot, so a slightly lagging member catches
+    /// up from the log rather than a snapshot (openraft#1706). Default 1000.
+    pub logs_kept_after_snapshot: u64,
 }
 
 impl Default for RaftSettings {
@@ -46,6 +49,7 @@ impl Default for RaftSettings {
             write_timeout_ms: 5000,
             snapshot_after_entries: 5000,
             replace_dead_voter_after_ms: 60_000,
+            logs_kept_after_snapshot: 1000,
         }
     }
 }
@@ -72,7 +76,7 @@ impl RaftSettings {
             election_timeout_max: self.election_timeout_max_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             // Keep logs through a long snapshot install (openraft#1706).
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             // Keep every RPC well under mesh-net's 16 MiB frame limit: at
             // most 64 entries of at most 64 KiB (the API's body limit), and
             // snapshots in 1 MiB chunks.
@@ -148,6 +152,9 @@ pub struct RegionStatus {
     pub last_applied: Option<u64>,
     /// Version of the policy in force here (0: none).
     pub policy_version: u64,
+    /// Log entries up to this index were compacted into a snapshot and purged;
+    /// a member further behind catches up by installing the snapshot.
+    pub log_purged_up_to: Option<u64>,
     /// Every member, voters first.
     pub members: Vec<MemberProgress>,
 }
@@ -403,6 +410,7 @@ impl RegionGroup {
             last_log_index: last_log,
             last_applied: metrics.last_applied.map(|l| l.index),
             policy_version: self.state_machine.state().policy_version,
+            log_purged_up_to: metrics.purged.map(|l| l.index),
             members,
         }
     }
