@@ -100,6 +100,35 @@ fn start_in(tmp: &Path, name: &str, region: &str, bootstrap: Option<&Node>) -> N
     })
 }
 
+/// Starts `names` as one eu-west region (the first is everyone's bootstrap
+/// peer), waits until the first sees the others, and bootstraps the region.
+fn start_region(tmp: &Path, names: &[&str]) -> Vec<Node> {
+    let mut nodes = vec![start_in(tmp, names[0], "eu-west", None)];
+    for name in &names[1..] {
+        let node = start_in(tmp, name, "eu-west", Some(&nodes[0]));
+        nodes.push(node);
+    }
+    wait_until("the first node sees the others alive", WITHIN, || {
+        nodes[1..]
+            .iter()
+            .all(|n| nodes[0].state_of(&n.peer_id).as_deref() == Some("alive"))
+    });
+    let out = cli(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "eu-west",
+        "--api",
+        &nodes[0].api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    nodes
+}
+
 fn leader_of(node: &Node) -> Option<String> {
     status(node)["leader"].as_str().map(str::to_owned)
 }
@@ -392,31 +421,15 @@ fn region_errors_are_clear() {
 fn a_write_without_quorum_fails_retryably_in_bounded_time() {
     let tmp = tempfile::tempdir().expect("tempdir");
     std::fs::write(tmp.path().join("node.toml"), CONFIG).expect("config");
-    let a = start_in(tmp.path(), "a", "eu-west", None);
-    let mut b = start_in(tmp.path(), "b", "eu-west", Some(&a));
-    let mut c = start_in(tmp.path(), "c", "eu-west", Some(&a));
-    wait_until("a sees b and c", WITHIN, || {
-        a.state_of(&b.peer_id).as_deref() == Some("alive")
-            && a.state_of(&c.peer_id).as_deref() == Some("alive")
+    let mut nodes = start_region(tmp.path(), &["a", "b", "c"]);
+    wait_until("a knows the leader", WITHIN, || {
+        leader_of(&nodes[0]).is_some()
     });
-    let out = cli(&[
-        "region",
-        "bootstrap",
-        "--region",
-        "eu-west",
-        "--api",
-        &a.api,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_until("a knows the leader", WITHIN, || leader_of(&a).is_some());
-    b.kill();
-    c.kill();
+    nodes[1].kill();
+    nodes[2].kill();
+    let a = &nodes[0];
     let started = std::time::Instant::now();
-    let out = apply(&a, &write_policy(tmp.path(), 4));
+    let out = apply(a, &write_policy(tmp.path(), 4));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -443,29 +456,7 @@ fn a_late_learner_installs_a_snapshot_when_the_log_is_compacted() {
         format!("{CONFIG}snapshot_after_entries = 5\nlogs_kept_after_snapshot = 0\n"),
     )
     .expect("config");
-    let mut nodes = vec![start_in(tmp.path(), "s0", "eu-west", None)];
-    for name in ["s1", "s2"] {
-        let node = start_in(tmp.path(), name, "eu-west", Some(&nodes[0]));
-        nodes.push(node);
-    }
-    wait_until("s0 sees s1 and s2", WITHIN, || {
-        nodes[1..]
-            .iter()
-            .all(|n| nodes[0].state_of(&n.peer_id).as_deref() == Some("alive"))
-    });
-    let out = cli(&[
-        "region",
-        "bootstrap",
-        "--region",
-        "eu-west",
-        "--api",
-        &nodes[0].api,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let nodes = start_region(tmp.path(), &["s0", "s1", "s2"]);
     for burst in 1..=20 {
         let out = apply(&nodes[0], &write_policy(tmp.path(), burst));
         assert!(

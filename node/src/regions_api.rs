@@ -209,6 +209,20 @@ async fn forward_to_region(
     forward(state, headers, &api, method, path, body).await
 }
 
+/// Forwards a request this follower cannot serve to the region's leader.
+async fn forward_to_leader(
+    state: &ApiState,
+    headers: &HeaderMap,
+    region: &Region,
+    leader: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let api = api_in_region(state, region, Some(leader)).await?;
+    forward(state, headers, &api, method, path, body).await
+}
+
 /// The API address of a live node of `region`, preferring `preferred` (a peer id).
 async fn api_in_region(
     state: &ApiState,
@@ -437,10 +451,7 @@ pub async fn put_policy(
         .into_response()),
         Err(GroupError::NotLeader {
             leader: Some(leader),
-        }) => {
-            let api = api_in_region(&state, &region, Some(&leader)).await?;
-            forward(&state, &headers, &api, Method::PUT, &path, json).await
-        }
+        }) => forward_to_leader(&state, &headers, &region, &leader, Method::PUT, &path, json).await,
         Err(e) => Err(group_error(&region, e)),
     }
 }
@@ -481,8 +492,8 @@ pub async fn get_policy(
             Err(GroupError::NotLeader {
                 leader: Some(leader),
             }) => {
-                let api = api_in_region(&state, &region, Some(&leader)).await?;
-                forward(&state, &headers, &api, Method::GET, &path, None).await
+                forward_to_leader(&state, &headers, &region, &leader, Method::GET, &path, None)
+                    .await
             }
             Err(e) => Err(group_error(&region, e)),
         };
