@@ -133,7 +133,11 @@ async fn three_voters_agree_on_policy_and_a_learner_catches_up() {
                 named = Some((l, leader));
                 break;
             }
-            Err(GroupError::NotLeader { leader: None }) => continue,
+            // An election is running: wait for it rather than spinning through it.
+            Err(GroupError::NotLeader { leader: None }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            // It became the leader between the check and the write: ask again.
             Ok(_) => assert!(follower.is_leader(), "a follower accepted a write"),
             Err(other) => panic!("a follower must point at the leader, got {other:?}"),
         }
