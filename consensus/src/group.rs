@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use mesh_store::Store;
 use mesh_types::policy::Policy;
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{InitializeError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 
+use crate::batcher::{leader_of, write_error, PolicyApplied, PolicyWrites};
 use crate::rpc::{Network, Transport};
-use crate::types::{node_id_of, NodeId, RegionCommand, RegionNode, RegionResponse, TypeConfig};
+use crate::types::{node_id_of, NodeId, RegionNode, TypeConfig};
 use crate::{LogStore, RegionState, RegionStateMachine};
 
 /// Raft timings. The defaults fit a LAN (and a loaded 2-core test machine);
@@ -88,7 +89,7 @@ impl RaftSettings {
 }
 
 /// Why a group operation failed. `retryable()` says whether to try again.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GroupError {
     /// This node is not the leader; send the request there.
     #[error("this node is not the leader of the region; the leader is {}", leader.as_deref().unwrap_or("unknown (an election is running)"))]
@@ -102,6 +103,9 @@ pub enum GroupError {
     /// The group was already started.
     #[error("the region group is already bootstrapped")]
     AlreadyInitialized,
+    /// Too many policy writes are waiting to be proposed.
+    #[error("{0} policy writes are already waiting on this node; retry shortly")]
+    Busy(usize),
     /// A membership change is still in progress.
     #[error("a membership change is in progress; retry when it has committed")]
     ChangeInProgress,
@@ -115,7 +119,7 @@ impl GroupError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Self::NotLeader { .. } | Self::Timeout(_) | Self::ChangeInProgress
+            Self::NotLeader { .. } | Self::Timeout(_) | Self::Busy(_) | Self::ChangeInProgress
         )
     }
 }
@@ -167,6 +171,7 @@ pub struct RegionGroup {
     node_id: NodeId,
     peer_id: String,
     write_timeout: Duration,
+    writes: PolicyWrites,
 }
 
 impl std::fmt::Debug for RegionGroup {
@@ -203,12 +208,14 @@ impl RegionGroup {
         )
         .await
         .map_err(|e| GroupError::Raft(e.to_string()))?;
+        let write_timeout = Duration::from_millis(settings.write_timeout_ms);
         Ok(Self {
+            writes: PolicyWrites::start(raft.clone(), write_timeout),
             raft,
             state_machine,
             node_id,
             peer_id: peer_id.to_owned(),
-            write_timeout: Duration::from_millis(settings.write_timeout_ms),
+            write_timeout,
         })
     }
 
@@ -245,18 +252,9 @@ impl RegionGroup {
     }
 
     /// Proposes a validated policy; returns its version (the log index).
-    pub async fn set_policy(&self, policy: Policy) -> Result<u64, GroupError> {
-        let write = self.raft.client_write(RegionCommand::SetPolicy(policy));
-        match tokio::time::timeout(self.write_timeout, write).await {
-            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
-            Ok(Ok(response)) => match response.data {
-                RegionResponse::PolicySet { version } => Ok(version),
-                RegionResponse::Applied => Err(GroupError::Raft(
-                    "policy write applied as a non-policy entry".into(),
-                )),
-            },
-            Ok(Err(e)) => Err(self.write_error(e)),
-        }
+    /// Concurrent writes are committed together, see [`crate::batcher`].
+    pub async fn set_policy(&self, policy: Policy) -> Result<PolicyApplied, GroupError> {
+        self.writes.write(policy).await
     }
 
     /// The applied state on this node, possibly behind the leader.
@@ -291,7 +289,7 @@ impl RegionGroup {
         match tokio::time::timeout(self.write_timeout, add).await {
             Err(_) => Err(GroupError::Timeout(self.write_timeout)),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(self.write_error(e)),
+            Ok(Err(e)) => Err(write_error(&self.raft, e)),
         }
     }
 
@@ -311,7 +309,7 @@ impl RegionGroup {
         match tokio::time::timeout(self.write_timeout, change).await {
             Err(_) => Err(GroupError::Timeout(self.write_timeout)),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(self.write_error(e)),
+            Ok(Err(e)) => Err(write_error(&self.raft, e)),
         }
     }
 
@@ -325,7 +323,7 @@ impl RegionGroup {
         match tokio::time::timeout(self.write_timeout, change).await {
             Err(_) => Err(GroupError::Timeout(self.write_timeout)),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(self.write_error(e)),
+            Ok(Err(e)) => Err(write_error(&self.raft, e)),
         }
     }
 
@@ -353,13 +351,7 @@ impl RegionGroup {
 
     /// Peer id of the leader, if known.
     pub fn leader(&self) -> Option<String> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader?;
-        metrics
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.peer_id.clone())
+        leader_of(&self.raft)
     }
 
     /// The status as this node sees it; progress figures only on the leader.
@@ -419,23 +411,6 @@ impl RegionGroup {
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
-        }
-    }
-
-    fn write_error(
-        &self,
-        e: RaftError<NodeId, ClientWriteError<NodeId, RegionNode>>,
-    ) -> GroupError {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => GroupError::NotLeader {
-                // openraft names the leader only once its vote is committed
-                // here; the metrics may know it a little earlier.
-                leader: f.leader_node.map(|n| n.peer_id).or_else(|| self.leader()),
-            },
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(
-                openraft::error::ChangeMembershipError::InProgress(_),
-            )) => GroupError::ChangeInProgress,
-            other => GroupError::Raft(other.to_string()),
         }
     }
 }

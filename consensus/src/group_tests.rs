@@ -145,7 +145,7 @@ async fn three_voters_agree_on_policy_and_a_learner_catches_up() {
     let (named, _) = named.expect("a follower named the leader within 50 tries");
     assert!(peer_ids.contains(&named), "{named} is not a member");
     let version = on_leader(&groups, "write", |l| async move {
-        l.set_policy(policy(7)).await
+        l.set_policy(policy(7)).await.map(|a| a.version)
     })
     .await;
     wait_for("every replica applied the policy", || {
@@ -247,7 +247,7 @@ async fn a_dead_voter_is_replaced_by_a_learner_and_a_minority_cannot_commit() {
         "the dead voter left the group: {learners:?}"
     );
     on_leader(&live, "write with the new voter set", |l| async move {
-        l.set_policy(policy(9)).await
+        l.set_policy(policy(9)).await.map(|a| a.version)
     })
     .await;
     let leader = leader_of(&live).await;
@@ -267,4 +267,84 @@ async fn a_dead_voter_is_replaced_by_a_learner_and_a_minority_cannot_commit() {
         .expect_err("a minority must not commit");
     assert!(err.retryable(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// Concurrent writes are committed together: each writer learns its version,
+/// exactly one write per version is the one in force, and the policy every
+/// replica ends with is that of the highest version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_policy_writes_commit_in_batches() {
+    let transport = LocalTransport::default();
+    let peers = ["peer-a", "peer-b", "peer-c"].map(String::from);
+    let mut groups = Vec::new();
+    for p in &peers {
+        groups.push(start(&transport, p).await);
+    }
+    groups[0].initialize(&peers).await.expect("initialize");
+    // Settle on a leader that stays: one write through it first.
+    on_leader(&groups, "first write", |l| async move {
+        l.set_policy(policy(1)).await.map(|a| a.version)
+    })
+    .await;
+    let leader = leader_of(&groups).await;
+
+    let writes = 200u32;
+    let mut tasks = tokio::task::JoinSet::new();
+    for burst in 1000..1000 + writes {
+        let l = leader.clone();
+        tasks.spawn(async move { (burst, l.set_policy(policy(burst)).await) });
+    }
+    let mut in_force: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    let mut superseded = 0;
+    let mut failed = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (burst, result) = joined.expect("task");
+        let applied = match result {
+            Ok(applied) => applied,
+            // An election under load is legitimate; the outcome of such a
+            // write is unknown (it may still commit).
+            Err(e) if e.retryable() => {
+                failed += 1;
+                continue;
+            }
+            Err(e) => panic!("write {burst}: {e}"),
+        };
+        if applied.superseded {
+            superseded += 1;
+        } else {
+            in_force.entry(applied.version).or_default().push(burst);
+        }
+    }
+    // One write in force per version, and the others of its batch superseded.
+    assert!(in_force.values().all(|w| w.len() == 1), "{in_force:?}");
+    assert_eq!(in_force.len() + superseded + failed, writes as usize);
+    assert!(
+        failed < writes as usize / 2,
+        "{failed} of {writes} writes failed"
+    );
+    assert!(
+        in_force.len() < (writes - failed) as usize,
+        "200 concurrent writes were never batched"
+    );
+    let (&last_version, last_write) = in_force.iter().next_back().expect("a version");
+    if failed == 0 {
+        let expected = policy(last_write[0]);
+        wait_for("every replica has the last write", || {
+            groups.iter().all(|g| {
+                let s = g.local_state();
+                s.policy_version == last_version && s.policy.as_ref() == Some(&expected)
+            })
+        })
+        .await;
+    } else {
+        wait_for("every replica has the same policy", || {
+            let states: Vec<_> = groups.iter().map(|g| g.local_state()).collect();
+            states.iter().all(|s| {
+                s.policy_version >= last_version
+                    && s.policy_version == states[0].policy_version
+                    && s.policy == states[0].policy
+            })
+        })
+        .await;
+    }
 }

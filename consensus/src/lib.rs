@@ -2,7 +2,7 @@
 //! the region's policy (and, later, its agent directory) consistent.
 //!
 //! ```text
-//!   policy apply ──> Raft::client_write(RegionCommand) ──> log (LogStore) ──> replicate
+//!   policy apply ──> batcher ──> Raft::client_write(RegionCommand) ──> log (LogStore) ──> replicate
 //!                                                              │ committed
 //!                                                              ▼
 //!                               RegionStateMachine::apply ──> RegionState { policy, policy_version }
@@ -18,6 +18,7 @@
 // openraft's StorageError is large by design; every storage method returns it.
 #![allow(clippy::result_large_err)]
 
+pub mod batcher;
 pub mod codec;
 pub mod group;
 pub mod log_store;
@@ -25,6 +26,7 @@ pub mod rpc;
 pub mod state_machine;
 pub mod types;
 
+pub use batcher::PolicyApplied;
 pub use group::{GroupError, RaftSettings, RegionGroup, RegionStatus};
 pub use log_store::LogStore;
 pub use state_machine::{RegionState, RegionStateMachine};

@@ -167,11 +167,17 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
                     state.membership = StoredMembership::new(Some(entry.log_id), membership);
                     RegionResponse::Applied
                 }
-                EntryPayload::Normal(RegionCommand::SetPolicy(policy)) => {
-                    state.policy = Some(policy);
-                    state.policy_version = entry.log_id.index;
+                EntryPayload::Normal(command) => {
+                    let last = match command {
+                        RegionCommand::SetPolicy(policy) => Some(policy),
+                        RegionCommand::SetPolicies(policies) => policies.into_iter().last(),
+                    };
+                    if let Some(policy) = last {
+                        state.policy = Some(policy);
+                        state.policy_version = entry.log_id.index;
+                    }
                     RegionResponse::PolicySet {
-                        version: entry.log_id.index,
+                        version: state.policy_version,
                     }
                 }
             };

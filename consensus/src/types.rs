@@ -40,6 +40,9 @@ impl fmt::Display for RegionNode {
 pub enum RegionCommand {
     /// Replace the region policy. The caller MUST have validated it.
     SetPolicy(Policy),
+    /// Concurrent policy writes committed together (see `crate::batcher`):
+    /// applied in order at one log index; the last one is in force.
+    SetPolicies(Vec<Policy>),
 }
 
 /// What applying a command returned.
@@ -47,7 +50,7 @@ pub enum RegionCommand {
 pub enum RegionResponse {
     /// A blank or membership entry.
     Applied,
-    /// The policy now in force, and its version (the log index).
+    /// A policy write (or a batch of them) was applied at this version.
     PolicySet {
         /// The log index at which it was applied.
         version: u64,

@@ -71,6 +71,10 @@ pub struct PolicyWritten {
     pub region: String,
     /// The new policy version (the Raft log index).
     pub version: u64,
+    /// A concurrent write committed in the same entry replaced this policy
+    /// at the same version (see consensus::batcher).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
 }
 
 /// Answer of a policy read.
@@ -113,6 +117,11 @@ fn group_error(region: &Region, e: GroupError) -> ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "no_quorum",
             format!("region {region}: {e}; this is retryable"),
+        ),
+        GroupError::Busy(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("region {region}: {e}"),
         ),
         other => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -444,9 +453,10 @@ pub async fn put_policy(
         return Err(not_bootstrapped(&region));
     }
     match state.group.set_policy(policy).await {
-        Ok(version) => Ok(Json(PolicyWritten {
+        Ok(applied) => Ok(Json(PolicyWritten {
             region: region.to_string(),
-            version,
+            version: applied.version,
+            superseded: applied.superseded,
         })
         .into_response()),
         Err(GroupError::NotLeader {

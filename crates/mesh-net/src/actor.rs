@@ -7,11 +7,10 @@
 //! cancelled: it announces that it leaves, lets the swarm flush that for
 //! [`LEAVE_FLUSH`], and returns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::identity::Keypair;
@@ -34,6 +33,7 @@ use crate::codec::FrameCodec;
 use crate::config::{Config, GossipConfig};
 use crate::dialer::Dialer;
 use crate::envelope;
+use crate::raft_link::{serve_links, InboundRpc, RaftLinks};
 use crate::sync::{SyncEntry, SyncMessage};
 
 /// The gossipsub topic every node's record is published on.
@@ -48,10 +48,6 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/kad/1.0
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/members-sync/1");
 /// A sync that takes longer than this is abandoned; gossip still converges.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-/// Raft RPCs between the nodes of a region (see the `consensus` crate).
-pub const RAFT_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/raft/1");
-/// A Raft RPC with no answer after this is failed; Raft retries on its own.
-const RAFT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Inbound Raft RPCs waiting for the node to take them; past this the
 /// request is dropped and the sender sees a failure (backpressure).
 const INBOUND_RPC_QUEUE: usize = 256;
@@ -115,29 +111,8 @@ pub struct Snapshot {
 #[derive(Debug)]
 enum Request {
     Snapshot(oneshot::Sender<Snapshot>),
-    Rpc {
-        peer: PeerId,
-        request: Vec<u8>,
-        reply: oneshot::Sender<Result<Vec<u8>, String>>,
-    },
     SetRaftRole(Option<mesh_types::RaftRole>),
 }
-
-/// A Raft RPC from a peer, for the node to answer through `reply`.
-#[derive(Debug)]
-pub struct InboundRpc {
-    /// The sender.
-    pub from: PeerId,
-    /// The encoded request.
-    pub request: Vec<u8>,
-    /// Where the encoded answer goes; dropping it fails the sender's call.
-    pub reply: oneshot::Sender<Vec<u8>>,
-}
-
-type PendingReply = futures::future::BoxFuture<
-    'static,
-    (request_response::ResponseChannel<Vec<u8>>, Option<Vec<u8>>),
->;
 
 /// What [`Network::start`] hands back.
 #[derive(Debug)]
@@ -156,6 +131,7 @@ pub struct Started {
 #[derive(Debug, Clone)]
 pub struct Network {
     requests: mpsc::Sender<Request>,
+    raft_links: RaftLinks,
 }
 
 impl Network {
@@ -191,6 +167,8 @@ impl Network {
 
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_RPC_QUEUE);
+        let control = swarm.behaviour().raft.new_control();
+        tokio::spawn(serve_links(control.clone(), inbound_tx, shutdown.clone()));
         let (ready_tx, ready_rx) = oneshot::channel();
         let now = unix_now_ms();
         let actor = NetworkActor {
@@ -212,14 +190,14 @@ impl Network {
             listen_addrs: Vec::new(),
             envelopes: BTreeMap::new(),
             announce_unheard: false,
-            inbound_rpcs: inbound_tx,
-            pending_rpcs: HashMap::new(),
-            pending_replies: FuturesUnordered::new(),
             counters: Counters::default(),
         };
         let handle = tokio::spawn(actor.run());
         Ok(Started {
-            network: Network { requests: tx },
+            network: Network {
+                requests: tx,
+                raft_links: RaftLinks::new(control),
+            },
             ready: ready_rx,
             inbound_rpcs: inbound_rx,
             task: handle,
@@ -228,16 +206,7 @@ impl Network {
 
     /// Sends one Raft RPC to `peer` and waits for its answer.
     pub async fn rpc(&self, peer: PeerId, request: Vec<u8>) -> Result<Vec<u8>, String> {
-        let (tx, rx) = oneshot::channel();
-        self.requests
-            .send(Request::Rpc {
-                peer,
-                request,
-                reply: tx,
-            })
-            .await
-            .map_err(|_| NetworkError::Stopped.to_string())?;
-        rx.await.map_err(|_| NetworkError::Stopped.to_string())?
+        self.raft_links.call(peer, request).await
     }
 
     /// Sets this node's Raft role in its gossip record (announced at once if it changed).
@@ -269,7 +238,8 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     sync: request_response::Behaviour<FrameCodec>,
-    raft: request_response::Behaviour<FrameCodec>,
+    /// Raft links: long-lived streams, see [`crate::raft_link`].
+    raft: libp2p_stream::Behaviour,
 }
 
 pub(crate) fn gossipsub_config(gossip: &GossipConfig) -> Result<gossipsub::Config, NetworkError> {
@@ -339,11 +309,7 @@ fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, Ne
                 [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(SYNC_TIMEOUT),
             );
-            let raft = request_response::Behaviour::with_codec(
-                FrameCodec,
-                [(RAFT_PROTOCOL, request_response::ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(RAFT_RPC_TIMEOUT),
-            );
+            let raft = libp2p_stream::Behaviour::new();
             Ok(Behaviour {
                 gossipsub,
                 identify,
@@ -354,7 +320,13 @@ fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, Ne
             })
         })
         .map_err(|e| NetworkError::Setup(format!("behaviours: {e}")))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(config.idle_connection_timeout)
+                // Every peer speaks every agentmesh protocol: send a request
+                // with its protocol name instead of waiting a round trip for
+                // the name to be confirmed (a Raft RPC opens a substream).
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }
@@ -385,13 +357,6 @@ struct NetworkActor {
     envelopes: BTreeMap<NodeId, Vec<u8>>,
     /// The last announcement reached no subscribed peer.
     announce_unheard: bool,
-    /// Raft RPCs from peers go to the node through here.
-    inbound_rpcs: mpsc::Sender<InboundRpc>,
-    /// Our Raft RPCs waiting for an answer. Not iterated, so a HashMap is fine.
-    pending_rpcs:
-        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, String>>>,
-    /// Answers the node is computing for peers' Raft RPCs.
-    pending_replies: FuturesUnordered<PendingReply>,
     counters: Counters,
 }
 
@@ -405,11 +370,6 @@ impl NetworkActor {
                 _ = self.shutdown.cancelled() => break,
                 Some(request) = self.requests.recv() => self.on_request(request),
                 _ = tick.tick() => self.on_tick(),
-                Some((channel, answer)) = self.pending_replies.next(), if !self.pending_replies.is_empty() => {
-                    if let Some(answer) = answer {
-                        let _ = self.swarm.behaviour_mut().raft.send_response(channel, answer);
-                    }
-                }
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
             }
         }
@@ -447,14 +407,6 @@ impl NetworkActor {
                 };
                 // The caller may have given up; nothing to do then.
                 let _ = reply.send(snapshot);
-            }
-            Request::Rpc {
-                peer,
-                request,
-                reply,
-            } => {
-                let id = self.swarm.behaviour_mut().raft.send_request(&peer, request);
-                self.pending_rpcs.insert(id, reply);
             }
             Request::SetRaftRole(role) => {
                 let commands = self
@@ -615,7 +567,7 @@ impl NetworkActor {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Raft(event)) => self.on_raft(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Raft(())) => {}
             SwarmEvent::Behaviour(_) => {}
             SwarmEvent::NewListenAddr {
                 listener_id,
@@ -803,52 +755,6 @@ impl NetworkActor {
                     warn!(%from, error = %e, "refused a synced node record");
                 }
             }
-        }
-    }
-
-    fn on_raft(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
-        match event {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    let (tx, rx) = oneshot::channel();
-                    let inbound = InboundRpc {
-                        from: peer,
-                        request,
-                        reply: tx,
-                    };
-                    if self.inbound_rpcs.try_send(inbound).is_err() {
-                        // Full or no consumer: drop the channel, the sender sees a failure.
-                        warn!(%peer, "inbound Raft RPC queue is full; dropping a request");
-                        return;
-                    }
-                    self.pending_replies
-                        .push(async move { (channel, rx.await.ok()) }.boxed());
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(reply) = self.pending_rpcs.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.pending_rpcs.remove(&request_id) {
-                    let _ = reply.send(Err(format!("Raft RPC to {peer} failed: {error}")));
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "inbound Raft RPC failed");
-            }
-            request_response::Event::ResponseSent { .. } => {}
         }
     }
 

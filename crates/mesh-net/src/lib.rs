@@ -7,7 +7,8 @@
 //!                                ├─ kademlia   finds every node from one bootstrap peer
 //!                                ├─ mdns       (optional) LAN discovery
 //!                                ├─ sync       push-pull of the member view when two nodes connect
-//!                                └─ raft       Raft RPCs of the region group (/agentmesh/raft/1)
+//!                                └─ raft       Raft RPCs of the region group: one long-lived stream
+//!                                             per peer (/agentmesh/raft/2, see raft_link)
 //!
 //!   NetworkActor (owns the Swarm and the Membership engine)
 //!        ▲  bounded mpsc of (Request, oneshot)       tick ──> Membership::handle
@@ -25,7 +26,9 @@ pub mod config;
 pub mod dialer;
 pub mod envelope;
 pub mod identity;
+pub mod raft_link;
 pub mod sync;
 
-pub use actor::{InboundRpc, Network, NetworkError, Ready, Snapshot, Started};
+pub use actor::{Network, NetworkError, Ready, Snapshot, Started};
+pub use raft_link::{InboundRpc, RpcReply, RAFT_PROTOCOL};
 pub use config::Config;
