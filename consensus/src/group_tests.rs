@@ -323,7 +323,7 @@ async fn concurrent_policy_writes_commit_in_batches() {
         "{failed} of {writes} writes failed"
     );
     assert!(
-        in_force.len() < (writes - failed) as usize,
+        in_force.len() < writes as usize - failed,
         "200 concurrent writes were never batched"
     );
     let (&last_version, last_write) = in_force.iter().next_back().expect("a version");

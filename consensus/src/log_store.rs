@@ -155,9 +155,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             });
         }
         // Synced before the callback: Raft may count this entry toward a quorum.
-        let t = std::time::Instant::now();
         let result = self.store.write(ops, Durability::Sync);
-        eprintln!("PERF append {}", t.elapsed().as_micros());
         let io_result = result
             .as_ref()
             .map(|_| ())

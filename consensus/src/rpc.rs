@@ -1,6 +1,6 @@
-//! Raft RPCs between the nodes of a region, over any [`Transport`] (libp2p
-//! request-response `/agentmesh/raft/1` in a node, simulated links in the
-//! simulator). Messages are [`crate::codec`] values: a version byte, then
+//! Raft RPCs between the nodes of a region, over any [`Transport`] (in a
+//! node, a long-lived libp2p stream per peer, `/agentmesh/raft/2`, see
+//! `mesh_net::raft_link`; in tests and the simulator, in-process links). Messages are [`crate::codec`] values: a version byte, then
 //! bincode 2. Snapshots travel as openraft's chunked InstallSnapshot RPCs.
 
 use std::future::Future;

@@ -36,11 +36,7 @@ impl Transport for MeshTransport {
         let peer: PeerId = peer_id
             .parse()
             .map_err(|e| format!("bad peer id {peer_id}: {e}"))?;
-        let t = std::time::Instant::now();
-        let n = request.len();
-        let r = self.0.rpc(peer, request).await;
-        eprintln!("PERF call {} {}", n, t.elapsed().as_micros());
-        r
+        self.0.rpc(peer, request).await
     }
 }
 
@@ -53,13 +49,7 @@ pub async fn serve_rpcs(group: RegionGroup, mut inbound: mpsc::Receiver<InboundR
         };
         let group = group.clone();
         tokio::spawn(async move {
-            let t = std::time::Instant::now();
             let answer = serve(group.raft(), &rpc.request).await;
-            eprintln!(
-                "PERF serve {} {}",
-                rpc.request.len(),
-                t.elapsed().as_micros()
-            );
             rpc.reply.send(answer);
             drop(permit);
         });

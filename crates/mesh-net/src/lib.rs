@@ -30,5 +30,5 @@ pub mod raft_link;
 pub mod sync;
 
 pub use actor::{Network, NetworkError, Ready, Snapshot, Started};
-pub use raft_link::{InboundRpc, RpcReply, RAFT_PROTOCOL};
 pub use config::Config;
+pub use raft_link::{InboundRpc, RpcReply, RAFT_PROTOCOL};

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::io::{AsyncReadExt, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf};
 use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
@@ -46,6 +46,8 @@ const ERROR: u8 = 1;
 
 type Answer = Result<Vec<u8>, String>;
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+/// A peer's link, if open; locked while one is being opened.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
 
 /// A Raft RPC from a peer, for the node to answer through `reply`.
 #[derive(Debug)]
@@ -99,7 +101,7 @@ struct Frame {
     payload: Vec<u8>,
 }
 
-async fn read_frame(reader: &mut ReadHalf<Stream>) -> io::Result<Frame> {
+async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<Frame> {
     let mut header = [0u8; 13];
     reader.read_exact(&mut header).await?;
     let id = u64::from_be_bytes(header[..8].try_into().map_err(io::Error::other)?);
@@ -121,7 +123,10 @@ async fn read_frame(reader: &mut ReadHalf<Stream>) -> io::Result<Frame> {
 }
 
 /// Writes frames as they come, flushing when none is waiting.
-async fn write_frames(mut rx: mpsc::Receiver<Frame>, writer: WriteHalf<Stream>) -> io::Result<()> {
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::Receiver<Frame>,
+    writer: W,
+) -> io::Result<()> {
     let mut writer = BufWriter::new(writer);
     while let Some(mut frame) = rx.recv().await {
         loop {
@@ -178,7 +183,11 @@ impl Link {
             async move {
                 let reason = read_answers(reader, &pending).await;
                 debug!(%peer, %reason, "Raft link read ended");
-                fail_all(&pending, &closed, format!("the Raft link to {peer} failed: {reason}"));
+                fail_all(
+                    &pending,
+                    &closed,
+                    format!("the Raft link to {peer} failed: {reason}"),
+                );
             }
         });
         Arc::new(Self {
@@ -194,7 +203,9 @@ async fn read_answers(mut reader: ReadHalf<Stream>, pending: &Pending) -> String
     loop {
         let frame = match read_frame(&mut reader).await {
             Ok(frame) => frame,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return "closed by the peer".into(),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return "closed by the peer".into()
+            }
             Err(e) => return e.to_string(),
         };
         let waiter = pending.lock().ok().and_then(|mut p| p.remove(&frame.id));
@@ -226,7 +237,7 @@ pub(crate) struct RaftLinks {
     control: libp2p_stream::Control,
     /// Per peer a slot, locked while a stream to that peer is being opened
     /// (so a dead peer delays only the calls to itself).
-    links: Arc<Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<Arc<Link>>>>>>>,
+    links: Arc<Mutex<HashMap<PeerId, Slot>>>,
 }
 
 impl std::fmt::Debug for RaftLinks {
@@ -294,7 +305,9 @@ impl RaftLinks {
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
             Err(_) => {
                 forget();
-                Err(format!("Raft RPC to {peer}: no answer within {CALL_TIMEOUT:?}"))
+                Err(format!(
+                    "Raft RPC to {peer}: no answer within {CALL_TIMEOUT:?}"
+                ))
             }
             Ok(Err(_)) => Err(format!("the Raft link to {peer} closed")),
             Ok(Ok(answer)) => answer,
@@ -360,4 +373,54 @@ async fn serve_stream(peer: PeerId, stream: Stream, inbound: mpsc::Sender<Inboun
     }
     drop(out);
     let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(id: u64, status: u8, payload: &[u8]) -> Frame {
+        Frame {
+            id,
+            status,
+            payload: payload.to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_in_order() {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(frame(7, OK, b"request")).await.expect("send");
+        tx.send(frame(u64::MAX, ERROR, "réponse".as_bytes()))
+            .await
+            .expect("send");
+        tx.send(frame(0, OK, b"")).await.expect("send");
+        drop(tx);
+        let mut wire = futures::io::Cursor::new(Vec::new());
+        write_frames(rx, &mut wire).await.expect("write");
+        let mut reader = futures::io::Cursor::new(wire.into_inner());
+        for (id, status, payload) in [
+            (7, OK, b"request".to_vec()),
+            (u64::MAX, ERROR, "réponse".as_bytes().to_vec()),
+            (0, OK, Vec::new()),
+        ] {
+            let f = read_frame(&mut reader).await.expect("read");
+            assert_eq!((f.id, f.status, f.payload), (id, status, payload));
+        }
+        let end = read_frame(&mut reader).await.map(|_| ()).expect_err("end");
+        assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_before_it_is_read() {
+        let mut header = [0u8; 13];
+        header[9..].copy_from_slice(&(MAX_FRAME as u32 + 1).to_be_bytes());
+        let mut reader = futures::io::Cursor::new(header.to_vec());
+        let e = read_frame(&mut reader)
+            .await
+            .map(|_| ())
+            .expect_err("too big");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("exceeds"), "{e}");
+    }
 }
