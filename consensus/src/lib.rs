@@ -23,6 +23,7 @@ pub mod codec;
 pub mod group;
 pub mod log_store;
 pub mod rpc;
+pub mod runtime;
 pub mod state_machine;
 pub mod types;
 

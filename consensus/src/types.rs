@@ -19,7 +19,7 @@ openraft::declare_raft_types!(
         Node = RegionNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::runtime::MeshRuntime,
 );
 
 /// What a member of a region group is, beyond its id.

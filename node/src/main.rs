@@ -15,6 +15,7 @@ mod members;
 mod region;
 mod region_cli;
 mod regions_api;
+mod sim_cli;
 mod start;
 
 use std::io::IsTerminal;
@@ -48,6 +49,8 @@ enum Command {
     /// Set and read a region's policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Chaos-test a mesh in the deterministic simulator.
+    Sim(sim_cli::SimArgs),
     /// Show the mesh as one node sees it.
     Members {
         /// The node's HTTP API.
@@ -238,6 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             runtime.block_on(region_cli::get_policy(&api, &region, consistent, json))
         }
+        Command::Sim(args) => sim_cli::run(args),
         Command::Members { api, json } => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             runtime.block_on(members::run(&api, json))

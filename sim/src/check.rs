@@ -1,0 +1,197 @@
+//! Invariant checkers: election safety, log matching, linearizability.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+/// One client operation on a region's policy, as the client saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Op {
+    /// The region.
+    pub region: usize,
+    /// The client.
+    pub client: usize,
+    /// What it did.
+    pub kind: OpKind,
+    /// Simulated µs when it was sent.
+    pub invoke_us: u64,
+    /// Simulated µs when the answer came; `None` when the outcome is unknown
+    /// (a timeout: the write may still take effect, at any later time).
+    pub return_us: Option<u64>,
+}
+
+/// A policy write (the value is the policy's `per_agent.burst`, unique per
+/// write) or a linearizable read and the value it returned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    /// Wrote this value.
+    Write(u32),
+    /// Read this value (`None`: no policy yet).
+    Read(Option<u32>),
+}
+
+/// Checks that `ops` (one region's history) is linearizable as a single
+/// register starting empty (Wing & Gong's search with Lowe's memoisation,
+/// as in Porcupine). Returns a short explanation when it is not.
+pub fn linearizable(ops: &[Op]) -> Result<(), String> {
+    let mut ops: Vec<&Op> = ops.iter().collect();
+    ops.sort_by_key(|o| (o.invoke_us, o.client));
+    let n = ops.len();
+    let words = n.div_ceil(64).max(1);
+    let must = ops.iter().filter(|o| o.return_us.is_some()).count();
+    let mut seen: HashSet<(Vec<u64>, Option<u32>)> = HashSet::new();
+    // Iterative depth-first search: (linearized set, state, count of finished ops linearized).
+    let mut stack = vec![(vec![0u64; words], None::<u32>, 0usize)];
+    let mut deepest = 0usize;
+    while let Some((done, state, finished)) = stack.pop() {
+        if finished == must {
+            return Ok(());
+        }
+        deepest = deepest.max(finished);
+        // An op may go next if no other pending op returned before it was invoked.
+        let horizon = ops
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| done[i / 64] & (1 << (i % 64)) == 0)
+            .filter_map(|(_, o)| o.return_us)
+            .min()
+            .unwrap_or(u64::MAX);
+        for (i, op) in ops.iter().enumerate() {
+            if done[i / 64] & (1 << (i % 64)) != 0 || op.invoke_us > horizon {
+                continue;
+            }
+            let next = match op.kind {
+                OpKind::Write(v) => Some(v),
+                OpKind::Read(v) if v == state => state,
+                OpKind::Read(_) => continue,
+            };
+            let mut now_done = done.clone();
+            now_done[i / 64] |= 1 << (i % 64);
+            if seen.insert((now_done.clone(), next)) {
+                let f = finished + usize::from(op.return_us.is_some());
+                stack.push((now_done, next, f));
+            }
+        }
+    }
+    Err(format!(
+        "no linearization of {n} operations exists: at most {deepest} of the {must} completed ones can be ordered consistently with their real-time order and the reads' values"
+    ))
+}
+
+/// Election safety: at most one leader per term, per region.
+#[derive(Debug, Default)]
+pub struct Elections {
+    leaders: BTreeMap<(usize, u64), String>,
+    /// Leader changes seen (a new (term, leader) pair).
+    pub changes: u64,
+}
+
+impl Elections {
+    /// Records that `node` leads `region` in `term`; an error if another node did.
+    pub fn observe(&mut self, region: usize, term: u64, node: &str) -> Result<(), String> {
+        match self.leaders.get(&(region, term)) {
+            Some(other) if other != node => Err(format!(
+                "region {region}: two leaders in term {term}: {other} and {node}"
+            )),
+            Some(_) => Ok(()),
+            None => {
+                self.leaders.insert((region, term), node.to_owned());
+                self.changes += 1;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Log matching and state machine safety: every node applies the same entry
+/// (same term) at every index.
+#[derive(Debug, Default)]
+pub struct AppliedLogs {
+    terms: BTreeMap<(usize, u64), u64>,
+}
+
+impl AppliedLogs {
+    /// `node` of `region` has applied the entry of `term` at `index`.
+    pub fn observe(&mut self, region: usize, index: u64, term: u64, node: &str) -> Result<(), String> {
+        match self.terms.insert((region, index), term) {
+            Some(t) if t != term => Err(format!(
+                "region {region}: {node} applied an entry of term {term} at index {index}, where another node applied one of term {t}"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(client: usize, kind: OpKind, invoke_us: u64, return_us: Option<u64>) -> Op {
+        Op {
+            region: 0,
+            client,
+            kind,
+            invoke_us,
+            return_us,
+        }
+    }
+
+    #[test]
+    fn sequential_and_concurrent_histories_are_accepted() {
+        let h = vec![
+            op(0, OpKind::Read(None), 0, Some(1)),
+            op(0, OpKind::Write(1), 2, Some(5)),
+            op(1, OpKind::Write(2), 3, Some(6)),
+            // Both writes overlap this read: either order is fine.
+            op(2, OpKind::Read(Some(1)), 4, Some(7)),
+            op(2, OpKind::Read(Some(1)), 8, Some(9)),
+        ];
+        assert_eq!(linearizable(&h), Ok(()));
+    }
+
+    #[test]
+    fn a_stale_read_is_refused() {
+        let h = vec![
+            op(0, OpKind::Write(1), 0, Some(1)),
+            op(0, OpKind::Write(2), 2, Some(3)),
+            op(1, OpKind::Read(Some(1)), 4, Some(5)),
+        ];
+        assert!(linearizable(&h).is_err());
+    }
+
+    #[test]
+    fn a_timed_out_write_may_take_effect_late_or_never() {
+        let late = vec![
+            op(0, OpKind::Write(1), 0, None),
+            op(1, OpKind::Read(None), 1, Some(2)),
+            op(1, OpKind::Read(Some(1)), 10, Some(11)),
+        ];
+        assert_eq!(linearizable(&late), Ok(()));
+        let never = vec![
+            op(0, OpKind::Write(1), 0, None),
+            op(1, OpKind::Read(None), 10, Some(11)),
+        ];
+        assert_eq!(linearizable(&never), Ok(()));
+    }
+
+    #[test]
+    fn a_lost_acknowledged_write_is_refused() {
+        let h = vec![
+            op(0, OpKind::Write(1), 0, Some(1)),
+            op(1, OpKind::Read(None), 5, Some(6)),
+        ];
+        assert!(linearizable(&h).is_err());
+    }
+
+    #[test]
+    fn two_leaders_in_one_term_are_caught() {
+        let mut e = Elections::default();
+        e.observe(0, 1, "a").expect("first");
+        e.observe(0, 1, "a").expect("same");
+        e.observe(0, 2, "b").expect("next term");
+        e.observe(1, 2, "c").expect("another region");
+        assert!(e.observe(0, 2, "c").is_err());
+        assert_eq!(e.changes, 3);
+    }
+}

@@ -1,0 +1,102 @@
+//! The report of a run: a table for people, JSON for tools.
+
+use serde::{Deserialize, Serialize};
+
+/// One invariant: how often it was checked, and every violation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Invariant {
+    /// Its name.
+    pub name: String,
+    /// Checks made.
+    pub checks: u64,
+    /// What went wrong, in order.
+    pub violations: Vec<String>,
+}
+
+/// What a run did and found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// The seed.
+    pub seed: u64,
+    /// Nodes.
+    pub nodes: usize,
+    /// Regions.
+    pub regions: usize,
+    /// Simulated seconds, including the final heal and liveness checks.
+    pub simulated_s: f64,
+    /// Wall-clock seconds.
+    pub wall_s: f64,
+    /// Simulated seconds per wall second.
+    pub speedup: f64,
+    /// Faults applied (heals included).
+    pub faults_injected: u64,
+    /// New (term, leader) pairs seen.
+    pub leader_changes: u64,
+    /// Messages sent between nodes (Raft RPCs and answers, gossip).
+    pub messages: u64,
+    /// Policy writes acknowledged to their client.
+    pub writes_acknowledged: u64,
+    /// Policy writes whose outcome the client never learned (timeouts).
+    pub writes_unknown: u64,
+    /// Linearizable reads answered.
+    pub reads: u64,
+    /// Every invariant.
+    pub invariants: Vec<Invariant>,
+    /// sha256 of the event trace: equal for two runs of the same configuration.
+    pub trace_hash: String,
+}
+
+impl Report {
+    /// True when no invariant was violated.
+    pub fn passed(&self) -> bool {
+        self.invariants.iter().all(|i| i.violations.is_empty())
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let mut row = |k: &str, v: String| out.push_str(&format!("  {k:<24} {v}\n"));
+        row("scenario", self.scenario.clone());
+        row("seed", self.seed.to_string());
+        row("nodes / regions", format!("{} / {}", self.nodes, self.regions));
+        row("simulated time", format!("{:.1} s", self.simulated_s));
+        row("wall time", format!("{:.2} s", self.wall_s));
+        row("speed-up", format!("{:.0}× real time", self.speedup));
+        row("faults injected", self.faults_injected.to_string());
+        row("leader changes", self.leader_changes.to_string());
+        row("messages", self.messages.to_string());
+        row(
+            "policy writes",
+            format!(
+                "{} acknowledged, {} unknown (timed out)",
+                self.writes_acknowledged, self.writes_unknown
+            ),
+        );
+        row("policy reads", self.reads.to_string());
+        row("trace hash", self.trace_hash.clone());
+        out.push_str("\n  invariant                checks   violations\n");
+        for i in &self.invariants {
+            out.push_str(&format!(
+                "  {:<24} {:>7}   {}\n",
+                i.name,
+                i.checks,
+                if i.violations.is_empty() {
+                    "none".to_owned()
+                } else {
+                    i.violations.len().to_string()
+                }
+            ));
+            for v in &i.violations {
+                out.push_str(&format!("      ✗ {v}\n"));
+            }
+        }
+        out.push_str(if self.passed() {
+            "\n  PASSED\n"
+        } else {
+            "\n  FAILED\n"
+        });
+        out
+    }
+}
