@@ -21,6 +21,7 @@
 pub mod batcher;
 pub mod codec;
 pub mod group;
+pub mod housekeeping;
 pub mod log_store;
 pub mod rpc;
 pub mod runtime;

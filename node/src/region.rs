@@ -9,11 +9,11 @@
 //!                                leader: voter dead > replace_after ──> replace by a live learner
 //! ```
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use consensus::rpc::{serve, Transport};
+use consensus::housekeeping::{Action, Housekeeper};
 use consensus::{GroupError, RaftSettings, RegionGroup};
 use libp2p::PeerId;
 use mesh_net::{InboundRpc, Network};
@@ -64,8 +64,9 @@ pub async fn housekeeping(
     settings: RaftSettings,
     shutdown: CancellationToken,
 ) {
-    let replace_after = Duration::from_millis(settings.replace_dead_voter_after_ms);
-    let mut dead_since: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut keeper = Housekeeper::new(Duration::from_millis(
+        settings.replace_dead_voter_after_ms,
+    ));
     let mut interval = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     loop {
         tokio::select! {
@@ -90,70 +91,38 @@ pub async fn housekeeping(
             None
         };
         let _ = network.set_raft_role(role).await;
-        if !group.is_leader() {
-            dead_since.clear();
-            continue;
-        }
-        let in_region: Vec<&MemberView> = snapshot
+        let in_region: Vec<(String, MemberState)> = snapshot
             .members
             .iter()
             .filter(|m| m.region == region)
+            .map(|m| (m.peer_id.0.clone(), m.state))
             .collect();
-        let state_of = |peer: &str| {
-            in_region
-                .iter()
-                .find(|m| m.peer_id.0 == peer)
-                .map(|m| m.state)
-        };
-
-        // Every live node of the region holds the region state: add newcomers as learners.
-        if let Some(newcomer) = in_region.iter().find(|m| {
-            m.state == MemberState::Alive
-                && !voters.contains(&m.peer_id.0)
-                && !learners.contains(&m.peer_id.0)
-        }) {
-            match group.add_learner(&newcomer.peer_id.0).await {
-                Ok(()) => {
-                    info!(peer = %newcomer.peer_id, %region, "added a learner to the region group")
-                }
-                Err(e) => warn!(peer = %newcomer.peer_id, error = %e, "cannot add a learner yet"),
-            }
-            continue; // one membership change at a time
-        }
-
-        // Replace a voter that stayed dead (or was forgotten) too long by a live learner.
-        let now = Instant::now();
-        dead_since.retain(|peer, _| voters.contains(peer));
-        for voter in &voters {
-            match state_of(voter) {
-                Some(MemberState::Alive) | Some(MemberState::Suspect) => {
-                    dead_since.remove(voter);
-                }
-                _ if voter == &me => {}
-                _ => {
-                    dead_since.entry(voter.clone()).or_insert(now);
+        let plan = keeper.plan(
+            &me,
+            group.is_leader(),
+            &voters,
+            &learners,
+            &in_region,
+            tokio::time::Instant::now(),
+        );
+        match plan {
+            None => {}
+            Some(Action::AddLearner(peer)) => match group.add_learner(&peer).await {
+                Ok(()) => info!(%peer, %region, "added a learner to the region group"),
+                Err(e) => warn!(%peer, error = %e, "cannot add a learner yet"),
+            },
+            Some(Action::ReplaceVoter { dead, learner }) => {
+                match group.replace_voter(&dead, &learner).await {
+                    Ok(()) => {
+                        info!(%dead, replacement = %learner, %region, "replaced a dead voter");
+                        keeper.replaced(&dead);
+                    }
+                    Err(GroupError::ChangeInProgress) => {}
+                    Err(e) => warn!(voter = %dead, error = %e, "cannot replace the dead voter yet"),
                 }
             }
-        }
-        let overdue = dead_since
-            .iter()
-            .find(|(_, since)| now.duration_since(**since) >= replace_after)
-            .map(|(p, _)| p.clone());
-        if let Some(dead) = overdue {
-            let Some(learner) = learners
-                .iter()
-                .find(|l| state_of(l) == Some(MemberState::Alive))
-            else {
-                warn!(voter = %dead, "a voter is dead but no live learner can replace it");
-                continue;
-            };
-            match group.replace_voter(&dead, learner).await {
-                Ok(()) => {
-                    info!(dead = %dead, replacement = %learner, %region, "replaced a dead voter");
-                    dead_since.remove(&dead);
-                }
-                Err(GroupError::ChangeInProgress) => {}
-                Err(e) => warn!(voter = %dead, error = %e, "cannot replace the dead voter yet"),
+            Some(Action::NoReplacement(dead)) => {
+                warn!(voter = %dead, "a voter is dead but no live learner can replace it")
             }
         }
     }

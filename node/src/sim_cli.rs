@@ -168,7 +168,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         print!("{}", report.table());
         if let Some(d) = deterministic {
             println!(
-                "  determinism              {}",
+                "  determinism                  {}",
                 if d {
                     "same trace hash twice"
                 } else {

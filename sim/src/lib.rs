@@ -18,6 +18,7 @@
 //! `--check-determinism` compares two runs.
 
 pub mod check;
+pub mod disk;
 pub mod report;
 pub mod scenario;
 mod world;

@@ -40,6 +40,11 @@ pub struct Report {
     pub writes_acknowledged: u64,
     /// Policy writes whose outcome the client never learned (timeouts).
     pub writes_unknown: u64,
+    /// Acknowledged writes that no node ever applied (must be 0).
+    pub writes_lost: u64,
+    /// Unsynced disk writes dropped by power losses (the state machine and
+    /// committed id are written unsynced; the Raft log never is).
+    pub unsynced_writes_lost_at_crash: u64,
     /// Linearizable reads answered.
     pub reads: u64,
     /// Every invariant.
@@ -57,7 +62,7 @@ impl Report {
     /// The human-readable table.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let mut row = |k: &str, v: String| out.push_str(&format!("  {k:<24} {v}\n"));
+        let mut row = |k: &str, v: String| out.push_str(&format!("  {k:<28} {v}\n"));
         row("scenario", self.scenario.clone());
         row("seed", self.seed.to_string());
         row("nodes / regions", format!("{} / {}", self.nodes, self.regions));
@@ -70,16 +75,20 @@ impl Report {
         row(
             "policy writes",
             format!(
-                "{} acknowledged, {} unknown (timed out)",
-                self.writes_acknowledged, self.writes_unknown
+                "{} acknowledged, {} unknown (timed out), {} lost",
+                self.writes_acknowledged, self.writes_unknown, self.writes_lost
             ),
         );
         row("policy reads", self.reads.to_string());
+        row(
+            "unsynced writes dropped",
+            self.unsynced_writes_lost_at_crash.to_string(),
+        );
         row("trace hash", self.trace_hash.clone());
-        out.push_str("\n  invariant                checks   violations\n");
+        out.push_str("\n  invariant                     checks   violations\n");
         for i in &self.invariants {
             out.push_str(&format!(
-                "  {:<24} {:>7}   {}\n",
+                "  {:<28} {:>7}   {}\n",
                 i.name,
                 i.checks,
                 if i.violations.is_empty() {

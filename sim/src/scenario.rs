@@ -55,6 +55,42 @@ pub enum Fault {
         /// Region index.
         region: usize,
     },
+    /// Region `region`'s leader loses power: its unsynced writes are gone.
+    PowerLossLeader {
+        /// Region index.
+        region: usize,
+    },
+    /// A follower of `region` loses its disk; it rejoins under a new id.
+    WipeFollower {
+        /// Region index.
+        region: usize,
+    },
+    /// The next time `region`'s leader starts a membership change, it crashes.
+    CrashLeaderOnMembershipChange {
+        /// Region index.
+        region: usize,
+    },
+    /// Every fsync of a follower of `region` fails until the heal (then it restarts).
+    FailFsync {
+        /// Region index.
+        region: usize,
+    },
+    /// Every node's wall clock is off by up to ±`max_skew_ms` and drifts by
+    /// up to ±`max_drift_ppm` (membership timestamps; Raft's timers use
+    /// the monotonic clock).
+    ClockSkew {
+        /// Largest offset.
+        max_skew_ms: u64,
+        /// Largest drift, parts per million.
+        max_drift_ppm: u64,
+    },
+    /// Every message to or from one follower of `region` takes `extra_ms` longer.
+    SlowNode {
+        /// Region index.
+        region: usize,
+        /// Added one-way delay.
+        extra_ms: u64,
+    },
     /// Every stopped node starts again on its disk.
     RestartAll,
     /// Stops and restarts every node of `region`, one after the other, `gap_s` apart.
@@ -81,7 +117,8 @@ pub enum Fault {
         /// Uniform extra delay.
         jitter_ms: u64,
     },
-    /// Removes every partition, loss, duplication and extra delay; restarts stopped nodes.
+    /// Removes every partition, loss, duplication, extra delay and failing
+    /// disk; restarts stopped nodes. Clock skew stays.
     Heal,
 }
 
@@ -131,8 +168,15 @@ pub const BUILT_IN: &[&str] = &[
     "minority-partition",
     "leader-isolation",
     "leader-crash",
+    "leader-crash-during-membership-change",
+    "amnesia-voter",
+    "unsynced-writes-at-crash",
+    "fsync-failure",
+    "lagging-learner-snapshot",
     "rolling-restart",
     "lossy-links",
+    "clock-skew",
+    "slow-node",
     "random",
 ];
 
@@ -162,6 +206,54 @@ impl Scenario {
                 name,
                 "region 0's leader crashes; restarts 10 s later on its disk",
                 vec![step(8.0, CrashLeader { region: 0 }), step(18.0, RestartAll)],
+            ),
+            "leader-crash-during-membership-change" => scenario(
+                name,
+                "a follower of region 0 loses its disk; the leader crashes as it starts the membership change that follows",
+                vec![
+                    step(6.0, CrashLeaderOnMembershipChange { region: 0 }),
+                    step(8.0, WipeFollower { region: 0 }),
+                    step(30.0, RestartAll),
+                ],
+            ),
+            "amnesia-voter" => scenario(
+                name,
+                "a voter of region 0 loses its disk and rejoins as a new member; the dead id is replaced",
+                vec![step(8.0, WipeFollower { region: 0 })],
+            ),
+            "unsynced-writes-at-crash" => scenario(
+                name,
+                "region 0's leader loses power (unsynced writes lost) under load; restarts 5 s later",
+                vec![step(8.0, PowerLossLeader { region: 0 }), step(13.0, RestartAll)],
+            ),
+            "fsync-failure" => scenario(
+                name,
+                "a follower of region 0 gets failing fsyncs for 10 s, then restarts",
+                vec![step(8.0, FailFsync { region: 0 }), step(18.0, Heal)],
+            ),
+            "lagging-learner-snapshot" => scenario(
+                name,
+                "a follower of region 0 is down for 20 s under load, past log compaction: it catches up from a snapshot",
+                vec![step(6.0, CrashFollower { region: 0 }), step(26.0, RestartAll)],
+            ),
+            "clock-skew" => scenario(
+                name,
+                "every node's clock is off by up to ±500 ms and drifts by up to ±200 ppm",
+                vec![step(
+                    0.0,
+                    ClockSkew {
+                        max_skew_ms: 500,
+                        max_drift_ppm: 200,
+                    },
+                )],
+            ),
+            "slow-node" => scenario(
+                name,
+                "messages to and from a follower of region 0 take 150 ms longer for 20 s",
+                vec![
+                    step(8.0, SlowNode { region: 0, extra_ms: 150 }),
+                    step(28.0, Heal),
+                ],
             ),
             "rolling-restart" => scenario(
                 name,
@@ -210,6 +302,11 @@ impl Scenario {
                 | Fault::IsolateLeaderOneWay { region }
                 | Fault::CrashLeader { region }
                 | Fault::CrashFollower { region }
+                | Fault::PowerLossLeader { region }
+                | Fault::WipeFollower { region }
+                | Fault::CrashLeaderOnMembershipChange { region }
+                | Fault::FailFsync { region }
+                | Fault::SlowNode { region, .. }
                 | Fault::RollingRestart { region, .. } => Some(*region),
                 Fault::Loss { percent } | Fault::Duplicate { percent } if *percent > 100 => {
                     return Err(format!("step at {} s: a percentage above 100", s.at_s))
@@ -236,7 +333,7 @@ fn random(seed: u64, regions: usize) -> Scenario {
     let mut t = 5.0;
     for _ in 0..4 {
         let region = rng.gen_range(0..regions);
-        let fault = match rng.gen_range(0..7) {
+        let fault = match rng.gen_range(0..11) {
             0 => Fault::PartitionRegions {
                 a: 0,
                 b: if regions > 1 { rng.gen_range(1..regions) } else { 0 },
@@ -247,6 +344,13 @@ fn random(seed: u64, regions: usize) -> Scenario {
             4 => Fault::CrashFollower { region },
             5 => Fault::Loss {
                 percent: rng.gen_range(1..20),
+            },
+            6 => Fault::PowerLossLeader { region },
+            7 => Fault::WipeFollower { region },
+            8 => Fault::FailFsync { region },
+            9 => Fault::SlowNode {
+                region,
+                extra_ms: rng.gen_range(20..300),
             },
             _ => Fault::Delay {
                 min_ms: rng.gen_range(1..5),

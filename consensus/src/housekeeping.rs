@@ -1,0 +1,151 @@
+//! What the leader of a region group does on its own, decided without IO so
+//! the node and the simulator run the same rules:
+//!
+//! 1. every live member of the region that is not in the group is added as a
+//!    learner, so each node holds the region state (one change at a time);
+//! 2. a voter that the membership view shows dead (or no longer shows) for
+//!    `replace_after` is replaced by a live learner, in one membership change.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mesh_types::MemberState;
+use tokio::time::Instant;
+
+/// One change for the leader to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Add this peer as a learner.
+    AddLearner(String),
+    /// Replace voter `dead` by learner `learner`.
+    ReplaceVoter {
+        /// The voter that stayed dead.
+        dead: String,
+        /// A live learner.
+        learner: String,
+    },
+    /// A voter is overdue but no learner is alive to replace it.
+    NoReplacement(String),
+}
+
+/// The leader's memory between two rounds: since when each voter looks dead.
+#[derive(Debug, Clone)]
+pub struct Housekeeper {
+    replace_after: Duration,
+    dead_since: BTreeMap<String, Instant>,
+}
+
+impl Housekeeper {
+    /// Replaces voters dead for `replace_after`.
+    pub fn new(replace_after: Duration) -> Self {
+        Self {
+            replace_after,
+            dead_since: BTreeMap::new(),
+        }
+    }
+
+    /// One round. `region` is the membership view of the region (peer id
+    /// and state, this node included); `voters` and `learners` the group's.
+    pub fn plan(
+        &mut self,
+        me: &str,
+        is_leader: bool,
+        voters: &[String],
+        learners: &[String],
+        region: &[(String, MemberState)],
+        now: Instant,
+    ) -> Option<Action> {
+        if !is_leader {
+            self.dead_since.clear();
+            return None;
+        }
+        let state_of = |peer: &str| region.iter().find(|(p, _)| p == peer).map(|(_, s)| *s);
+        if let Some((newcomer, _)) = region.iter().find(|(p, s)| {
+            *s == MemberState::Alive && !voters.contains(p) && !learners.contains(p)
+        }) {
+            return Some(Action::AddLearner(newcomer.clone()));
+        }
+        self.dead_since.retain(|peer, _| voters.contains(peer));
+        for voter in voters {
+            match state_of(voter) {
+                Some(MemberState::Alive) | Some(MemberState::Suspect) => {
+                    self.dead_since.remove(voter);
+                }
+                _ if voter == me => {}
+                _ => {
+                    self.dead_since.entry(voter.clone()).or_insert(now);
+                }
+            }
+        }
+        let (dead, _) = self
+            .dead_since
+            .iter()
+            .find(|(_, since)| now.duration_since(**since) >= self.replace_after)?;
+        Some(
+            match learners
+                .iter()
+                .find(|l| state_of(l) == Some(MemberState::Alive))
+            {
+                Some(learner) => Action::ReplaceVoter {
+                    dead: dead.clone(),
+                    learner: learner.clone(),
+                },
+                None => Action::NoReplacement(dead.clone()),
+            },
+        )
+    }
+
+    /// `dead` left the group.
+    pub fn replaced(&mut self, dead: &str) {
+        self.dead_since.remove(dead);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    fn view(v: &[(&str, MemberState)]) -> Vec<(String, MemberState)> {
+        v.iter().map(|(p, st)| (p.to_string(), *st)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newcomer_becomes_a_learner_and_a_dead_voter_is_replaced_in_time() {
+        use MemberState::*;
+        let mut k = Housekeeper::new(Duration::from_secs(60));
+        let voters = s(&["a", "b", "c"]);
+        let t0 = Instant::now();
+        let region = view(&[("a", Alive), ("b", Alive), ("c", Alive), ("d", Alive)]);
+        assert_eq!(
+            k.plan("a", true, &voters, &[], &region, t0),
+            Some(Action::AddLearner("d".into()))
+        );
+        assert_eq!(k.plan("b", false, &voters, &[], &region, t0), None);
+        let learners = s(&["d"]);
+        let region = view(&[("a", Alive), ("b", Alive), ("c", Dead), ("d", Alive)]);
+        assert_eq!(k.plan("a", true, &voters, &learners, &region, t0), None);
+        let later = t0 + Duration::from_secs(59);
+        assert_eq!(k.plan("a", true, &voters, &learners, &region, later), None);
+        let due = t0 + Duration::from_secs(60);
+        assert_eq!(
+            k.plan("a", true, &voters, &learners, &region, due),
+            Some(Action::ReplaceVoter {
+                dead: "c".into(),
+                learner: "d".into()
+            })
+        );
+        // Back in time: the clock restarts for c.
+        let region = view(&[("a", Alive), ("b", Alive), ("c", Alive), ("d", Alive)]);
+        assert_eq!(k.plan("a", true, &voters, &learners, &region, due), None);
+        let region = view(&[("a", Alive), ("b", Alive), ("c", Dead), ("d", Dead)]);
+        assert_eq!(k.plan("a", true, &voters, &learners, &region, due), None);
+        assert_eq!(
+            k.plan("a", true, &voters, &learners, &region, due + Duration::from_secs(60)),
+            Some(Action::NoReplacement("c".into()))
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! The simulated disk: what a node wrote, what of it is synced, and what a
+//! crash keeps.
+//!
+//! ```text
+//!   SimStore (one per process life) ── reads: everything written
+//!     write(Buffered) ──> visible + pending          (in the page cache)
+//!     write(Sync)     ──> visible + durable (pending first, in order)
+//!   SimDisk (survives crashes) ── durable, pending, fault switches
+//!     process crash: pending kept (the OS still has it)
+//!     power loss:    pending lost
+//!     failing fsync: Sync writes return an error and change nothing
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mesh_store::{Column, Durability, MemStore, Store, StoreError, WriteOp};
+
+/// The part of a node's storage that outlives its process.
+#[derive(Debug, Default)]
+pub struct SimDisk {
+    durable: MemStore,
+    pending: Mutex<Vec<Vec<WriteOp>>>,
+    failing: AtomicBool,
+}
+
+impl SimDisk {
+    /// An empty disk.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Makes every later fsync fail (or work again).
+    pub fn fail_syncs(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// The process died: with `power_loss`, unsynced writes are gone; without,
+    /// the OS writes them out.
+    pub fn crash(&self, power_loss: bool) -> usize {
+        let pending: Vec<Vec<WriteOp>> = match self.pending.lock() {
+            Ok(mut p) => p.drain(..).collect(),
+            Err(_) => return 0,
+        };
+        let lost = if power_loss { pending.len() } else { 0 };
+        if !power_loss {
+            for ops in pending {
+                let _ = self.durable.write(ops, Durability::Sync);
+            }
+        }
+        lost
+    }
+
+    /// What a new process sees when it opens the disk.
+    pub fn open(self: &Arc<Self>) -> Arc<SimStore> {
+        let visible = MemStore::new();
+        for column in Column::ALL {
+            let rows = self.durable.range(column, &[], None).unwrap_or_default();
+            let ops = rows
+                .into_iter()
+                .map(|(key, value)| WriteOp::Put { column, key, value })
+                .collect();
+            let _ = visible.write(ops, Durability::Sync);
+        }
+        if let Ok(pending) = self.pending.lock() {
+            for ops in pending.iter() {
+                let _ = visible.write(ops.clone(), Durability::Buffered);
+            }
+        }
+        Arc::new(SimStore {
+            disk: self.clone(),
+            visible,
+        })
+    }
+}
+
+/// A process's view of its disk.
+#[derive(Debug)]
+pub struct SimStore {
+    disk: Arc<SimDisk>,
+    visible: MemStore,
+}
+
+impl Store for SimStore {
+    fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.visible.get(column, key)
+    }
+
+    fn range(
+        &self,
+        column: Column,
+        from: &[u8],
+        to: Option<&[u8]>,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.visible.range(column, from, to)
+    }
+
+    fn last(&self, column: Column) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.visible.last(column)
+    }
+
+    fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<(), StoreError> {
+        let io = |reason: &str| StoreError::Io {
+            path: "simulated disk".into(),
+            reason: reason.into(),
+        };
+        match durability {
+            Durability::Buffered => {
+                self.disk
+                    .pending
+                    .lock()
+                    .map_err(|_| io("poisoned"))?
+                    .push(ops.clone());
+                self.visible.write(ops, Durability::Buffered)
+            }
+            Durability::Sync => {
+                if self.disk.failing.load(Ordering::SeqCst) {
+                    return Err(io("fsync failed (injected fault)"));
+                }
+                let pending: Vec<Vec<WriteOp>> = self
+                    .disk
+                    .pending
+                    .lock()
+                    .map_err(|_| io("poisoned"))?
+                    .drain(..)
+                    .collect();
+                for p in pending {
+                    self.disk.durable.write(p, Durability::Sync)?;
+                }
+                self.disk.durable.write(ops.clone(), Durability::Sync)?;
+                self.visible.write(ops, Durability::Sync)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &[u8]) -> Vec<WriteOp> {
+        vec![WriteOp::Put {
+            column: Column::RaftMeta,
+            key: key.to_vec(),
+            value: b"v".to_vec(),
+        }]
+    }
+
+    #[test]
+    fn power_loss_drops_only_unsynced_writes() {
+        let disk = SimDisk::new();
+        let store = disk.open();
+        store.write(put(b"a"), Durability::Buffered).expect("write");
+        store.write(put(b"b"), Durability::Sync).expect("write");
+        store.write(put(b"c"), Durability::Buffered).expect("write");
+        assert!(store.get(Column::RaftMeta, b"c").expect("get").is_some());
+        assert_eq!(disk.crash(true), 1);
+        let after = disk.open();
+        // a was synced by b's fsync; c was not.
+        assert!(after.get(Column::RaftMeta, b"a").expect("get").is_some());
+        assert!(after.get(Column::RaftMeta, b"b").expect("get").is_some());
+        assert!(after.get(Column::RaftMeta, b"c").expect("get").is_none());
+    }
+
+    #[test]
+    fn a_process_crash_keeps_unsynced_writes_and_a_failing_fsync_writes_nothing() {
+        let disk = SimDisk::new();
+        let store = disk.open();
+        store.write(put(b"a"), Durability::Buffered).expect("write");
+        assert_eq!(disk.crash(false), 0);
+        let store = disk.open();
+        assert!(store.get(Column::RaftMeta, b"a").expect("get").is_some());
+        disk.fail_syncs(true);
+        assert!(store.write(put(b"b"), Durability::Sync).is_err());
+        assert!(store.get(Column::RaftMeta, b"b").expect("get").is_none());
+    }
+}
