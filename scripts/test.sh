@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs what is missing, then runs every test: unit tests beside the code
-# and the integration tests in tests/ that start real agentmesh processes.
+# Installs what is missing, then runs every test: unit tests beside the code,
+# the integration tests in tests/ that start real agentmesh processes, the
+# simulator's scenarios in sim/tests/, and the simulator's planted-bug test
+# (built separately: it needs the `planted-bugs` feature).
 # Ends with one summary line: "N passed, N failed, N skipped".
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -9,12 +11,15 @@ source "$(dirname "$0")/lib.sh"
 cd "$AGENTMESH_ROOT"
 say "building tests"
 cargo test --locked --workspace --no-run
+cargo test --locked -p agentmesh-sim --features planted-bugs --test planted_bug --no-run
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 say "running tests"
 set +e
 cargo test --locked --workspace --no-fail-fast -- --color never --show-output 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+cargo test --locked -p agentmesh-sim --features planted-bugs --test planted_bug -- --color never --show-output 2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 set -e
 
 # Sum cargo's "test result:" lines; skips are the tests that print "SKIPPED:".

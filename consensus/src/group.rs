@@ -88,6 +88,17 @@ impl RaftSettings {
     }
 }
 
+/// Bugs planted on purpose (feature `planted-bugs`): the simulator's test
+/// switches one on and checks that an invariant catches it.
+#[cfg(feature = "planted-bugs")]
+pub mod planted {
+    use std::sync::atomic::AtomicBool;
+
+    /// `consistent_state` answers from the local replica without confirming
+    /// leadership: a partitioned or lagging node serves stale reads.
+    pub static STALE_READS: AtomicBool = AtomicBool::new(false);
+}
+
 /// Why a group operation failed. `retryable()` says whether to try again.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GroupError {
@@ -265,6 +276,10 @@ impl RegionGroup {
     /// A linearizable read: confirms leadership with a quorum, waits until
     /// the state machine has applied everything committed before the read.
     pub async fn consistent_state(&self) -> Result<RegionState, GroupError> {
+        #[cfg(feature = "planted-bugs")]
+        if planted::STALE_READS.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(self.state_machine.state());
+        }
         let read = self.raft.ensure_linearizable();
         match tokio::time::timeout(self.write_timeout, read).await {
             Err(_) => Err(GroupError::Timeout(self.write_timeout)),

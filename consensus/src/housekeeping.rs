@@ -60,9 +60,10 @@ impl Housekeeper {
             return None;
         }
         let state_of = |peer: &str| region.iter().find(|(p, _)| p == peer).map(|(_, s)| *s);
-        if let Some((newcomer, _)) = region.iter().find(|(p, s)| {
-            *s == MemberState::Alive && !voters.contains(p) && !learners.contains(p)
-        }) {
+        if let Some((newcomer, _)) = region
+            .iter()
+            .find(|(p, s)| *s == MemberState::Alive && !voters.contains(p) && !learners.contains(p))
+        {
             return Some(Action::AddLearner(newcomer.clone()));
         }
         self.dead_since.retain(|peer, _| voters.contains(peer));
@@ -144,7 +145,14 @@ mod tests {
         let region = view(&[("a", Alive), ("b", Alive), ("c", Dead), ("d", Dead)]);
         assert_eq!(k.plan("a", true, &voters, &learners, &region, due), None);
         assert_eq!(
-            k.plan("a", true, &voters, &learners, &region, due + Duration::from_secs(60)),
+            k.plan(
+                "a",
+                true,
+                &voters,
+                &learners,
+                &region,
+                due + Duration::from_secs(60)
+            ),
             Some(Action::NoReplacement("c".into()))
         );
     }

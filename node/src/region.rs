@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use consensus::rpc::{serve, Transport};
 use consensus::housekeeping::{Action, Housekeeper};
+use consensus::rpc::{serve, Transport};
 use consensus::{GroupError, RaftSettings, RegionGroup};
 use libp2p::PeerId;
 use mesh_net::{InboundRpc, Network};
@@ -64,9 +64,7 @@ pub async fn housekeeping(
     settings: RaftSettings,
     shutdown: CancellationToken,
 ) {
-    let mut keeper = Housekeeper::new(Duration::from_millis(
-        settings.replace_dead_voter_after_ms,
-    ));
+    let mut keeper = Housekeeper::new(Duration::from_millis(settings.replace_dead_voter_after_ms));
     let mut interval = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     loop {
         tokio::select! {

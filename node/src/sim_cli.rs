@@ -53,7 +53,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m or h")),
+        _ => Err(format!(
+            "unknown unit {unit:?} in {text:?}: use ms, s, m or h"
+        )),
     }
 }
 

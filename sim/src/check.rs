@@ -64,6 +64,7 @@ pub fn linearizable(ops: &[Op]) -> Result<(), String> {
     // Iterative depth-first search: (linearized set, state, count of finished ops linearized).
     let mut stack = vec![(vec![0u64; words], None::<u32>, 0usize)];
     let mut deepest = 0usize;
+    let mut stuck: (Vec<u64>, Option<u32>) = (vec![0u64; words], None);
     while let Some((done, state, finished)) = stack.pop() {
         if seen.len() > MAX_STATES {
             return Err(format!(
@@ -73,7 +74,10 @@ pub fn linearizable(ops: &[Op]) -> Result<(), String> {
         if finished == must {
             return Ok(());
         }
-        deepest = deepest.max(finished);
+        if finished > deepest {
+            deepest = finished;
+            stuck = (done.clone(), state);
+        }
         // An op may go next if no other pending op returned before it was invoked.
         let horizon = ops
             .iter()
@@ -99,8 +103,25 @@ pub fn linearizable(ops: &[Op]) -> Result<(), String> {
             }
         }
     }
+    let (done, state) = stuck;
+    let blocked = ops
+        .iter()
+        .enumerate()
+        .filter(|(i, o)| done[i / 64] & (1 << (i % 64)) == 0 && o.return_us.is_some())
+        .min_by_key(|(_, o)| o.return_us)
+        .map(|(_, o)| {
+            format!(
+                "; first stuck: client {} {:?} during {:.3}–{:.3} s, when the register held {:?}",
+                o.client,
+                o.kind,
+                o.invoke_us as f64 / 1e6,
+                o.return_us.unwrap_or(0) as f64 / 1e6,
+                state
+            )
+        })
+        .unwrap_or_default();
     Err(format!(
-        "no linearization of {n} operations exists: at most {deepest} of the {must} completed ones can be ordered consistently with their real-time order and the reads' values"
+        "no linearization of {n} operations exists: at most {deepest} of the {must} completed ones can be ordered consistently with their real-time order and the reads' values{blocked}"
     ))
 }
 
@@ -138,7 +159,13 @@ pub struct AppliedLogs {
 
 impl AppliedLogs {
     /// `node` of `region` has applied the entry of `term` at `index`.
-    pub fn observe(&mut self, region: usize, index: u64, term: u64, node: &str) -> Result<(), String> {
+    pub fn observe(
+        &mut self,
+        region: usize,
+        index: u64,
+        term: u64,
+        node: &str,
+    ) -> Result<(), String> {
         match self.terms.insert((region, index), term) {
             Some(t) if t != term => Err(format!(
                 "region {region}: {node} applied an entry of term {term} at index {index}, where another node applied one of term {t}"

@@ -65,7 +65,10 @@ impl Report {
         let mut row = |k: &str, v: String| out.push_str(&format!("  {k:<28} {v}\n"));
         row("scenario", self.scenario.clone());
         row("seed", self.seed.to_string());
-        row("nodes / regions", format!("{} / {}", self.nodes, self.regions));
+        row(
+            "nodes / regions",
+            format!("{} / {}", self.nodes, self.regions),
+        );
         row("simulated time", format!("{:.1} s", self.simulated_s));
         row("wall time", format!("{:.2} s", self.wall_s));
         row("speed-up", format!("{:.0}× real time", self.speedup));

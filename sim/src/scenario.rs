@@ -336,7 +336,11 @@ fn random(seed: u64, regions: usize) -> Scenario {
         let fault = match rng.gen_range(0..11) {
             0 => Fault::PartitionRegions {
                 a: 0,
-                b: if regions > 1 { rng.gen_range(1..regions) } else { 0 },
+                b: if regions > 1 {
+                    rng.gen_range(1..regions)
+                } else {
+                    0
+                },
             },
             1 => Fault::IsolateFollower { region },
             2 => Fault::IsolateLeaderOneWay { region },

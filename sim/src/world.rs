@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use consensus::housekeeping::{Action, Housekeeper};
 use consensus::rpc::{serve, Transport};
 use consensus::{GroupError, RaftSettings, RegionGroup, TypeConfig};
 use mesh_membership::{Command, Event, Membership};
-use consensus::housekeeping::{Action, Housekeeper};
 use mesh_store::{Column, Store};
 use mesh_types::policy::Policy;
 use mesh_types::{Load, MemberState, NodeId, NodeRecord, Region};
@@ -130,7 +130,12 @@ impl State {
     fn send(&mut self, from: &str, to: &str) -> Option<(Duration, bool)> {
         self.messages += 1;
         let up = self.nodes.iter().any(|n| n.peer == to && n.group.is_some());
-        if !up || self.links.blocked.contains(&(from.to_owned(), to.to_owned())) {
+        if !up
+            || self
+                .links
+                .blocked
+                .contains(&(from.to_owned(), to.to_owned()))
+        {
             return None;
         }
         if self.links.loss > 0.0 && self.rng.gen_bool(self.links.loss) {
@@ -600,7 +605,10 @@ async fn apply_fault(world: &World, fault: &Fault) {
     let then = {
         let mut s = world.lock();
         s.faults += 1;
-        s.log(format!("fault {}", serde_json::to_string(fault).unwrap_or_default()));
+        s.log(format!(
+            "fault {}",
+            serde_json::to_string(fault).unwrap_or_default()
+        ));
         let all: Vec<String> = s.nodes.iter().map(|n| n.peer.clone()).collect();
         let down = |s: &State| -> Vec<usize> {
             (0..s.nodes.len())
@@ -848,7 +856,9 @@ async fn bootstrap(world: &World) {
                 .lock()
                 .violate("bootstrap", format!("region {r}: {e}"));
         }
-        world.lock().log(format!("bootstrapped r{r}: voters {voters:?}"));
+        world
+            .lock()
+            .log(format!("bootstrapped r{r}: voters {voters:?}"));
     }
 }
 
@@ -1039,7 +1049,12 @@ pub(crate) async fn simulate(
     let simulated = start.elapsed();
     let mut s = world.lock();
     for r in 0..config.regions {
-        let ops: Vec<Op> = s.history.iter().filter(|o| o.region == r).cloned().collect();
+        let ops: Vec<Op> = s
+            .history
+            .iter()
+            .filter(|o| o.region == r)
+            .cloned()
+            .collect();
         s.check("linearizability");
         match linearizable(&ops) {
             Ok(()) => {}
@@ -1059,9 +1074,12 @@ pub(crate) async fn simulate(
             format!("region {r}: write {v} was acknowledged but no node ever applied it"),
         );
     }
-    let lost = s.acknowledged.len() as u64
-        - s.acknowledged.intersection(&s.applied_values).count() as u64;
-    let writes = s.history.iter().filter(|o| matches!(o.kind, OpKind::Write(_)));
+    let lost =
+        s.acknowledged.len() as u64 - s.acknowledged.intersection(&s.applied_values).count() as u64;
+    let writes = s
+        .history
+        .iter()
+        .filter(|o| matches!(o.kind, OpKind::Write(_)));
     let acknowledged = writes.clone().filter(|o| o.return_us.is_some()).count() as u64;
     let unknown = writes.filter(|o| o.return_us.is_none()).count() as u64;
     let reads = s.history.len() as u64 - acknowledged - unknown;
