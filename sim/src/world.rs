@@ -41,14 +41,14 @@ const CONVERGENCE_BOUND: Duration = Duration::from_secs(15);
 /// Link conditions, changed by faults.
 #[derive(Debug)]
 struct Links {
-    /// Directed pairs (from, to) whose messages are lost.
-    blocked: BTreeSet<(String, String)>,
+    /// Directed pairs (from, to) of node slots whose messages are lost.
+    blocked: BTreeSet<(usize, usize)>,
     loss: f64,
     duplicate: f64,
     min_delay_us: u64,
     jitter_us: u64,
     /// Extra delay of every message to or from a slow node.
-    slow_us: BTreeMap<String, u64>,
+    slow_us: BTreeMap<usize, u64>,
 }
 
 impl Default for Links {
@@ -99,6 +99,8 @@ struct State {
     faults: u64,
     messages: u64,
     start: Instant,
+    /// Peer id to node slot, old ids of wiped nodes included.
+    slots: BTreeMap<String, usize>,
     /// Regions whose leader crashes as soon as it starts a membership change.
     crash_on_change: BTreeSet<usize>,
     /// Writes that were acknowledged, and values seen applied, per region.
@@ -126,16 +128,24 @@ impl State {
         *self.checks.entry(invariant).or_default() += 1;
     }
 
-    /// Samples one message from `from` to `to`: its delay, or `None` if lost.
+    /// The node slot of a peer id (a wiped node's new id maps to its old slot).
+    fn slot(&self, peer: &str) -> Option<usize> {
+        self.slots.get(peer).copied()
+    }
+
+    /// Samples one message between two peers: its delay, or `None` if lost.
     fn send(&mut self, from: &str, to: &str) -> Option<(Duration, bool)> {
+        let (Some(f), Some(t)) = (self.slot(from), self.slot(to)) else {
+            self.messages += 1;
+            return None;
+        };
+        self.send_slot(f, t)
+    }
+
+    /// Samples one message from slot `from` to slot `to`.
+    fn send_slot(&mut self, from: usize, to: usize) -> Option<(Duration, bool)> {
         self.messages += 1;
-        let up = self.nodes.iter().any(|n| n.peer == to && n.group.is_some());
-        if !up
-            || self
-                .links
-                .blocked
-                .contains(&(from.to_owned(), to.to_owned()))
-        {
+        if self.nodes[to].group.is_none() || self.links.blocked.contains(&(from, to)) {
             return None;
         }
         if self.links.loss > 0.0 && self.rng.gen_bool(self.links.loss) {
@@ -147,8 +157,8 @@ impl State {
             0
         };
         let duplicate = self.links.duplicate > 0.0 && self.rng.gen_bool(self.links.duplicate);
-        let slow = self.links.slow_us.get(from).copied().unwrap_or(0)
-            + self.links.slow_us.get(to).copied().unwrap_or(0);
+        let slow = self.links.slow_us.get(&from).copied().unwrap_or(0)
+            + self.links.slow_us.get(&to).copied().unwrap_or(0);
         Some((
             Duration::from_micros(self.links.min_delay_us + jitter + slow),
             duplicate,
@@ -156,10 +166,12 @@ impl State {
     }
 
     fn group_of(&self, peer: &str) -> Option<RegionGroup> {
-        self.nodes
-            .iter()
-            .find(|n| n.peer == peer)
-            .and_then(|n| n.group.clone())
+        let n = &self.nodes[self.slot(peer)?];
+        // A wiped node's old id no longer answers.
+        if n.peer != peer {
+            return None;
+        }
+        n.group.clone()
     }
 
     fn leader_of(&self, region: usize) -> Option<(usize, RegionGroup)> {
@@ -332,6 +344,7 @@ async fn wipe_node(world: &World, i: usize) {
         n.generation = 0;
         n.applied_checked = 0;
         let new = n.peer.clone();
+        s.slots.insert(new.clone(), i);
         s.log(format!("{old} lost its disk; it rejoins as {new}"));
     }
     start_node(world, i).await;
@@ -345,27 +358,25 @@ async fn gossip(world: World, stop: Arc<AtomicBool>) {
         let now = now_ms(&world);
         let mut s = world.lock();
         let mut announced = Vec::new();
-        for n in s.nodes.iter_mut() {
+        for (i, n) in s.nodes.iter_mut().enumerate() {
             let local = clock_of(n, now);
             if let Some(m) = n.membership.as_mut() {
                 for c in m.handle(Event::Tick, local) {
                     if let Command::Announce(r) = c {
-                        announced.push((n.peer.clone(), r));
+                        announced.push((i, r));
                     }
                 }
             }
         }
         for (from, record) in announced {
-            let peers: Vec<String> = s.nodes.iter().map(|n| n.peer.clone()).collect();
-            for to in peers.iter().filter(|p| **p != from) {
-                if s.send(&from, to).is_none() {
+            for to in 0..s.nodes.len() {
+                if to == from || s.send_slot(from, to).is_none() {
                     continue;
                 }
-                if let Some(n) = s.nodes.iter_mut().find(|n| &n.peer == to) {
-                    let local = clock_of(n, now);
-                    if let Some(m) = n.membership.as_mut() {
-                        let _ = m.handle(Event::Record(record.clone()), local);
-                    }
+                let n = &mut s.nodes[to];
+                let local = clock_of(n, now);
+                if let Some(m) = n.membership.as_mut() {
+                    let _ = m.handle(Event::Record(record.clone()), local);
                 }
             }
         }
@@ -609,7 +620,7 @@ async fn apply_fault(world: &World, fault: &Fault) {
             "fault {}",
             serde_json::to_string(fault).unwrap_or_default()
         ));
-        let all: Vec<String> = s.nodes.iter().map(|n| n.peer.clone()).collect();
+        let all = s.nodes.len();
         let down = |s: &State| -> Vec<usize> {
             (0..s.nodes.len())
                 .filter(|i| s.nodes[*i].group.is_none())
@@ -617,23 +628,29 @@ async fn apply_fault(world: &World, fault: &Fault) {
         };
         match fault {
             Fault::PartitionRegions { a, b } => {
-                let state = &mut *s;
-                for x in state.nodes.iter().filter(|n| n.region == *a) {
-                    for y in state.nodes.iter().filter(|n| n.region == *b) {
-                        state.links.blocked.insert((x.peer.clone(), y.peer.clone()));
-                        state.links.blocked.insert((y.peer.clone(), x.peer.clone()));
+                let of = |r: usize| -> Vec<usize> {
+                    (0..s.nodes.len())
+                        .filter(|i| s.nodes[*i].region == r)
+                        .collect()
+                };
+                let (xs, ys) = (of(*a), of(*b));
+                for x in &xs {
+                    for y in &ys {
+                        s.links.blocked.insert((*x, *y));
+                        s.links.blocked.insert((*y, *x));
                     }
                 }
                 Then::Nothing
             }
             Fault::IsolateFollower { region } => {
-                match follower(&s, *region).map(|i| s.nodes[i].peer.clone()) {
+                match follower(&s, *region) {
                     Some(f) => {
-                        for p in all.iter().filter(|p| **p != f) {
-                            s.links.blocked.insert((f.clone(), p.clone()));
-                            s.links.blocked.insert((p.clone(), f.clone()));
+                        for p in (0..all).filter(|p| *p != f) {
+                            s.links.blocked.insert((f, p));
+                            s.links.blocked.insert((p, f));
                         }
-                        s.log(format!("isolated {f}"));
+                        let peer = s.nodes[f].peer.clone();
+                        s.log(format!("isolated {peer}"));
                     }
                     None => s.log("no follower to isolate".into()),
                 }
@@ -641,12 +658,12 @@ async fn apply_fault(world: &World, fault: &Fault) {
             }
             Fault::IsolateLeaderOneWay { region } => {
                 match s.leader_of(*region) {
-                    Some((i, _)) => {
-                        let l = s.nodes[i].peer.clone();
-                        for p in all.iter().filter(|p| **p != l) {
-                            s.links.blocked.insert((l.clone(), p.clone()));
+                    Some((l, _)) => {
+                        for p in (0..all).filter(|p| *p != l) {
+                            s.links.blocked.insert((l, p));
                         }
-                        s.log(format!("{l} can no longer send"));
+                        let peer = s.nodes[l].peer.clone();
+                        s.log(format!("{peer} can no longer send"));
                     }
                     None => s.log(format!("region {region} has no leader to isolate")),
                 }
@@ -698,7 +715,7 @@ async fn apply_fault(world: &World, fault: &Fault) {
             Fault::SlowNode { region, extra_ms } => {
                 if let Some(i) = follower(&s, *region) {
                     let peer = s.nodes[i].peer.clone();
-                    s.links.slow_us.insert(peer.clone(), extra_ms * 1000);
+                    s.links.slow_us.insert(i, extra_ms * 1000);
                     s.log(format!("{peer} is slow"));
                 }
                 Then::Nothing
@@ -803,8 +820,7 @@ async fn housekeeping(world: World, stop: Arc<AtomicBool>) {
             let change = {
                 let mut s = world.lock();
                 s.log(format!("housekeeping r{region}: {action:?}"));
-                let arm = s.crash_on_change.remove(&region);
-                arm
+                s.crash_on_change.remove(&region)
             };
             let world2 = world.clone();
             if change {
@@ -969,6 +985,7 @@ pub(crate) async fn simulate(
         faults: 0,
         messages: 0,
         start: Instant::now(),
+        slots: (0..config.nodes).map(|i| (format!("n{i:03}"), i)).collect(),
         crash_on_change: BTreeSet::new(),
         acknowledged: BTreeSet::new(),
         applied_values: BTreeSet::new(),
