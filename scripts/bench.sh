@@ -2,11 +2,12 @@
 # Benchmarks, side by side with the peer each one is measured against.
 #   scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300]
 #   scripts/bench.sh policy [SECONDS]
+#   scripts/bench.sh sim ["SIZES"]
 # Prints markdown tables for BENCHMARKS.md. Never part of the tests.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS]" >&2; exit 2; }
+usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 what=$1; shift
 
@@ -25,6 +26,13 @@ case "$what" in
         (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh -p agentmesh-bench)
         say "agentmesh against $(etcd --version | head -1) on $(nproc) cores"
         "$AGENTMESH_ROOT/scripts/bench/policy.sh" "$CARGO_TARGET_DIR/release/agentmesh" "$CARGO_TARGET_DIR/release/loadgen" "$@"
+        ;;
+    sim)
+        apt_install python3
+        say "building agentmesh (release)"
+        (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh)
+        say "the simulator on $(nproc) cores"
+        "$AGENTMESH_ROOT/scripts/bench/sim.sh" "$CARGO_TARGET_DIR/release/agentmesh" "$@"
         ;;
     *) usage ;;
 esac
