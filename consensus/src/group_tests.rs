@@ -101,8 +101,8 @@ async fn leader_of(groups: &[RegionGroup]) -> RegionGroup {
         .expect("a leader")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_voters_agree_on_policy_and_a_learner_catches_up() {
+/// Three groups on one in-process transport, started with all three as voters.
+async fn three_voters() -> (LocalTransport, [String; 3], Vec<RegionGroup>) {
     let transport = LocalTransport::default();
     let peers = ["peer-a", "peer-b", "peer-c"].map(String::from);
     let mut groups = Vec::new();
@@ -110,6 +110,12 @@ async fn three_voters_agree_on_policy_and_a_learner_catches_up() {
         groups.push(start(&transport, p).await);
     }
     groups[0].initialize(&peers).await.expect("initialize");
+    (transport, peers, groups)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_agree_on_policy_and_a_learner_catches_up() {
+    let (transport, peers, groups) = three_voters().await;
     assert!(matches!(
         groups[0].initialize(&peers).await,
         Err(GroupError::AlreadyInitialized)
@@ -201,13 +207,7 @@ async fn three_voters_agree_on_policy_and_a_learner_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_voter_is_replaced_by_a_learner_and_a_minority_cannot_commit() {
-    let transport = LocalTransport::default();
-    let peers = ["peer-a", "peer-b", "peer-c"].map(String::from);
-    let mut groups = Vec::new();
-    for p in &peers {
-        groups.push(start(&transport, p).await);
-    }
-    groups[0].initialize(&peers).await.expect("initialize");
+    let (transport, _, groups) = three_voters().await;
     let _learner = start(&transport, "peer-d").await;
     on_leader(&groups, "add learner", |l| async move {
         l.add_learner("peer-d").await
@@ -274,13 +274,7 @@ async fn a_dead_voter_is_replaced_by_a_learner_and_a_minority_cannot_commit() {
 /// replica ends with is that of the highest version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_policy_writes_commit_in_batches() {
-    let transport = LocalTransport::default();
-    let peers = ["peer-a", "peer-b", "peer-c"].map(String::from);
-    let mut groups = Vec::new();
-    for p in &peers {
-        groups.push(start(&transport, p).await);
-    }
-    groups[0].initialize(&peers).await.expect("initialize");
+    let (_, _, groups) = three_voters().await;
     // Settle on a leader that stays: one write through it first.
     on_leader(&groups, "first write", |l| async move {
         l.set_policy(policy(1)).await.map(|a| a.version)

@@ -155,8 +155,14 @@ pub async fn apply_policy(api: &str, region: &str, file: &Path) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "policy applied to region {}: version {}",
-        written.region, written.version
+        "policy applied to region {}: version {}{}",
+        written.region,
+        written.version,
+        if written.superseded {
+            " (a concurrent write committed with it replaced it at the same version)"
+        } else {
+            ""
+        }
     )?;
     Ok(())
 }

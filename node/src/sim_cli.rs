@@ -150,6 +150,16 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         args.regions,
         duration.as_secs()
     );
+    for step in &scenario.steps {
+        eprintln!(
+            "  at {:>6.1} s  {}",
+            step.at_s,
+            serde_json::to_string(&step.fault)?
+        );
+    }
+    eprintln!(
+        "  then: heal everything, check liveness and convergence; reproduce with: {reproduce}"
+    );
     let outcome = agentmesh_sim::run(&config, &scenario, &mut progress_printer())?;
     let mut report = outcome.report.clone();
     let mut deterministic = None;

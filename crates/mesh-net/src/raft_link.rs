@@ -298,19 +298,28 @@ impl RaftLinks {
                 p.remove(&id);
             }
         };
-        if link.out.send(frame).await.is_err() {
-            forget();
-            return Err(format!("the Raft link to {peer} closed"));
-        }
-        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+        // The timeout covers a full write queue too.
+        let exchange = async {
+            if link.out.send(frame).await.is_err() {
+                return Err(format!("the Raft link to {peer} closed"));
+            }
+            match rx.await {
+                Err(_) => Err(format!("the Raft link to {peer} closed")),
+                Ok(answer) => answer,
+            }
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
             Err(_) => {
                 forget();
                 Err(format!(
                     "Raft RPC to {peer}: no answer within {CALL_TIMEOUT:?}"
                 ))
             }
-            Ok(Err(_)) => Err(format!("the Raft link to {peer} closed")),
-            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                forget();
+                Err(e)
+            }
+            Ok(Ok(answer)) => Ok(answer),
         }
     }
 }
