@@ -5,6 +5,8 @@ AGENTMESH_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Outside the clone, so CI and reruns build incrementally.
 export CARGO_TARGET_DIR="${AGENTMESH_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/agentmesh/target}"
 AGENTMESH_BIN="$CARGO_TARGET_DIR/debug/agentmesh"
+# The model weights (scripts/models.sh), outside the clone and outside git.
+export AGENTMESH_MODELS_DIR="${AGENTMESH_MODELS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/agentmesh/models}"
 
 say() { if [ -t 2 ]; then printf '\033[1m==> %s\033[0m\n' "$*" >&2; else printf '==> %s\n' "$*" >&2; fi; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

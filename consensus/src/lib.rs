@@ -12,8 +12,11 @@
 //!
 //! Why openraft 0.9 and not 0.10-alpha: 0.9 is the stable line with the v2
 //! storage API (`RaftLogStorage` + `RaftStateMachine`) and its conformance
-//! suite; 0.10 is still alpha. The simulator issue may revisit this for
-//! 0.10's pluggable runtime.
+//! suite; 0.10 is still alpha. 0.9's `AsyncRuntime` is enough for the
+//! simulator: [`runtime::MeshRuntime`] is tokio with a seedable RNG, and a
+//! paused tokio clock drives openraft's timers. What 0.10 would bring is
+//! log IO that does not hold replication back (see BENCHMARKS.md, policy
+//! writes: the p50 gap to etcd).
 
 // openraft's StorageError is large by design; every storage method returns it.
 #![allow(clippy::result_large_err)]

@@ -1,0 +1,271 @@
+//! SmolLM2-135M-Instruct (GGUF Q4_1) through
+//! `candle_transformers::models::quantized_llama`, with a byte-level BPE
+//! tokenizer built from the GGUF's own metadata (no tokenizer.json ships),
+//! the model's chat template, sampling (temperature, top-p, seed) and token
+//! streaming; generation stops at `<|im_end|>`.
+
+use std::io::{Read, Seek};
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::registry::{verify, ModelError, ModelSpec};
+
+/// The token that ends a turn.
+pub const IM_END: &str = "<|im_end|>";
+/// What the chat template puts first when the conversation has no system turn.
+pub const DEFAULT_SYSTEM: &str =
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+
+/// How to sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// 0 means greedy (always the most likely token).
+    pub temperature: f64,
+    /// Nucleus sampling; 1.0 keeps every token.
+    pub top_p: f64,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// New tokens at most.
+    pub max_tokens: usize,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 299_792_458,
+            max_tokens: 128,
+        }
+    }
+}
+
+fn strings(content: &Content, key: &str) -> Result<Vec<String>, String> {
+    let value = content
+        .metadata
+        .get(key)
+        .ok_or_else(|| format!("the GGUF has no {key}"))?;
+    value
+        .to_vec()
+        .map_err(|e| format!("{key}: {e}"))?
+        .iter()
+        .map(|v| v.to_string().cloned().map_err(|e| format!("{key}: {e}")))
+        .collect()
+}
+
+/// The byte-level BPE tokenizer described by a GGUF's `tokenizer.ggml.*`
+/// metadata: its tokens, merges and control tokens, with SmolLM's
+/// pre-tokenizer (digits one by one, then GPT-2's byte-level split).
+pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, String> {
+    let model = content
+        .metadata
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if model != "gpt2" {
+        return Err(format!(
+            "tokenizer.ggml.model is {model:?}; only byte-level BPE (gpt2) is supported"
+        ));
+    }
+    let tokens = strings(content, "tokenizer.ggml.tokens")?;
+    let merges: Vec<(String, String)> = strings(content, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok((a.to_owned(), b.to_owned())),
+            None => Err(format!("malformed merge {m:?}")),
+        })
+        .collect::<Result<_, _>>()?;
+    let types: Vec<i64> = match content.metadata.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(values)) => values
+            .iter()
+            .map(|v| match v {
+                Value::I32(t) => Ok(i64::from(*t)),
+                Value::U32(t) => Ok(i64::from(*t)),
+                other => Err(format!("token type {other:?}")),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => vec![1; tokens.len()],
+    };
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| format!("BPE: {e}"))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+        Digits::new(true).into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    // Control tokens (type 3: <|im_start|>, <|im_end|>, ...) are never split.
+    let special: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types.iter())
+        .filter(|(_, t)| **t == 3)
+        .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+        .collect();
+    tokenizer.add_special_tokens(&special);
+    Ok(tokenizer)
+}
+
+/// The model's chat template for one user turn, ready for the assistant's answer.
+pub fn chat_prompt(user: &str) -> String {
+    format!(
+        "<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+}
+
+/// A loaded generation model.
+pub struct Generator {
+    weights: ModelWeights,
+    tokenizer: Tokenizer,
+    device: Device,
+    end: u32,
+    name: String,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Generator {
+    /// Checks the file's hash, then loads the GGUF and its tokenizer.
+    pub fn load(spec: &ModelSpec, dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let files = verify(spec, dir)?;
+        let path = files.first().ok_or_else(|| ModelError::Invalid {
+            model: spec.name.into(),
+            reason: "the registry lists no GGUF file".into(),
+        })?;
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io {
+            model: spec.name.into(),
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::from_reader(spec.name, &mut file, device)
+    }
+
+    /// Loads a GGUF from any reader (the tests build tiny ones in memory).
+    pub fn from_reader<R: Read + Seek>(
+        name: &str,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let invalid = |what: &str, e: &dyn std::fmt::Display| ModelError::Invalid {
+            model: name.into(),
+            reason: format!("{what}: {e}"),
+        };
+        let content = Content::read(reader).map_err(|e| invalid("GGUF header", &e))?;
+        let tokenizer = tokenizer_from_gguf(&content).map_err(|e| invalid("tokenizer", &e))?;
+        let end = tokenizer
+            .token_to_id(IM_END)
+            .ok_or_else(|| invalid("tokenizer", &format!("no {IM_END} token")))?;
+        let weights =
+            ModelWeights::from_gguf(content, reader, device).map_err(|e| invalid("weights", &e))?;
+        Ok(Self {
+            weights,
+            tokenizer,
+            device: device.clone(),
+            end,
+            name: name.into(),
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Continues `prompt` (raw text: wrap it with [`chat_prompt`] for a chat
+    /// turn). Every new piece of text goes to `on_text` as soon as it
+    /// decodes; returning `false` from it stops generation (cancellation).
+    /// Returns the generated text and the number of new tokens.
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        params: &Params,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<(String, usize), ModelError> {
+        let err = |what: &str, e: &dyn std::fmt::Display| ModelError::Invalid {
+            model: self.name.clone(),
+            reason: format!("{what}: {e}"),
+        };
+        let encoding = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| err("tokenize", &e))?;
+        let prompt_ids = encoding.get_ids().to_vec();
+        if prompt_ids.is_empty() {
+            return Err(err("prompt", &"the prompt is empty"));
+        }
+        let sampling = if params.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else if params.top_p < 1.0 {
+            Sampling::TopP {
+                p: params.top_p,
+                temperature: params.temperature,
+            }
+        } else {
+            Sampling::All {
+                temperature: params.temperature,
+            }
+        };
+        let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
+        let mut generated: Vec<u32> = Vec::new();
+        let mut text = String::new();
+        let mut input = prompt_ids.clone();
+        let mut position = 0;
+        while generated.len() < params.max_tokens {
+            let next = (|| -> candle_core::Result<u32> {
+                let x = Tensor::new(input.as_slice(), &self.device)?.unsqueeze(0)?;
+                let logits = self.weights.forward(&x, position)?.squeeze(0)?;
+                sampler.sample(&logits)
+            })()
+            .map_err(|e| err("inference", &e))?;
+            position += input.len();
+            if next == self.end {
+                break;
+            }
+            generated.push(next);
+            input = vec![next];
+            // Decode everything so far: a character may span several tokens.
+            let all = self
+                .tokenizer
+                .decode(&generated, true)
+                .map_err(|e| err("decode", &e))?;
+            if all.len() > text.len()
+                && all.is_char_boundary(text.len())
+                && !all.ends_with('\u{fffd}')
+            {
+                let piece = all[text.len()..].to_owned();
+                text = all;
+                if !on_text(&piece) {
+                    break;
+                }
+            }
+        }
+        let all = self
+            .tokenizer
+            .decode(&generated, true)
+            .map_err(|e| err("decode", &e))?;
+        Ok((all, generated.len()))
+    }
+}

