@@ -79,6 +79,18 @@ impl Embedder {
         })
     }
 
+    /// An embedder from a model and a tokenizer already in memory (tests
+    /// build tiny random ones). The tokenizer should pad batches and
+    /// return attention masks.
+    pub fn from_parts(model: BertModel, tokenizer: Tokenizer, device: &Device, name: &str) -> Self {
+        Self {
+            model,
+            tokenizer,
+            device: device.clone(),
+            name: name.into(),
+        }
+    }
+
     /// One 384-d unit vector per input, in order.
     pub fn embed(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
         if inputs.is_empty() {

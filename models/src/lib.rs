@@ -13,10 +13,12 @@
 pub mod embed;
 pub mod generate;
 pub mod registry;
+pub mod serve;
 
 pub use embed::{cosine, Embedder};
 pub use generate::{chat_prompt, Generator, Params};
 pub use registry::{Kind, ModelError, ModelSpec, ALL, MINILM, SMOLLM2};
+pub use serve::{EmbedService, GenerateService, Piece, ServeConfig, ServeError};
 
 /// Where models run: the first CUDA GPU when built with `cuda` and one is
 /// present, else the CPU.

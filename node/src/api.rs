@@ -35,6 +35,8 @@ pub struct ApiState {
     pub group: consensus::RegionGroup,
     /// For forwarding requests to other nodes.
     pub http: reqwest::Client,
+    /// The models this node runs.
+    pub models: crate::models::Models,
 }
 
 /// An API error: a status and a JSON body.
@@ -96,6 +98,8 @@ pub fn router(state: ApiState) -> Router {
             "/v1/regions/{region}/status",
             get(crate::regions_api::status),
         )
+        .route("/v1/models", get(crate::models::list))
+        .route("/v1/models/{name}/run", post(crate::models::run))
         .route(
             "/v1/regions/{region}/policy",
             get(crate::regions_api::get_policy).put(crate::regions_api::put_policy),

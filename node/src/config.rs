@@ -48,6 +48,9 @@ pub struct NodeConfig {
     pub mdns: Option<bool>,
     /// `text` for people or `json` for machines. Default text.
     pub log_format: Option<String>,
+    /// Directory of the model weights (scripts/models.sh fills
+    /// ~/.cache/agentmesh/models). Unset: the node runs no models.
+    pub models_dir: Option<PathBuf>,
     /// Connection and dialing settings.
     #[serde(default)]
     pub network: NetworkSection,
@@ -114,6 +117,8 @@ pub struct CheckedConfig {
     pub network: mesh_net::Config,
     /// Region Raft group settings.
     pub raft: consensus::RaftSettings,
+    /// Where the model weights are, if the node runs models.
+    pub models_dir: Option<PathBuf>,
 }
 
 /// Flags of `node start` that override the file.
@@ -133,6 +138,8 @@ pub struct Overrides {
     pub mdns: bool,
     /// `--log-format`
     pub log_format: Option<LogFormat>,
+    /// `--models-dir`
+    pub models_dir: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -233,6 +240,14 @@ impl NodeConfig {
             problems.push("network.idle_connection_timeout_ms must be at least membership.announce_interval_ms".to_owned());
         }
 
+        let models_dir = flags.models_dir.or(self.models_dir);
+        if let Some(dir) = models_dir.as_ref().filter(|d| !d.is_dir()) {
+            problems.push(format!(
+                "models dir {} is not a directory: run scripts/models.sh (it fills ~/.cache/agentmesh/models) or fix --models-dir",
+                dir.display()
+            ));
+        }
+
         match (data_dir, region, api) {
             (Some(data_dir), Some(region), Some(api)) if problems.is_empty() => Ok(CheckedConfig {
                 data_dir,
@@ -254,6 +269,7 @@ impl NodeConfig {
                     membership: self.membership,
                 },
                 raft: self.raft,
+                models_dir,
             }),
             _ => Err(problems),
         }

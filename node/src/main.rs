@@ -12,6 +12,8 @@ mod client;
 mod config;
 mod data_dir;
 mod members;
+mod model_cli;
+mod models;
 mod region;
 mod region_cli;
 mod regions_api;
@@ -49,6 +51,9 @@ enum Command {
     /// Set and read a region's policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// See and try the models the node runs.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Chaos-test a mesh in the deterministic simulator.
     Sim(sim_cli::SimArgs),
     /// Show the mesh as one node sees it.
@@ -128,6 +133,39 @@ enum PolicyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// The models this node knows: name, kind, sha256, size, loaded or why not.
+    List {
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one model once on the node, as a quick check.
+    Run {
+        /// The model's name (see `model list`).
+        name: String,
+        /// The text to embed, or the user's message to answer.
+        #[arg(long)]
+        input: String,
+        /// New tokens at most (generation).
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Continue the input as raw text instead of answering it as a chat turn.
+        #[arg(long)]
+        raw: bool,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Start a node that joins the mesh; prints `ready peer_id=.. api=.. listen=..` when up.
     Start(StartArgs),
@@ -156,6 +194,9 @@ struct StartArgs {
     /// Discover peers on the local network with mDNS.
     #[arg(long)]
     mdns: bool,
+    /// Directory of the model weights (from scripts/models.sh); without it the node runs no models.
+    #[arg(long, value_name = "DIR")]
+    models_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -198,6 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     api: args.api,
                     mdns: args.mdns,
                     log_format: cli.log_format,
+                    models_dir: args.models_dir,
                 })
                 .map_err(|problems| {
                     anyhow::anyhow!(
@@ -242,6 +284,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(region_cli::get_policy(&api, &region, consistent, json))
         }
         Command::Sim(args) => sim_cli::run(args),
+        Command::Model(ModelCommand::List { api, json }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(model_cli::list(&api, json))
+        }
+        Command::Model(ModelCommand::Run {
+            name,
+            input,
+            max_tokens,
+            raw,
+            api,
+            json,
+        }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(model_cli::run(&api, &name, &input, max_tokens, raw, json))
+        }
         Command::Members { api, json } => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             runtime.block_on(members::run(&api, json))

@@ -53,6 +53,15 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
     })?;
     let api_addr = api_listener.local_addr().context("API listener address")?;
 
+    // Models load before the node announces itself, so its first record
+    // already says which it holds. A refused model is logged; the node runs on.
+    let models = match config.models_dir.clone() {
+        Some(dir) => tokio::task::spawn_blocking(move || crate::models::Models::load(&dir))
+            .await
+            .context("loading the models")?,
+        None => crate::models::Models::none(),
+    };
+
     let started_at_ms = mesh_net::actor::unix_now_ms();
     let local = NodeRecord {
         node_id: NodeId(peer_id.to_base58()),
@@ -63,7 +72,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         seq: u64::from(generation) << 32,
         sent_at_ms: started_at_ms,
         leaving: false,
-        models: Vec::new(),
+        models: models.adverts(),
         datasets: Vec::new(),
         load: Load::default(),
         api: Some(api_addr.to_string()),
@@ -126,6 +135,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
             .connect_timeout(FORWARD_CONNECT_TIMEOUT)
             .build()
             .context("build the HTTP client")?,
+        models,
     };
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
