@@ -3,11 +3,12 @@
 #   scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300]
 #   scripts/bench.sh policy [SECONDS]
 #   scripts/bench.sh sim ["SIZES"]
+#   scripts/bench.sh models
 # Prints markdown tables for BENCHMARKS.md. Never part of the tests.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"]" >&2; exit 2; }
+usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"] | models" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 what=$1; shift
 
@@ -33,6 +34,18 @@ case "$what" in
         (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh)
         say "the simulator on $(nproc) cores"
         "$AGENTMESH_ROOT/scripts/bench/sim.sh" "$CARGO_TARGET_DIR/release/agentmesh" "$@"
+        ;;
+    models)
+        apt_install python3 python3-venv cmake build-essential
+        venv="$(dirname "$CARGO_TARGET_DIR")/bench-venv"
+        if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import sentence_transformers, llama_cpp" 2>/dev/null; then
+            say "making the peers' venv in $venv (torch, sentence-transformers, llama-cpp-python from PyPI)"
+            python3 -m venv "$venv"
+            "$venv/bin/pip" install --quiet --disable-pip-version-check torch sentence-transformers llama-cpp-python
+        fi
+        say "building the models benchmark (release)"
+        (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh-bench --bin models-bench)
+        "$AGENTMESH_ROOT/scripts/bench/models.sh" "$CARGO_TARGET_DIR/release/models-bench" "$venv/bin/python"
         ;;
     *) usage ;;
 esac

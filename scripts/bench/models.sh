@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Models: agentmesh (Candle, CPU) against sentence-transformers (PyTorch,
+# CPU) for embeddings and llama.cpp (llama-cpp-python) for generation, on
+# the same model files, the same inputs and the same thread count.
+# Usage: scripts/bench/models.sh MODELS_BENCH_BIN VENV_PYTHON
+set -euo pipefail
+source "$(dirname "$0")/../lib.sh"
+bin=$1 python=$2
+work="$(mktemp -d -t agentmesh-bench-models.XXXXXX)"
+trap 'rm -f -r "$work"' EXIT
+threads=$(nproc)
+
+# 1,000 short sentences, the same for both sides.
+python3 - "$work/sentences.txt" <<'PY'
+import itertools, sys
+subjects = ["The cat", "A kitten", "My neighbour", "The old man", "A child", "The engineer", "Our team", "The market", "A storm", "The river"]
+verbs = ["watches", "finds", "builds", "crosses", "follows", "paints", "measures", "loses", "carries", "describes"]
+objects = ["the bridge", "a red kite", "the long report", "an empty box", "the quiet garden", "a bright star", "the last train", "a wooden chair", "the morning news", "a cold wind"]
+lines = [f"{s} {v} {o}." for s, v, o in itertools.product(subjects, verbs, objects)]
+open(sys.argv[1], "w").write("\n".join(lines[:1000]) + "\n")
+PY
+# A prompt of about 128 tokens.
+cat >"$work/prompt.txt" <<'TXT'
+The river town woke slowly. Fishermen pulled their boats onto the gravel, the baker opened his shutters, and the smell of bread drifted over the square. At the far end of the street an old clock tower struck seven, and a flock of pigeons rose from its roof. Children with satchels hurried past the fountain, arguing about a football match, while their parents stood in line at the market stalls. Nobody noticed the stranger who stepped off the first bus of the day, carrying a small leather case and a map folded many times. He looked at the tower, then at the map, and
+TXT
+
+say "agentmesh (Candle, $threads threads)"
+ours=$("$bin" --models-dir "$AGENTMESH_MODELS_DIR" --sentences "$work/sentences.txt" --prompt "$work/prompt.txt" --new-tokens 128)
+say "sentence-transformers and llama-cpp-python ($threads threads)"
+peer=$("$python" "$AGENTMESH_ROOT/scripts/bench/models_peer.py" "$AGENTMESH_MODELS_DIR" "$work/sentences.txt" "$work/prompt.txt" "$threads" 128)
+
+python3 - "$ours" "$peer" <<'PY'
+import json, sys
+a, p = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+def row(what, ours, peer, unit):
+    print(f"| {what} | {ours:,.1f} {unit} | {peer:,.1f} {unit} | {ours / peer:.2f}× |")
+print(f"Threads: {p['threads']}; torch {p['torch']}, llama-cpp-python {p['llama_cpp_python']}; "
+      f"prompt {a['prompt_tokens']} tokens here, {p['prompt_tokens']} for llama.cpp; {a['sentences']} sentences.")
+print()
+print("| measure | agentmesh (Candle) | peer | ratio |")
+print("|---|---|---|---|")
+row("embeddings, batch 1 (vs sentence-transformers)", a["embed_per_second_batch1"], p["embed_per_second_batch1"], "sentences/s")
+row("embeddings, batch 32 (vs sentence-transformers)", a["embed_per_second_batch32"], p["embed_per_second_batch32"], "sentences/s")
+row("prompt processing (vs llama.cpp)", a["prompt_tokens_per_second"], p["prompt_tokens_per_second"], "tokens/s")
+row("generation, greedy (vs llama.cpp)", a["generate_tokens_per_second"], p["generate_tokens_per_second"], "tokens/s")
+PY
