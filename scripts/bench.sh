@@ -41,7 +41,11 @@ case "$what" in
         if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import sentence_transformers, llama_cpp" 2>/dev/null; then
             say "making the peers' venv in $venv (torch, sentence-transformers, llama-cpp-python from PyPI)"
             python3 -m venv "$venv"
-            "$venv/bin/pip" install --quiet --disable-pip-version-check torch sentence-transformers llama-cpp-python
+            "$venv/bin/pip" install --quiet --disable-pip-version-check torch sentence-transformers
+            # llama.cpp's native build enables AMX on this CPU, which the VM does
+            # not allow (SIGSEGV at the first eval): build for AVX2/AVX-512 instead.
+            CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+                "$venv/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir llama-cpp-python
         fi
         say "building the models benchmark (release)"
         (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh-bench --bin models-bench)

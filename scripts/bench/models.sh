@@ -27,11 +27,13 @@ TXT
 say "agentmesh (Candle, $threads threads)"
 ours=$("$bin" --models-dir "$AGENTMESH_MODELS_DIR" --sentences "$work/sentences.txt" --prompt "$work/prompt.txt" --new-tokens 128)
 say "sentence-transformers and llama-cpp-python ($threads threads)"
-peer=$("$python" "$AGENTMESH_ROOT/scripts/bench/models_peer.py" "$AGENTMESH_MODELS_DIR" "$work/sentences.txt" "$work/prompt.txt" "$threads" 128)
+peer_embed=$("$python" "$AGENTMESH_ROOT/scripts/bench/models_peer.py" embed "$AGENTMESH_MODELS_DIR" "$work/sentences.txt" "$work/prompt.txt" "$threads" 128)
+peer_gen=$("$python" "$AGENTMESH_ROOT/scripts/bench/models_peer.py" generate "$AGENTMESH_MODELS_DIR" "$work/sentences.txt" "$work/prompt.txt" "$threads" 128)
 
-python3 - "$ours" "$peer" <<'PY'
+python3 - "$ours" "$peer_embed" "$peer_gen" <<'PY'
 import json, sys
-a, p = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+a = json.loads(sys.argv[1])
+p = {**json.loads(sys.argv[2]), **json.loads(sys.argv[3])}
 def row(what, ours, peer, unit):
     print(f"| {what} | {ours:,.1f} {unit} | {peer:,.1f} {unit} | {ours / peer:.2f}× |")
 print(f"Threads: {p['threads']}; torch {p['torch']}, llama-cpp-python {p['llama_cpp_python']}; "

