@@ -95,9 +95,19 @@ fn a_node_loads_lists_and_runs_both_models() {
         "{g}"
     );
 
-    // The gossip record carries what the node holds.
+    // Loading was logged, and the node's record carries what it holds.
     let log = common::read(&node.log);
     assert!(log.contains("model loaded"), "{log}");
+    let members = node.members();
+    let me = members
+        .iter()
+        .find(|m| m["is_self"] == true)
+        .expect("the node itself");
+    assert_eq!(
+        me["models"],
+        serde_json::json!(["all-minilm-l6-v2", "smollm2-135m-instruct-q4_1"]),
+        "{me}"
+    );
 }
 
 fn link_or_copy(from: &Path, to: &Path) {

@@ -22,7 +22,7 @@ pub async fn run(api: &str, json: bool) -> Result<()> {
 
 /// The table for people: one row per member, the answering node marked `*`.
 pub fn table(members: &[MemberView]) -> String {
-    let rows: Vec<[String; 6]> = members
+    let rows: Vec<[String; 7]> = members
         .iter()
         .map(|m| {
             let seen = if m.is_self {
@@ -36,11 +36,25 @@ pub fn table(members: &[MemberView]) -> String {
                 m.state.to_string(),
                 m.raft.map_or("-", |r| r.as_str()).to_owned(),
                 preferred_addr(&m.addrs).unwrap_or("-").to_owned(),
+                if m.models.is_empty() {
+                    "-".to_owned()
+                } else {
+                    m.models.join(",")
+                },
                 seen,
             ]
         })
         .collect();
-    let header = ["PEER", "REGION", "STATE", "RAFT", "ADDRESS", "LAST SEEN"].map(str::to_owned);
+    let header = [
+        "PEER",
+        "REGION",
+        "STATE",
+        "RAFT",
+        "ADDRESS",
+        "MODELS",
+        "LAST SEEN",
+    ]
+    .map(str::to_owned);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -95,6 +109,11 @@ mod tests {
             is_self,
             api: None,
             raft: is_self.then_some(mesh_types::RaftRole::Voter),
+            models: if is_self {
+                vec!["all-minilm-l6-v2".into()]
+            } else {
+                vec![]
+            },
         };
         let text = table(&[
             member("AAAAAAAAAA", MemberState::Alive, true),
@@ -105,6 +124,7 @@ mod tests {
         assert!(lines[1].starts_with("AAAAAAAA*"));
         assert!(lines[1].contains(" voter "));
         assert!(lines[1].contains("/ip4/127.0.0.1/tcp/1"));
+        assert!(lines[1].contains(" all-minilm-l6-v2 "));
         assert!(lines[1].ends_with("self"));
         assert!(lines[2].contains("dead") && lines[2].ends_with("1.2s ago"));
         assert_eq!(lines[0].find("STATE"), lines[2].find("dead"));

@@ -157,6 +157,7 @@ mod tests {
             is_self: false,
             api: None,
             raft: None,
+            models: vec![],
         }
     }
 

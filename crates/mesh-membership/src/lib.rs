@@ -247,6 +247,7 @@ impl Membership {
             is_self: true,
             api: self.local.api.clone(),
             raft: self.local.raft,
+            models: self.local.models.iter().map(|m| m.name.clone()).collect(),
         }];
         let mut others: Vec<&Member> = self.members.values().collect();
         others.sort_by(|a, b| {
@@ -262,6 +263,7 @@ impl Membership {
             is_self: false,
             api: m.record.api.clone(),
             raft: m.record.raft,
+            models: m.record.models.iter().map(|m| m.name.clone()).collect(),
         }));
         rows
     }

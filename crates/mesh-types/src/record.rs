@@ -167,6 +167,9 @@ pub struct MemberView {
     /// Its role in its region's Raft group, if the region is bootstrapped.
     #[serde(default)]
     pub raft: Option<RaftRole>,
+    /// The models it holds (names; their hashes are in its record).
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 #[cfg(test)]
