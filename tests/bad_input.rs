@@ -121,6 +121,18 @@ fn missing_required_settings_are_listed_together() {
 }
 
 #[test]
+fn a_missing_models_dir_is_refused_with_what_to_do() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("d");
+    let nowhere = tmp.path().join("nowhere");
+    let out = run(&start_args(
+        dir.to_str().expect("utf-8"),
+        &["--models-dir", nowhere.to_str().expect("utf-8")],
+    ));
+    assert_refused(&out, &["nowhere", "not a directory", "scripts/models.sh"]);
+}
+
+#[test]
 fn a_data_dir_that_cannot_be_written_is_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let file = tmp.path().join("a-file");

@@ -28,12 +28,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_types::policy::Policy;
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::group::GroupError;
-use crate::types::{NodeId, RegionCommand, RegionNode, RegionResponse, TypeConfig};
+use crate::group::{write_error, GroupError};
+use crate::types::{RegionCommand, RegionResponse, TypeConfig};
 
 /// Policy writes waiting for the proposer; more are refused as busy.
 const QUEUE: usize = 4096;
@@ -157,34 +156,5 @@ async fn propose(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, write_
                 }));
             }
         });
-    }
-}
-
-/// The leader's peer id as this node's metrics know it.
-pub(crate) fn leader_of(raft: &Raft<TypeConfig>) -> Option<String> {
-    let metrics = raft.metrics().borrow().clone();
-    let leader = metrics.current_leader?;
-    metrics
-        .membership_config
-        .membership()
-        .get_node(&leader)
-        .map(|n| n.peer_id.clone())
-}
-
-/// A failed client write or membership change as a [`GroupError`].
-pub(crate) fn write_error(
-    raft: &Raft<TypeConfig>,
-    e: RaftError<NodeId, ClientWriteError<NodeId, RegionNode>>,
-) -> GroupError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => GroupError::NotLeader {
-            // openraft names the leader only once its vote is committed
-            // here; the metrics may know it a little earlier.
-            leader: f.leader_node.map(|n| n.peer_id).or_else(|| leader_of(raft)),
-        },
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(
-            openraft::error::ChangeMembershipError::InProgress(_),
-        )) => GroupError::ChangeInProgress,
-        other => GroupError::Raft(other.to_string()),
     }
 }

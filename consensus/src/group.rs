@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use mesh_store::Store;
 use mesh_types::policy::Policy;
-use openraft::error::{InitializeError, RaftError};
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 
-use crate::batcher::{leader_of, write_error, PolicyApplied, PolicyWrites};
+use crate::batcher::{PolicyApplied, PolicyWrites};
 use crate::rpc::{Network, Transport};
 use crate::types::{node_id_of, NodeId, RegionNode, TypeConfig};
 use crate::{LogStore, RegionState, RegionStateMachine};
@@ -427,5 +427,34 @@ impl RegionGroup {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
+    }
+}
+
+/// The leader's peer id as this node's metrics know it.
+pub(crate) fn leader_of(raft: &Raft<TypeConfig>) -> Option<String> {
+    let metrics = raft.metrics().borrow().clone();
+    let leader = metrics.current_leader?;
+    metrics
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|n| n.peer_id.clone())
+}
+
+/// A failed client write or membership change as a [`GroupError`].
+pub(crate) fn write_error(
+    raft: &Raft<TypeConfig>,
+    e: RaftError<NodeId, ClientWriteError<NodeId, RegionNode>>,
+) -> GroupError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => GroupError::NotLeader {
+            // openraft names the leader only once its vote is committed
+            // here; the metrics may know it a little earlier.
+            leader: f.leader_node.map(|n| n.peer_id).or_else(|| leader_of(raft)),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            openraft::error::ChangeMembershipError::InProgress(_),
+        )) => GroupError::ChangeInProgress,
+        other => GroupError::Raft(other.to_string()),
     }
 }

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use crate::registry::{verify, ModelError, ModelSpec};
+use crate::registry::{read_verified, ModelError, ModelSpec};
 
 /// Longest input in tokens; longer text is truncated (the model's limit is 512,
 /// sentence-transformers uses 256 for this model).
@@ -39,22 +39,15 @@ fn invalid(spec: &ModelSpec, what: &str, e: impl std::fmt::Display) -> ModelErro
 }
 
 impl Embedder {
-    /// Checks the files' hashes, then loads weights, config and tokenizer from `dir`.
+    /// Reads weights, config and tokenizer from `dir`, checks their hashes, loads them.
     pub fn load(spec: &ModelSpec, dir: &Path, device: &Device) -> Result<Self, ModelError> {
-        let files = verify(spec, dir)?;
-        let [weights, tokenizer, config] = files.as_slice() else {
-            return Err(invalid(
-                spec,
-                "registry",
-                "expected weights, tokenizer and config",
-            ));
-        };
-        let config: Config = serde_json::from_slice(
-            &std::fs::read(config).map_err(|e| invalid(spec, "config.json", e))?,
-        )
-        .map_err(|e| invalid(spec, "config.json", e))?;
+        let [weights, tokenizer, config]: [Vec<u8>; 3] = read_verified(spec, dir)?
+            .try_into()
+            .map_err(|_| invalid(spec, "registry", "expected weights, tokenizer and config"))?;
+        let config: Config =
+            serde_json::from_slice(&config).map_err(|e| invalid(spec, "config.json", e))?;
         let mut tokenizer =
-            Tokenizer::from_file(tokenizer).map_err(|e| invalid(spec, "tokenizer.json", e))?;
+            Tokenizer::from_bytes(&tokenizer).map_err(|e| invalid(spec, "tokenizer.json", e))?;
         // The shipped tokenizer pads every input to 128 tokens: pad each batch
         // to its longest input instead; the attention mask hides the padding.
         tokenizer.with_padding(Some(PaddingParams {
@@ -67,8 +60,7 @@ impl Embedder {
                 ..TruncationParams::default()
             }))
             .map_err(|e| invalid(spec, "tokenizer truncation", e))?;
-        let bytes = std::fs::read(weights).map_err(|e| invalid(spec, "weights", e))?;
-        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, device)
             .map_err(|e| invalid(spec, "weights", e))?;
         let model = BertModel::load(vb, &config).map_err(|e| invalid(spec, "weights", e))?;
         Ok(Self {

@@ -19,7 +19,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::registry::{verify, ModelError, ModelSpec};
+use crate::registry::{read_verified, ModelError, ModelSpec};
 
 /// The token that ends a turn.
 pub const IM_END: &str = "<|im_end|>";
@@ -193,19 +193,16 @@ impl std::fmt::Debug for Generator {
 }
 
 impl Generator {
-    /// Checks the file's hash, then loads the GGUF and its tokenizer.
+    /// Reads the GGUF, checks its hash, loads it and its tokenizer.
     pub fn load(spec: &ModelSpec, dir: &Path, device: &Device) -> Result<Self, ModelError> {
-        let files = verify(spec, dir)?;
-        let path = files.first().ok_or_else(|| ModelError::Invalid {
-            model: spec.name.into(),
-            reason: "the registry lists no GGUF file".into(),
-        })?;
-        let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io {
-            model: spec.name.into(),
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        Self::from_reader(spec.name, &mut file, device)
+        let gguf = read_verified(spec, dir)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ModelError::Invalid {
+                model: spec.name.into(),
+                reason: "the registry lists no GGUF file".into(),
+            })?;
+        Self::from_reader(spec.name, &mut std::io::Cursor::new(gguf), device)
     }
 
     /// Loads a GGUF from any reader (the tests build tiny ones in memory).

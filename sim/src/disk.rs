@@ -35,6 +35,11 @@ impl SimDisk {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// True while fsyncs fail.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::SeqCst)
+    }
+
     /// The process died: with `power_loss`, unsynced writes are gone; without,
     /// the OS writes them out.
     pub fn crash(&self, power_loss: bool) -> usize {

@@ -80,8 +80,6 @@ struct Node {
     /// Membership clock error: offset and drift (parts per million).
     skew_ms: i64,
     drift_ppm: i64,
-    /// Its disk fails fsyncs (restarted at the heal).
-    failing_disk: bool,
 }
 
 /// Everything the tasks share. Never held across an await.
@@ -693,7 +691,6 @@ async fn apply_fault(world: &World, fault: &Fault) {
             Fault::FailFsync { region } => {
                 if let Some(i) = follower(&s, *region) {
                     s.nodes[i].disk.fail_syncs(true);
-                    s.nodes[i].failing_disk = true;
                     let peer = s.nodes[i].peer.clone();
                     s.log(format!("{peer}: every fsync fails"));
                 }
@@ -745,7 +742,7 @@ async fn apply_fault(world: &World, fault: &Fault) {
                 s.crash_on_change.clear();
                 let mut restart = down(&s);
                 for i in 0..s.nodes.len() {
-                    if std::mem::take(&mut s.nodes[i].failing_disk) {
+                    if s.nodes[i].disk.failing() {
                         s.nodes[i].disk.fail_syncs(false);
                         // A storage error stops its Raft for good: restart the process.
                         restart.push(i);
@@ -968,7 +965,6 @@ pub(crate) async fn simulate(
             wipes: 0,
             skew_ms: 0,
             drift_ppm: 0,
-            failing_disk: false,
         })
         .collect();
     let world = World(Arc::new(Mutex::new(State {
