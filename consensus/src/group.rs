@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::batcher::{PolicyApplied, PolicyWrites};
 use crate::rpc::{Network, Transport};
 use crate::types::{node_id_of, NodeId, RegionNode, TypeConfig};
-use crate::{LogStore, RegionState, RegionStateMachine};
+use crate::{LogStore, LogSync, RegionState, RegionStateMachine};
 
 /// Raft timings. The defaults fit a LAN (and a loaded 2-core test machine);
 /// for a region spread over a WAN with round trips of R ms, use a heartbeat
@@ -194,10 +194,12 @@ impl std::fmt::Debug for RegionGroup {
 }
 
 impl RegionGroup {
-    /// Opens the group on `store`, resuming its log, vote and state.
+    /// Opens the group on `store`, resuming its log, vote and state; the
+    /// leader's log syncs run as `log_sync` says.
     pub async fn open<T: Transport>(
         settings: &RaftSettings,
         store: Arc<dyn Store>,
+        log_sync: LogSync,
         peer_id: &str,
         transport: T,
     ) -> Result<Self, GroupError> {
@@ -210,11 +212,13 @@ impl RegionGroup {
         let state_machine =
             RegionStateMachine::open(store.clone()).map_err(|e| GroupError::Raft(e.to_string()))?;
         let node_id = node_id_of(peer_id);
+        let log = LogStore::new(store, node_id, log_sync)
+            .map_err(|e| GroupError::Raft(format!("cannot start the log sync worker: {e}")))?;
         let raft = Raft::new(
             node_id,
             config,
             Network::new(transport),
-            LogStore::new(store),
+            log,
             state_machine.clone(),
         )
         .await

@@ -10,7 +10,7 @@ use mesh_store::{MemStore, Store};
 use mesh_types::policy::Policy;
 
 use crate::rpc::{serve, Transport};
-use crate::{GroupError, RaftSettings, RegionGroup};
+use crate::{GroupError, LogSync, RaftSettings, RegionGroup};
 
 /// Routes encoded requests to the groups in this process; a peer in `down`
 /// is unreachable, as after a crash.
@@ -44,7 +44,7 @@ async fn start(transport: &LocalTransport, peer: &str) -> RegionGroup {
         me: peer.to_owned(),
         ..transport.clone()
     };
-    let group = RegionGroup::open(&RaftSettings::default(), store, peer, own)
+    let group = RegionGroup::open(&RaftSettings::default(), store, LogSync::Thread, peer, own)
         .await
         .expect("open group");
     transport

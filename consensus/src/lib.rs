@@ -14,9 +14,9 @@
 //! storage API (`RaftLogStorage` + `RaftStateMachine`) and its conformance
 //! suite; 0.10 is still alpha. 0.9's `AsyncRuntime` is enough for the
 //! simulator: [`runtime::MeshRuntime`] is tokio with a seedable RNG, and a
-//! paused tokio clock drives openraft's timers. What 0.10 would bring is
-//! log IO that does not hold replication back (see BENCHMARKS.md, policy
-//! writes: the p50 gap to etcd).
+//! paused tokio clock drives openraft's timers. The one thing 0.10 has that
+//! we need, a leader that replicates while its own log flush is in flight,
+//! is a small patch to 0.9's core (vendor/README.md; [`log_sync`]).
 
 // openraft's StorageError is large by design; every storage method returns it.
 #![allow(clippy::result_large_err)]
@@ -26,6 +26,7 @@ pub mod codec;
 pub mod group;
 pub mod housekeeping;
 pub mod log_store;
+pub mod log_sync;
 pub mod rpc;
 pub mod runtime;
 pub mod state_machine;
@@ -34,6 +35,7 @@ pub mod types;
 pub use batcher::PolicyApplied;
 pub use group::{GroupError, RaftSettings, RegionGroup, RegionStatus};
 pub use log_store::LogStore;
+pub use log_sync::LogSync;
 pub use state_machine::{RegionState, RegionStateMachine};
 pub use types::{RegionCommand, RegionNode, RegionResponse, TypeConfig};
 

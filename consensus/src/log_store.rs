@@ -1,7 +1,11 @@
 //! The Raft log and vote on a [`Store`]: entries in `Column::RaftLog` keyed
 //! by big-endian index, the vote, the committed id and the last purged id in
 //! `Column::RaftMeta`. Every write that Raft's safety relies on (entries,
-//! vote, truncation, purge) is `Durability::Sync`; the committed id is not.
+//! vote, truncation, purge) is synced before Raft relies on it; the committed
+//! id is not. Entries this node appends as leader are written buffered and
+//! synced by the log's [`SyncQueue`] while the core replicates them; entries
+//! from another leader are synced before `append` returns, as a follower
+//! answers the leader only once they are durable (see `log_sync`).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -14,6 +18,7 @@ use openraft::{
 };
 
 use crate::codec;
+use crate::log_sync::{LogSync, SyncQueue};
 use crate::types::{NodeId, TypeConfig};
 
 const VOTE: &[u8] = b"vote";
@@ -39,12 +44,19 @@ fn write_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
 #[derive(Debug, Clone)]
 pub struct LogStore {
     store: Arc<dyn Store>,
+    node_id: NodeId,
+    sync: SyncQueue,
 }
 
 impl LogStore {
-    /// A log on `store`, resuming whatever it already holds.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    /// The log of node `node_id` on `store`, resuming whatever it already
+    /// holds, with its syncs run as `sync` says.
+    pub fn new(store: Arc<dyn Store>, node_id: NodeId, sync: LogSync) -> std::io::Result<Self> {
+        Ok(Self {
+            sync: SyncQueue::start(store.clone(), sync)?,
+            store,
+            node_id,
+        })
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
@@ -147,14 +159,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut ops = Vec::new();
+        let mut own = false;
         for entry in entries {
+            own = entry.log_id.leader_id.node_id == self.node_id;
             ops.push(WriteOp::Put {
                 column: Column::RaftLog,
                 key: index_key(entry.log_id.index),
                 value: codec::encode(&entry).map_err(write_err)?,
             });
         }
-        // Synced before the callback: Raft may count this entry toward a quorum.
+        // The callback fires only once the entries are durable: Raft may then
+        // count them toward a quorum.
+        if own {
+            // Our own entries, as leader: readable now, so they can be
+            // replicated, and synced in the background.
+            self.store
+                .write(ops, Durability::Buffered)
+                .map_err(write_err)?;
+            self.sync.flush(callback);
+            return Ok(());
+        }
         let result = self.store.write(ops, Durability::Sync);
         let io_result = result
             .as_ref()

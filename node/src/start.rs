@@ -11,7 +11,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
-use consensus::RegionGroup;
+use consensus::{LogSync, RegionGroup};
 use mesh_net::{identity, Network};
 use mesh_store::{RocksStore, Store};
 use mesh_types::{Load, NodeId, NodeRecord, AGENTMESH_VERSION};
@@ -94,6 +94,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
     let group = RegionGroup::open(
         &config.raft,
         store,
+        LogSync::Thread,
         &peer_id.to_base58(),
         MeshTransport(network.clone()),
     )

@@ -5,13 +5,15 @@
 //!   SimStore (one per process life) ── reads: everything written
 //!     write(Buffered) ──> visible + pending          (in the page cache)
 //!     write(Sync)     ──> visible + durable (pending first, in order)
+//!     sync()          ──> pending made durable, in order
 //!   SimDisk (survives crashes) ── durable, pending, fault switches
-//!     process crash: pending kept (the OS still has it)
+//!     process crash: pending kept (the OS still has it); the dead process's
+//!                    SimStore refuses every later write and sync
 //!     power loss:    pending lost
 //!     failing fsync: Sync writes return an error and change nothing
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mesh_store::{Column, Durability, MemStore, Store, StoreError, WriteOp};
@@ -22,6 +24,8 @@ pub struct SimDisk {
     durable: MemStore,
     pending: Mutex<Vec<Vec<WriteOp>>>,
     failing: AtomicBool,
+    /// Counts crashes: a store opened before the last crash is a dead process's.
+    epoch: AtomicU64,
 }
 
 impl SimDisk {
@@ -43,6 +47,7 @@ impl SimDisk {
     /// The process died: with `power_loss`, unsynced writes are gone; without,
     /// the OS writes them out.
     pub fn crash(&self, power_loss: bool) -> usize {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         let pending: Vec<Vec<WriteOp>> = match self.pending.lock() {
             Ok(mut p) => p.drain(..).collect(),
             Err(_) => return 0,
@@ -75,6 +80,7 @@ impl SimDisk {
         Arc::new(SimStore {
             disk: self.clone(),
             visible,
+            epoch: self.epoch.load(Ordering::SeqCst),
         })
     }
 }
@@ -84,6 +90,42 @@ impl SimDisk {
 pub struct SimStore {
     disk: Arc<SimDisk>,
     visible: MemStore,
+    epoch: u64,
+}
+
+fn io(reason: &str) -> StoreError {
+    StoreError::Io {
+        path: "simulated disk".into(),
+        reason: reason.into(),
+    }
+}
+
+impl SimStore {
+    fn alive(&self) -> Result<(), StoreError> {
+        if self.disk.epoch.load(Ordering::SeqCst) == self.epoch {
+            Ok(())
+        } else {
+            Err(io("the process that opened this disk has crashed"))
+        }
+    }
+
+    /// fsync: the pending writes become durable, in order.
+    fn sync_pending(&self) -> Result<(), StoreError> {
+        if self.disk.failing.load(Ordering::SeqCst) {
+            return Err(io("fsync failed (injected fault)"));
+        }
+        let pending: Vec<Vec<WriteOp>> = self
+            .disk
+            .pending
+            .lock()
+            .map_err(|_| io("poisoned"))?
+            .drain(..)
+            .collect();
+        for p in pending {
+            self.disk.durable.write(p, Durability::Sync)?;
+        }
+        Ok(())
+    }
 }
 
 impl Store for SimStore {
@@ -105,10 +147,7 @@ impl Store for SimStore {
     }
 
     fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<(), StoreError> {
-        let io = |reason: &str| StoreError::Io {
-            path: "simulated disk".into(),
-            reason: reason.into(),
-        };
+        self.alive()?;
         match durability {
             Durability::Buffered => {
                 self.disk
@@ -119,23 +158,16 @@ impl Store for SimStore {
                 self.visible.write(ops, Durability::Buffered)
             }
             Durability::Sync => {
-                if self.disk.failing.load(Ordering::SeqCst) {
-                    return Err(io("fsync failed (injected fault)"));
-                }
-                let pending: Vec<Vec<WriteOp>> = self
-                    .disk
-                    .pending
-                    .lock()
-                    .map_err(|_| io("poisoned"))?
-                    .drain(..)
-                    .collect();
-                for p in pending {
-                    self.disk.durable.write(p, Durability::Sync)?;
-                }
+                self.sync_pending()?;
                 self.disk.durable.write(ops.clone(), Durability::Sync)?;
                 self.visible.write(ops, Durability::Sync)
             }
         }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.alive()?;
+        self.sync_pending()
     }
 }
 
@@ -178,5 +210,25 @@ mod tests {
         disk.fail_syncs(true);
         assert!(store.write(put(b"b"), Durability::Sync).is_err());
         assert!(store.get(Column::RaftMeta, b"b").expect("get").is_none());
+    }
+
+    #[test]
+    fn sync_makes_buffered_writes_durable_and_a_dead_process_cannot_write() {
+        let disk = SimDisk::new();
+        let store = disk.open();
+        store.write(put(b"a"), Durability::Buffered).expect("write");
+        store.sync().expect("sync");
+        store.write(put(b"b"), Durability::Buffered).expect("write");
+        assert_eq!(disk.crash(true), 1, "b was not synced");
+        let after = disk.open();
+        assert!(after.get(Column::RaftMeta, b"a").expect("get").is_some());
+        assert!(
+            store.sync().is_err(),
+            "the crashed process's handle is dead"
+        );
+        assert!(store.write(put(b"c"), Durability::Buffered).is_err());
+        disk.fail_syncs(true);
+        after.write(put(b"d"), Durability::Buffered).expect("write");
+        assert!(after.sync().is_err(), "a failing fsync is reported");
     }
 }

@@ -74,6 +74,14 @@ fn contract(store: &dyn Store) {
         Some(b"\x00\x01".to_vec())
     );
     assert_eq!(store.get(Column::RaftMeta, b"vote").expect("get"), None);
+    store
+        .write(vec![put(log, b"\x00\x05", b"e")], Durability::Buffered)
+        .expect("buffered write");
+    store.sync().expect("sync");
+    assert_eq!(
+        store.get(log, b"\x00\x05").expect("get"),
+        Some(b"e".to_vec())
+    );
 }
 
 #[test]
@@ -98,11 +106,22 @@ fn rocks_store_keeps_synced_writes_across_a_reopen() {
                 Durability::Sync,
             )
             .expect("write");
+        store
+            .write(
+                vec![put(Column::RaftLog, b"\x00\x01", b"entry")],
+                Durability::Buffered,
+            )
+            .expect("write");
+        store.sync().expect("sync");
     }
     let store = RocksStore::open(dir.path()).expect("reopen");
     assert_eq!(
         store.get(Column::RaftMeta, b"vote").expect("get"),
         Some(b"term-7".to_vec())
+    );
+    assert_eq!(
+        store.get(Column::RaftLog, b"\x00\x01").expect("get"),
+        Some(b"entry".to_vec())
     );
 }
 

@@ -4,7 +4,7 @@
 //!   consensus (raft log, vote, state machine, snapshots)
 //!        │  get / range / last / write(batch, durability)
 //!        ▼
-//!   dyn Store ──┬── RocksStore: rocksdb, one column family per Column, fsync on Durability::Sync
+//!   dyn Store ──┬── RocksStore: rocksdb, one column family per Column, fsync on Durability::Sync and sync()
 //!               └── MemStore:   BTreeMaps, for unit tests and the simulator
 //! ```
 //!
@@ -138,6 +138,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Applies `ops` atomically, in order.
     fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<(), StoreError>;
+
+    /// Makes every write that returned before this call durable, as if it had
+    /// been written with [`Durability::Sync`]. Safe to call from another
+    /// thread while writes go on.
+    fn sync(&self) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

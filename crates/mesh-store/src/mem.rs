@@ -84,4 +84,9 @@ impl Store for MemStore {
         }
         Ok(())
     }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        // Nothing outlives the process: every write is as durable as it gets.
+        Ok(())
+    }
 }
