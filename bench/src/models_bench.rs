@@ -32,12 +32,18 @@ fn main() -> Result<()> {
     let device = models::device();
     let text = std::fs::read_to_string(&args.sentences)?;
     let sentences: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    if sentences.is_empty() {
+        anyhow::bail!(
+            "{} holds no sentences (one per line)",
+            args.sentences.display()
+        );
+    }
     let prompt = std::fs::read_to_string(&args.prompt)?;
 
     let embedder =
         Embedder::load(&MINILM, &args.models_dir, &device).map_err(|e| anyhow!("{e}"))?;
     embedder
-        .embed(&sentences[..8])
+        .embed(&sentences[..sentences.len().min(8)])
         .map_err(|e| anyhow!("{e}"))?; // warm-up
     let mut per_second = Vec::new();
     for batch in [1usize, 32] {

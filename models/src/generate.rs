@@ -124,22 +124,39 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, String> {
     Ok(tokenizer)
 }
 
-/// Re-encodes Q4_1 tensors as Q8_0, in memory, before the model loads.
+/// True when candle has a SIMD dot product for Q4_1 blocks on this CPU: the
+/// AVX2 kernel of our candle-core patch (vendor/README.md), chosen at run
+/// time on x86-64 CPUs with AVX2, FMA and F16C.
+fn q4_1_has_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Re-encodes Q4_1 tensors as Q8_0, in memory, before the model loads, on a
+/// CPU where candle has no SIMD dot product for Q4_1 (see [`q4_1_has_simd`]).
 ///
-/// candle 0.11 has no SIMD dot product for Q4_1 blocks (`vec_dot_unopt`:
-/// about a third of all the benchmark's time in the profile) and an AVX one
-/// for Q8_0. Every Q4_1 value fits Q8_0's grid within 1/254 of its block's
-/// largest magnitude, so outputs barely move; the weights take twice the
-/// memory (about 140 MB instead of 75 for SmolLM2-135M). `None`: nothing
-/// to convert.
+/// There candle runs Q4_1 through a scalar loop (`vec_dot_unopt`: a third of
+/// all the benchmark's time in the profile) and has a SIMD one for Q8_0.
+/// Every Q4_1 value fits Q8_0's grid within 1/254 of its block's largest
+/// magnitude, so outputs barely move; the weights take twice the memory
+/// (about 140 MB instead of 75 for SmolLM2-135M). `None`: nothing to convert.
 fn requantize_q4_1<R: Read + Seek>(
     content: &Content,
     reader: &mut R,
 ) -> candle_core::Result<Option<Vec<u8>>> {
-    if !content
-        .tensor_infos
-        .values()
-        .any(|t| t.ggml_dtype == GgmlDType::Q4_1)
+    if q4_1_has_simd()
+        || !content
+            .tensor_infos
+            .values()
+            .any(|t| t.ggml_dtype == GgmlDType::Q4_1)
     {
         return Ok(None);
     }

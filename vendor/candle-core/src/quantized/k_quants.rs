@@ -307,7 +307,39 @@ impl GgmlType for BlockQ4_1 {
     type VecDotType = BlockQ8_1;
 
     fn vec_dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        // agentmesh patch: the AVX2 kernel when the CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        if super::avx2_runtime::available() {
+            let nb = n / QK8_1;
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { super::avx2_runtime::vec_dot_q4_1_q8_1(&xs[..nb], &ys[..nb]) };
+        }
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    fn vec_dot_4(
+        n: usize,
+        xs0: &[Self],
+        xs1: &[Self],
+        xs2: &[Self],
+        xs3: &[Self],
+        ys: &[Self::VecDotType],
+    ) -> (f32, f32, f32, f32) {
+        // agentmesh patch: the AVX2 kernel when the CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        if super::avx2_runtime::available() {
+            let nb = n / QK8_1;
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe {
+                super::avx2_runtime::vec_dot_4_q4_1_q8_1(
+                    [&xs0[..nb], &xs1[..nb], &xs2[..nb], &xs3[..nb]],
+                    &ys[..nb],
+                )
+            };
+        }
+        let (d0, d1) = Self::vec_dot_2(n, xs0, xs1, ys);
+        let (d2, d3) = Self::vec_dot_2(n, xs2, xs3, ys);
+        (d0, d1, d2, d3)
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {

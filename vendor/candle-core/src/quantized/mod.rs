@@ -6,6 +6,9 @@ use std::borrow::Cow;
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 pub mod avx;
+// agentmesh patch: run-time AVX2 kernels (see the module docs).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2_runtime;
 mod dummy_cuda;
 mod dummy_metal;
 pub mod ggml_file;

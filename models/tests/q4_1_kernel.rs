@@ -1,0 +1,75 @@
+//! The Q4_1 matmul that generation runs on (on x86-64 with AVX2: the kernel
+//! of our candle-core patch, vendor/README.md) against the same weights
+//! dequantized to f32, for one row (decode) and many (prompt), with widths
+//! that leave a tail after the column quads.
+
+use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1, GgmlType};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+fn values(seed: u32, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn q4_1_matmul_matches_the_dequantized_weights() {
+    let cpu = Device::Cpu;
+    let (k, n) = (576, 38); // SmolLM2's width; 38 columns = 9 quads + 2
+    let w = Tensor::from_vec(values(1, n * k), (n, k), &cpu).expect("weights");
+    let q = QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize");
+    let dequantized = q.dequantize(&cpu).expect("dequantize");
+    let matmul = QMatMul::from_qtensor(q).expect("qmatmul");
+    for rows in [1, 7] {
+        let x = Tensor::from_vec(values(2 + rows as u32, rows * k), (rows, k), &cpu).expect("x");
+        let got: Vec<Vec<f32>> = matmul.forward(&x).expect("forward").to_vec2().expect("vec");
+        // The kernel multiplies by the activations quantized to Q8_1: so does the reference.
+        let x8 = QTensor::quantize(&x, GgmlDType::Q8_1)
+            .expect("quantize x")
+            .dequantize(&cpu)
+            .expect("dequantize x");
+        let want: Vec<Vec<f32>> = x8
+            .matmul(&dequantized.t().expect("t"))
+            .expect("matmul")
+            .to_vec2()
+            .expect("vec");
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            // Left: Q8_1 keeps each block's sum in f16 (as ggml does), which
+            // the reference does not round; 18 blocks of such error.
+            assert!((g - w).abs() < 1e-2 + 1e-2 * w.abs(), "{g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn q4_1_dot_products_match_the_scalar_loop() {
+    let k = 576;
+    let blocks = |seed: u32| {
+        let mut xs = vec![BlockQ4_1::zeros(); k / 32];
+        BlockQ4_1::from_float(&values(seed, k), &mut xs);
+        xs
+    };
+    let (x0, x1, x2, x3) = (blocks(10), blocks(11), blocks(12), blocks(13));
+    let mut ys = vec![BlockQ8_1::zeros(); k / 32];
+    BlockQ8_1::from_float(&values(20, k), &mut ys);
+    let close = |got: f32, want: f32| {
+        // The same integer sums, added in another order in f32.
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
+    };
+    close(
+        BlockQ4_1::vec_dot(k, &x0, &ys),
+        BlockQ4_1::vec_dot_unopt(k, &x0, &ys),
+    );
+    let (d0, d1, d2, d3) = BlockQ4_1::vec_dot_4(k, &x0, &x1, &x2, &x3, &ys);
+    for (got, x) in [(d0, &x0), (d1, &x1), (d2, &x2), (d3, &x3)] {
+        close(got, BlockQ4_1::vec_dot_unopt(k, x, &ys));
+    }
+}
