@@ -1,5 +1,6 @@
-//! SmolLM2-135M-Instruct (GGUF Q4_1) through
-//! `candle_transformers::models::quantized_llama`, with a byte-level BPE
+//! SmolLM2-135M-Instruct (GGUF Q4_1) through our Llama forward pass
+//! ([`crate::llama`], derived from candle-transformers' `quantized_llama`),
+//! with a byte-level BPE
 //! tokenizer built from the GGUF's own metadata (no tokenizer.json ships),
 //! the model's chat template, sampling (temperature, top-p, seed) and token
 //! streaming; generation stops at `<|im_end|>`.
@@ -11,7 +12,6 @@ use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -19,6 +19,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::llama::Llama;
 use crate::registry::{read_verified, ModelError, ModelSpec};
 
 /// The token that ends a turn.
@@ -194,7 +195,7 @@ pub fn chat_prompt(user: &str) -> String {
 
 /// A loaded generation model.
 pub struct Generator {
-    weights: ModelWeights,
+    weights: Llama,
     tokenizer: Tokenizer,
     device: Device,
     end: u32,
@@ -242,9 +243,9 @@ impl Generator {
                 Some(bytes) => {
                     let mut cursor = std::io::Cursor::new(bytes);
                     let content = Content::read(&mut cursor).map_err(|e| invalid("weights", &e))?;
-                    ModelWeights::from_gguf(content, &mut cursor, device)
+                    Llama::from_gguf(content, &mut cursor, device)
                 }
-                None => ModelWeights::from_gguf(content, reader, device),
+                None => Llama::from_gguf(content, reader, device),
             }
             .map_err(|e| invalid("weights", &e))?;
         Ok(Self {
@@ -283,6 +284,21 @@ impl Generator {
         if prompt_ids.is_empty() {
             return Err(err("prompt", &"the prompt is empty"));
         }
+        let context = self.weights.context_length();
+        if prompt_ids.len() >= context {
+            return Err(err(
+                "prompt",
+                &format!(
+                    "{} tokens leave no room in the model's context of {context}",
+                    prompt_ids.len()
+                ),
+            ));
+        }
+        // Stops at the end of the context, whatever max_tokens says.
+        let max_tokens = params.max_tokens.min(context - prompt_ids.len());
+        self.weights
+            .start(prompt_ids.len() + max_tokens)
+            .map_err(|e| err("inference", &e))?;
         let sampling = if params.temperature <= 0.0 {
             Sampling::ArgMax
         } else if params.top_p < 1.0 {
@@ -300,7 +316,7 @@ impl Generator {
         let mut text = String::new();
         let mut input = prompt_ids.clone();
         let mut position = 0;
-        while generated.len() < params.max_tokens {
+        while generated.len() < max_tokens {
             let next = (|| -> candle_core::Result<u32> {
                 let x = Tensor::new(input.as_slice(), &self.device)?.unsqueeze(0)?;
                 let logits = self.weights.forward(&x, position)?.squeeze(0)?;

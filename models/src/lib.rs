@@ -12,6 +12,7 @@
 
 pub mod embed;
 pub mod generate;
+pub mod llama;
 pub mod registry;
 pub mod serve;
 

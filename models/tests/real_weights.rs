@@ -99,3 +99,64 @@ fn the_gguf_tokenizer_round_trips_text_and_keeps_control_tokens_whole() {
     assert_eq!(ids.first(), Some(&1), "<|im_start|> is token 1: {ids:?}");
     assert_eq!(ids.last(), Some(&2), "<|im_end|> is token 2: {ids:?}");
 }
+
+#[test]
+fn our_llama_gives_candle_transformers_logits() {
+    use candle_core::quantized::gguf_file::Content;
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    use models::llama::Llama;
+
+    let gguf = models::registry::read_verified(&SMOLLM2, &dir())
+        .expect("read")
+        .remove(0);
+    let load = || {
+        let mut cursor = std::io::Cursor::new(&gguf);
+        let content = Content::read(&mut cursor).expect("header");
+        (content, cursor)
+    };
+    let cpu = Device::Cpu;
+    let (content, mut cursor) = load();
+    let mut theirs = ModelWeights::from_gguf(content, &mut cursor, &cpu).expect("theirs");
+    let (content, mut cursor) = load();
+    let mut ours = Llama::from_gguf(content, &mut cursor, &cpu).expect("ours");
+    ours.start(16).expect("start");
+
+    // A prompt (the masked path), then single tokens (the grouped path).
+    let mut input: Vec<u32> = vec![504, 3575, 282, 4649, 314];
+    let mut position = 0;
+    for step in 0..6 {
+        let x = Tensor::new(input.as_slice(), &cpu)
+            .expect("ids")
+            .unsqueeze(0)
+            .expect("batch");
+        let a: Vec<f32> = ours
+            .forward(&x, position)
+            .expect("ours")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        let b: Vec<f32> = theirs
+            .forward(&x, position)
+            .expect("theirs")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "step {step}: logits differ by up to {worst}");
+        let next = a
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
+            .0 as u32;
+        position += input.len();
+        input = vec![next];
+    }
+}

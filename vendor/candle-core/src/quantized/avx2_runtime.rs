@@ -19,11 +19,13 @@ pub(crate) fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-/// f16 to f32 in one instruction (`half` calls out of line for it).
+/// Two f16 as f32 in one instruction (`half` calls out of line for each):
+/// `[a, b, 0, 0]`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f32_of(x: half::f16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(x.to_bits() as i32)))
+unsafe fn pair(a: half::f16, b: half::f16) -> __m128 {
+    let bits = a.to_bits() as u32 | (b.to_bits() as u32) << 16;
+    _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
 }
 
 /// 16 bytes of nibbles as 32 bytes: the low nibbles (elements 0..16) in the
@@ -36,22 +38,25 @@ unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
     _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
 }
 
-/// `acc + scale * (x · qy)` for one block of x, with `x.m * ysum` added to `mins`.
+/// One block of x against one block of y (`y_ds`: `[y.d, y.s, 0, 0]`):
+/// adds `x.d * y.d * (x · y)` to `acc`, and `x.m * y.s` to lane 1 of `mins`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block(
-    acc: __m256,
-    mins: &mut f32,
-    x: &BlockQ4_1,
-    qy: __m256i,
-    yd: f32,
-    ysum: f32,
-) -> __m256 {
-    *mins += f32_of(x.m) * ysum;
+unsafe fn block(acc: __m256, mins: &mut __m128, x: &BlockQ4_1, qy: __m256i, y_ds: __m128) -> __m256 {
+    // [x.d * y.d, x.m * y.s, 0, 0]
+    let scales = _mm_mul_ps(pair(x.d, x.m), y_ds);
+    *mins = _mm_add_ps(*mins, scales);
     // u8 * i8 pairs summed to i16: at most 2 * 15 * 127, no saturation.
     let pairs = _mm256_maddubs_epi16(nibbles(&x.qs), qy);
     let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), pairs));
-    _mm256_fmadd_ps(_mm256_set1_ps(f32_of(x.d) * yd), sums, acc)
+    _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), sums, acc)
+}
+
+/// Lane 1 of `mins`: the sum of the `x.m * y.s` terms.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lane1(mins: __m128) -> f32 {
+    _mm_cvtss_f32(_mm_shuffle_ps(mins, mins, 0b01))
 }
 
 #[inline]
@@ -70,12 +75,12 @@ unsafe fn hsum(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn vec_dot_q4_1_q8_1(xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut mins = 0f32;
+    let mut mins = _mm_setzero_ps();
     for (x, y) in xs.iter().zip(ys) {
         let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-        acc = block(acc, &mut mins, x, qy, f32_of(y.d), f32_of(y.s));
+        acc = block(acc, &mut mins, x, qy, pair(y.d, y.s));
     }
-    hsum(acc) + mins
+    hsum(acc) + lane1(mins)
 }
 
 /// Four dot products against one `ys`, which is loaded once per block.
@@ -101,20 +106,25 @@ pub(crate) unsafe fn vec_dot_4_q4_1_q8_1(
         _mm256_setzero_ps(),
         _mm256_setzero_ps(),
     );
-    let (mut m0, mut m1, mut m2, mut m3) = (0f32, 0f32, 0f32, 0f32);
+    let (mut m0, mut m1, mut m2, mut m3) = (
+        _mm_setzero_ps(),
+        _mm_setzero_ps(),
+        _mm_setzero_ps(),
+        _mm_setzero_ps(),
+    );
     for i in 0..n {
         let y = &ys[i];
         let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-        let (yd, ysum) = (f32_of(y.d), f32_of(y.s));
-        a0 = block(a0, &mut m0, &x0[i], qy, yd, ysum);
-        a1 = block(a1, &mut m1, &x1[i], qy, yd, ysum);
-        a2 = block(a2, &mut m2, &x2[i], qy, yd, ysum);
-        a3 = block(a3, &mut m3, &x3[i], qy, yd, ysum);
+        let y_ds = pair(y.d, y.s);
+        a0 = block(a0, &mut m0, &x0[i], qy, y_ds);
+        a1 = block(a1, &mut m1, &x1[i], qy, y_ds);
+        a2 = block(a2, &mut m2, &x2[i], qy, y_ds);
+        a3 = block(a3, &mut m3, &x3[i], qy, y_ds);
     }
     (
-        hsum(a0) + m0,
-        hsum(a1) + m1,
-        hsum(a2) + m2,
-        hsum(a3) + m3,
+        hsum(a0) + lane1(m0),
+        hsum(a1) + lane1(m1),
+        hsum(a2) + lane1(m2),
+        hsum(a3) + lane1(m3),
     )
 }

@@ -1,0 +1,282 @@
+//! The Llama forward pass that SmolLM2 runs on: GGUF weights, quantized
+//! matmuls, interleaved RoPE, grouped-query attention.
+//!
+//! Derived from candle-transformers 0.11.1 `models::quantized_llama`
+//! (Apache-2.0 OR MIT), which computes the same function, with two changes
+//! for decoding, where each new token used to copy the whole context:
+//! - the KV cache is allocated once per generation, sized for the prompt and
+//!   the new tokens (`candle_nn::kv_cache::KvCache`), and each token is
+//!   written into it in place (the original concatenated the whole cache
+//!   with each new token);
+//! - a single query token attends per key/value head group: the query heads
+//!   that share a KV head are one matrix against that head's keys, instead
+//!   of the keys and values being copied once per query head
+//!   (`repeat_kv`; SmolLM2 has 9 query heads on 3 KV heads).
+//! The prompt (many query tokens at once) takes the original path.
+//! `tests/real_weights.rs` checks the logits against candle-transformers'
+//! model on the real weights.
+
+use std::io::{Read, Seek};
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::Embedding;
+use candle_transformers::quantized_nn::RmsNorm;
+use candle_transformers::utils::{build_causal_mask, repeat_kv};
+
+struct Layer {
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    attention_norm: RmsNorm,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    ffn_norm: RmsNorm,
+    cache: KvCache,
+}
+
+/// A Llama model read from GGUF.
+pub struct Llama {
+    embeddings: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    cos: Tensor,
+    sin: Tensor,
+    neg_inf: Tensor,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama")
+            .field("layers", &self.layers.len())
+            .field("n_head", &self.n_head)
+            .field("n_kv_head", &self.n_kv_head)
+            .field("head_dim", &self.head_dim)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Llama {
+    /// The longest sequence (prompt and new tokens) the model is run on.
+    pub fn context_length(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Reads the model from GGUF. Only the `llama` architecture (interleaved
+    /// RoPE, no mixture of experts) is accepted.
+    pub fn from_gguf<R: Read + Seek>(
+        content: Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self> {
+        let md = |key: &str| {
+            content
+                .metadata
+                .get(key)
+                .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata lacks {key}")))
+        };
+        let arch = md("general.architecture")?.to_string()?.clone();
+        if arch != "llama" {
+            candle_core::bail!("architecture {arch:?} is not supported (only llama)");
+        }
+        if content
+            .metadata
+            .get("llama.expert_count")
+            .and_then(|v| v.to_u32().ok())
+            .is_some_and(|n| n > 1)
+        {
+            candle_core::bail!("mixture-of-experts models are not supported");
+        }
+        let n_head = md("llama.attention.head_count")?.to_u32()? as usize;
+        let n_kv_head = md("llama.attention.head_count_kv")?.to_u32()? as usize;
+        let n_layer = md("llama.block_count")?.to_u32()? as usize;
+        let n_embd = md("llama.embedding_length")?.to_u32()? as usize;
+        let rope_dim = md("llama.rope.dimension_count")?.to_u32()? as usize;
+        let eps = md("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
+        let context = md("llama.context_length")?.to_u32()? as usize;
+        let freq_base = content
+            .metadata
+            .get("llama.rope.freq_base")
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(10_000.0);
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || n_embd % n_head != 0 {
+            candle_core::bail!(
+                "inconsistent heads: {n_head} query heads, {n_kv_head} KV heads, width {n_embd}"
+            );
+        }
+        let (cos, sin) = rope_tables(rope_dim, freq_base, context, device)?;
+
+        let embeddings_q = content.tensor(reader, "token_embd.weight", device)?;
+        let embeddings = Embedding::new(embeddings_q.dequantize(device)?, n_embd);
+        let norm =
+            RmsNorm::from_qtensor(content.tensor(reader, "output_norm.weight", device)?, eps)?;
+        // Tied embeddings when the file has no output matrix.
+        let output = match content.tensor(reader, "output.weight", device) {
+            Ok(t) => t,
+            Err(_) => embeddings_q,
+        };
+        let mut layers = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let mut w =
+                |name: &str| content.tensor(reader, &format!("blk.{i}.{name}.weight"), device);
+            layers.push(Layer {
+                wq: QMatMul::from_qtensor(w("attn_q")?)?,
+                wk: QMatMul::from_qtensor(w("attn_k")?)?,
+                wv: QMatMul::from_qtensor(w("attn_v")?)?,
+                wo: QMatMul::from_qtensor(w("attn_output")?)?,
+                attention_norm: RmsNorm::from_qtensor(w("attn_norm")?, eps)?,
+                gate: QMatMul::from_qtensor(w("ffn_gate")?)?,
+                up: QMatMul::from_qtensor(w("ffn_up")?)?,
+                down: QMatMul::from_qtensor(w("ffn_down")?)?,
+                ffn_norm: RmsNorm::from_qtensor(w("ffn_norm")?, eps)?,
+                cache: KvCache::new(2, 1),
+            });
+        }
+        Ok(Self {
+            embeddings,
+            layers,
+            norm,
+            output: QMatMul::from_qtensor(output)?,
+            n_head,
+            n_kv_head,
+            head_dim: n_embd / n_head,
+            cos,
+            sin,
+            neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
+        })
+    }
+
+    /// Starts a new sequence of up to `tokens` tokens (prompt and new ones):
+    /// the caches forget the last one and are allocated once for this one.
+    pub fn start(&mut self, tokens: usize) -> Result<()> {
+        if tokens > self.context_length() {
+            candle_core::bail!(
+                "{tokens} tokens do not fit the model's context of {}",
+                self.context_length()
+            );
+        }
+        for layer in &mut self.layers {
+            layer.cache = KvCache::new(2, tokens.max(1));
+        }
+        Ok(())
+    }
+
+    /// Logits of the next token after `x` (`(batch, tokens)` of ids), the
+    /// first of which sits at `index_pos` in the sequence.
+    pub fn forward(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
+        let (_, seq_len) = x.dims2()?;
+        if index_pos + seq_len > self.context_length() {
+            candle_core::bail!(
+                "position {} is past the model's context of {}",
+                index_pos + seq_len,
+                self.context_length()
+            );
+        }
+        let mask = if seq_len == 1 {
+            None
+        } else {
+            Some(build_causal_mask(seq_len, index_pos, x.device())?)
+        };
+        let cos = self.cos.narrow(0, index_pos, seq_len)?;
+        let sin = self.sin.narrow(0, index_pos, seq_len)?;
+        let shape = Shape {
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+        };
+        let mut h = self.embeddings.forward(x)?;
+        for layer in &mut self.layers {
+            let a = layer.attention_norm.forward(&h)?;
+            let a = layer.attention(&a, mask.as_ref(), &cos, &sin, &self.neg_inf, shape)?;
+            h = (a + h)?;
+            let f = layer.ffn_norm.forward(&h)?;
+            let f = layer
+                .down
+                .forward(&(layer.gate.forward(&f)?.silu()? * layer.up.forward(&f)?)?)?;
+            h = (f + h)?;
+        }
+        let h = self.norm.forward(&h)?;
+        self.output.forward(&h.i((.., seq_len - 1, ..))?)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+}
+
+impl Layer {
+    fn attention(
+        &mut self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        neg_inf: &Tensor,
+        s: Shape,
+    ) -> Result<Tensor> {
+        let (b, seq_len, n_embd) = x.dims3()?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, seq_len, n, s.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(self.wq.forward(x)?, s.n_head)?;
+        let k = heads(self.wk.forward(x)?, s.n_kv_head)?;
+        let v = heads(self.wv.forward(x)?, s.n_kv_head)?;
+        let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
+        // Views of the cache: (b, n_kv_head, tokens so far, head_dim).
+        let (k, v) = self.cache.append(&k, &v)?;
+        let scale = 1.0 / (s.head_dim as f64).sqrt();
+        let n_rep = s.n_head / s.n_kv_head;
+        let y = if seq_len == 1 {
+            // Query heads g*n_rep .. g*n_rep+n_rep share KV head g: one
+            // (n_rep, head_dim) matrix per group, no copy of the cache.
+            let q = q.reshape((b, s.n_kv_head, n_rep, s.head_dim))?;
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            att.matmul(&v)?.reshape((b, 1, n_embd))?
+        } else {
+            let k = repeat_kv(k.contiguous()?, n_rep)?;
+            let v = repeat_kv(v.contiguous()?, n_rep)?;
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = match mask {
+                None => att,
+                Some(mask) => {
+                    let mask = mask.broadcast_as(att.shape())?;
+                    mask.where_cond(&neg_inf.broadcast_as(att.shape())?, &att)?
+                }
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            att.matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, seq_len, n_embd))?
+        };
+        self.wo.forward(&y)
+    }
+}
+
+/// cos and sin of RoPE's angles for every position of the context.
+fn rope_tables(dim: usize, base: f32, context: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let theta: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let angles = Tensor::arange(0, context as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((context, 1))?
+        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
