@@ -12,6 +12,7 @@
 //!   that share a KV head are one matrix against that head's keys, instead
 //!   of the keys and values being copied once per query head
 //!   (`repeat_kv`; SmolLM2 has 9 query heads on 3 KV heads).
+//!
 //! The prompt (many query tokens at once) takes the original path.
 //! `tests/real_weights.rs` checks the logits against candle-transformers'
 //! model on the real weights.
