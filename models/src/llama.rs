@@ -108,7 +108,11 @@ impl Llama {
             .get("llama.rope.freq_base")
             .and_then(|v| v.to_f32().ok())
             .unwrap_or(10_000.0);
-        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || n_embd % n_head != 0 {
+        if n_head == 0
+            || n_kv_head == 0
+            || !n_head.is_multiple_of(n_kv_head)
+            || !n_embd.is_multiple_of(n_head)
+        {
             candle_core::bail!(
                 "inconsistent heads: {n_head} query heads, {n_kv_head} KV heads, width {n_embd}"
             );
