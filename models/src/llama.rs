@@ -13,28 +13,87 @@
 //!   of the keys and values being copied once per query head
 //!   (`repeat_kv`; SmolLM2 has 9 query heads on 3 KV heads).
 //!
-//! The prompt (many query tokens at once) takes the original path.
+//! The prompt (many query tokens at once) takes the original path. And the
+//! projections that read the same input run as one matmul (Q, K and V; the
+//! MLP's gate and up), their weights stacked at load: fewer passes over the
+//! activations and fewer hand-offs to the matmul threads.
 //! `tests/real_weights.rs` checks the logits against candle-transformers'
 //! model on the real weights.
 
+use std::borrow::Cow;
 use std::io::{Read, Seek};
 
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::{build_causal_mask, repeat_kv};
 
+/// Projections of one input: one matmul over their stacked weights when
+/// they share a quantization, else one each.
+enum Projections {
+    Stacked { matmul: QMatMul, widths: Vec<usize> },
+    Separate(Vec<QMatMul>),
+}
+
+impl Projections {
+    fn new(parts: Vec<QTensor>) -> Result<Self> {
+        let first = parts
+            .first()
+            .ok_or_else(|| candle_core::Error::Msg("no projection".into()))?;
+        let (dtype, (_, k)) = (first.dtype(), first.shape().dims2()?);
+        let mut widths = Vec::with_capacity(parts.len());
+        for p in &parts {
+            let (n, pk) = p.shape().dims2()?;
+            if p.dtype() != dtype || pk != k {
+                return Ok(Self::Separate(
+                    parts
+                        .into_iter()
+                        .map(QMatMul::from_qtensor)
+                        .collect::<Result<_>>()?,
+                ));
+            }
+            widths.push(n);
+        }
+        // Rows are stored one after another, so stacking rows is
+        // concatenating the bytes.
+        let mut bytes = Vec::new();
+        for p in &parts {
+            bytes.extend_from_slice(&p.data()?);
+        }
+        let device = first.device();
+        let storage = QStorage::from_data(Cow::Owned(bytes), &device, dtype)?;
+        let stacked = QTensor::new(storage, (widths.iter().sum::<usize>(), k))?;
+        Ok(Self::Stacked {
+            matmul: QMatMul::from_qtensor(stacked)?,
+            widths,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(ms) => ms.iter().map(|m| m.forward(x)).collect(),
+            Self::Stacked { matmul, widths } => {
+                let y = matmul.forward(x)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(widths.len());
+                for &w in widths {
+                    out.push(y.narrow(D::Minus1, start, w)?);
+                    start += w;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    qkv: Projections,
     wo: QMatMul,
     attention_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
+    gate_up: Projections,
     down: QMatMul,
     ffn_norm: RmsNorm,
     cache: KvCache,
@@ -133,13 +192,10 @@ impl Llama {
             let mut w =
                 |name: &str| content.tensor(reader, &format!("blk.{i}.{name}.weight"), device);
             layers.push(Layer {
-                wq: QMatMul::from_qtensor(w("attn_q")?)?,
-                wk: QMatMul::from_qtensor(w("attn_k")?)?,
-                wv: QMatMul::from_qtensor(w("attn_v")?)?,
+                qkv: Projections::new(vec![w("attn_q")?, w("attn_k")?, w("attn_v")?])?,
                 wo: QMatMul::from_qtensor(w("attn_output")?)?,
                 attention_norm: RmsNorm::from_qtensor(w("attn_norm")?, eps)?,
-                gate: QMatMul::from_qtensor(w("ffn_gate")?)?,
-                up: QMatMul::from_qtensor(w("ffn_up")?)?,
+                gate_up: Projections::new(vec![w("ffn_gate")?, w("ffn_up")?])?,
                 down: QMatMul::from_qtensor(w("ffn_down")?)?,
                 ffn_norm: RmsNorm::from_qtensor(w("ffn_norm")?, eps)?,
                 cache: KvCache::new(2, 1),
@@ -203,9 +259,12 @@ impl Llama {
             let a = layer.attention(&a, mask.as_ref(), &cos, &sin, &self.neg_inf, shape)?;
             h = (a + h)?;
             let f = layer.ffn_norm.forward(&h)?;
-            let f = layer
-                .down
-                .forward(&(layer.gate.forward(&f)?.silu()? * layer.up.forward(&f)?)?)?;
+            let [gate, up]: [Tensor; 2] = layer
+                .gate_up
+                .forward(&f)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate and up".into()))?;
+            let f = layer.down.forward(&(gate.silu()? * up)?)?;
             h = (f + h)?;
         }
         let h = self.norm.forward(&h)?;
@@ -236,9 +295,14 @@ impl Layer {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(self.wq.forward(x)?, s.n_head)?;
-        let k = heads(self.wk.forward(x)?, s.n_kv_head)?;
-        let v = heads(self.wv.forward(x)?, s.n_kv_head)?;
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q, k and v".into()))?;
+        let q = heads(q, s.n_head)?;
+        let k = heads(k, s.n_kv_head)?;
+        let v = heads(v, s.n_kv_head)?;
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
         // Views of the cache: (b, n_kv_head, tokens so far, head_dim).

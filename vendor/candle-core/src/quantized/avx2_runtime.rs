@@ -1,11 +1,13 @@
-//! agentmesh patch: AVX2 dot products chosen at run time.
+//! agentmesh patch: an AVX2 dot product for Q4_1 blocks, chosen at run time.
 //!
-//! `avx.rs` is compiled only when the crate itself is built with
-//! `target-feature=+avx`, and it has no kernel for Q4_1 at all, so a default
-//! x86-64 build ran Q4_1 through the scalar loop of `vec_dot_unopt`. These
-//! kernels are compiled for AVX2, FMA and F16C with `#[target_feature]` and used when
-//! the CPU has them (`is_x86_feature_detected!`), whatever the build flags.
-//! Port of ggml's `ggml_vec_dot_q4_1_q8_1` (AVX2 branch).
+//! candle 0.11 picks its AVX2 kernels (`avx.rs`) at run time, but it has
+//! none for Q4_1: every CPU ran Q4_1 through the scalar loop of
+//! `vec_dot_unopt`. These kernels are compiled for AVX2, FMA and F16C with
+//! `#[target_feature]` and used when the CPU has them
+//! (`is_x86_feature_detected!`), whatever the build flags. A port of ggml's
+//! `ggml_vec_dot_q4_1_q8_1` (AVX2 branch), with each block's two f16 scales
+//! converted in one instruction, and a four-row variant that loads the
+//! activations once per block.
 
 use std::arch::x86_64::*;
 
