@@ -48,28 +48,31 @@ fn q4_1_matmul_matches_the_dequantized_weights() {
 
 #[test]
 fn q4_1_dot_products_match_the_scalar_loop() {
-    let k = 576;
-    let blocks = |seed: u32| {
-        let mut xs = vec![BlockQ4_1::zeros(); k / 32];
-        BlockQ4_1::from_float(&values(seed, k), &mut xs);
-        xs
-    };
-    let (x0, x1, x2, x3) = (blocks(10), blocks(11), blocks(12), blocks(13));
-    let mut ys = vec![BlockQ8_1::zeros(); k / 32];
-    BlockQ8_1::from_float(&values(20, k), &mut ys);
-    let close = |got: f32, want: f32| {
-        // The same integer sums, added in another order in f32.
-        assert!(
-            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-            "{got} vs {want}"
+    // SmolLM2's two widths: 18 and 48 blocks (Q4_1 rows hold an even
+    // number of blocks, as ggml requires).
+    for k in [576, 1536] {
+        let blocks = |seed: u32| {
+            let mut xs = vec![BlockQ4_1::zeros(); k / 32];
+            BlockQ4_1::from_float(&values(seed, k), &mut xs);
+            xs
+        };
+        let (x0, x1, x2, x3) = (blocks(10), blocks(11), blocks(12), blocks(13));
+        let mut ys = vec![BlockQ8_1::zeros(); k / 32];
+        BlockQ8_1::from_float(&values(20, k), &mut ys);
+        let close = |got: f32, want: f32| {
+            // The same integer sums, added in another order in f32.
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "k = {k}: {got} vs {want}"
+            );
+        };
+        close(
+            BlockQ4_1::vec_dot(k, &x0, &ys),
+            BlockQ4_1::vec_dot_unopt(k, &x0, &ys),
         );
-    };
-    close(
-        BlockQ4_1::vec_dot(k, &x0, &ys),
-        BlockQ4_1::vec_dot_unopt(k, &x0, &ys),
-    );
-    let (d0, d1, d2, d3) = BlockQ4_1::vec_dot_4(k, &x0, &x1, &x2, &x3, &ys);
-    for (got, x) in [(d0, &x0), (d1, &x1), (d2, &x2), (d3, &x3)] {
-        close(got, BlockQ4_1::vec_dot_unopt(k, x, &ys));
+        let (d0, d1, d2, d3) = BlockQ4_1::vec_dot_4(k, &x0, &x1, &x2, &x3, &ys);
+        for (got, x) in [(d0, &x0), (d1, &x1), (d2, &x2), (d3, &x3)] {
+            close(got, BlockQ4_1::vec_dot_unopt(k, x, &ys));
+        }
     }
 }
