@@ -3,12 +3,12 @@
 #   scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300]
 #   scripts/bench.sh policy [SECONDS]
 #   scripts/bench.sh sim ["SIZES"]
-#   scripts/bench.sh models
+#   scripts/bench.sh models [RUNS]
 # Prints markdown tables for BENCHMARKS.md. Never part of the tests.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"] | models" >&2; exit 2; }
+usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"] | models [RUNS]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 what=$1; shift
 
@@ -49,7 +49,7 @@ case "$what" in
         fi
         say "building the models benchmark (release)"
         (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh-bench --bin models-bench)
-        "$AGENTMESH_ROOT/scripts/bench/models.sh" "$CARGO_TARGET_DIR/release/models-bench" "$venv/bin/python"
+        "$AGENTMESH_ROOT/scripts/bench/models.sh" "$CARGO_TARGET_DIR/release/models-bench" "$venv/bin/python" "$@"
         ;;
     *) usage ;;
 esac

@@ -1,7 +1,8 @@
 //! The agentmesh side of `scripts/bench.sh models`: embedding sentences per
 //! second at batch 1 and batch 32 on the same sentences the Python peer
 //! gets, and generation tokens per second (prompt, then new tokens, greedy)
-//! on the same GGUF. Prints one JSON object.
+//! on the same GGUF. Each measure is taken `--runs` times; prints one JSON
+//! object with every run and the median.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -25,6 +26,16 @@ struct Args {
     /// New tokens to generate.
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
+    /// Times each measure is taken (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+/// The median of `xs` (not empty).
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn main() -> Result<()> {
@@ -45,13 +56,19 @@ fn main() -> Result<()> {
     embedder
         .embed(&sentences[..sentences.len().min(8)])
         .map_err(|e| anyhow!("{e}"))?; // warm-up
-    let mut per_second = Vec::new();
-    for batch in [1usize, 32] {
-        let started = Instant::now();
-        for chunk in sentences.chunks(batch) {
-            embedder.embed(chunk).map_err(|e| anyhow!("{e}"))?;
+    if args.runs == 0 {
+        anyhow::bail!("--runs must be at least 1");
+    }
+    // per_second[0]: batch 1, per_second[1]: batch 32; one value per run.
+    let mut per_second = [Vec::new(), Vec::new()];
+    for _ in 0..args.runs {
+        for (i, batch) in [1usize, 32].into_iter().enumerate() {
+            let started = Instant::now();
+            for chunk in sentences.chunks(batch) {
+                embedder.embed(chunk).map_err(|e| anyhow!("{e}"))?;
+            }
+            per_second[i].push(sentences.len() as f64 / started.elapsed().as_secs_f64());
         }
-        per_second.push(sentences.len() as f64 / started.elapsed().as_secs_f64());
     }
 
     let mut generator =
@@ -67,33 +84,43 @@ fn main() -> Result<()> {
         max_tokens: 1,
         ..Params::default()
     };
-    let started = Instant::now();
-    generator
-        .generate(&prompt, &one, |_| true)
-        .map_err(|e| anyhow!("{e}"))?;
-    let prompt_secs = started.elapsed().as_secs_f64();
     let params = Params {
         max_tokens: args.new_tokens,
         ..Params::default()
     };
-    // Greedy generation never stops early here: the end token is ignored
-    // only if it comes; count what was generated.
-    let started = Instant::now();
-    let (_, generated) = generator
-        .generate(&prompt, &params, |_| true)
-        .map_err(|e| anyhow!("{e}"))?;
-    let total = started.elapsed().as_secs_f64();
-    let gen_secs = (total - prompt_secs).max(1e-9);
+    let (mut prompt_rates, mut gen_rates, mut generated) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..args.runs {
+        let started = Instant::now();
+        generator
+            .generate(&prompt, &one, |_| true)
+            .map_err(|e| anyhow!("{e}"))?;
+        let prompt_secs = started.elapsed().as_secs_f64();
+        // Count what was generated: greedy generation may end early.
+        let started = Instant::now();
+        let (_, n) = generator
+            .generate(&prompt, &params, |_| true)
+            .map_err(|e| anyhow!("{e}"))?;
+        let total = started.elapsed().as_secs_f64();
+        generated = n;
+        prompt_rates.push(prompt_tokens as f64 / prompt_secs);
+        gen_rates.push(n.saturating_sub(1) as f64 / (total - prompt_secs).max(1e-9));
+    }
     println!(
         "{}",
         serde_json::json!({
             "sentences": sentences.len(),
-            "embed_per_second_batch1": per_second[0],
-            "embed_per_second_batch32": per_second[1],
+            "embed_per_second_batch1": median(&per_second[0]),
+            "embed_per_second_batch32": median(&per_second[1]),
             "prompt_tokens": prompt_tokens,
-            "prompt_tokens_per_second": prompt_tokens as f64 / prompt_secs,
+            "prompt_tokens_per_second": median(&prompt_rates),
             "new_tokens": generated,
-            "generate_tokens_per_second": (generated.saturating_sub(1)) as f64 / gen_secs,
+            "generate_tokens_per_second": median(&gen_rates),
+            "runs": {
+                "embed_per_second_batch1": per_second[0],
+                "embed_per_second_batch32": per_second[1],
+                "prompt_tokens_per_second": prompt_rates,
+                "generate_tokens_per_second": gen_rates,
+            },
         })
     );
     Ok(())

