@@ -114,7 +114,12 @@ impl Embedder {
             let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
             mean.broadcast_div(&norm)?.to_vec2::<f32>()
         };
-        run().map_err(|e| err("inference", &e))
+        // Inside candle's thread pool: the forward pass's many short parallel
+        // sections then start on warm workers instead of waking the pool
+        // from outside each time.
+        self.device
+            .with_context(run)
+            .map_err(|e| err("inference", &e))
     }
 }
 

@@ -317,12 +317,15 @@ impl Generator {
         let mut input = prompt_ids.clone();
         let mut position = 0;
         while generated.len() < max_tokens {
-            let next = (|| -> candle_core::Result<u32> {
-                let x = Tensor::new(input.as_slice(), &self.device)?.unsqueeze(0)?;
-                let logits = self.weights.forward(&x, position)?.squeeze(0)?;
-                sampler.sample(&logits)
-            })()
-            .map_err(|e| err("inference", &e))?;
+            let (device, weights) = (&self.device, &mut self.weights);
+            // Inside candle's thread pool, as in the embedder.
+            let next = device
+                .with_context(|| -> candle_core::Result<u32> {
+                    let x = Tensor::new(input.as_slice(), device)?.unsqueeze(0)?;
+                    let logits = weights.forward(&x, position)?.squeeze(0)?;
+                    sampler.sample(&logits)
+                })
+                .map_err(|e| err("inference", &e))?;
             position += input.len();
             if next == self.end {
                 break;
