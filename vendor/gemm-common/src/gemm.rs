@@ -108,6 +108,22 @@ impl Conj for c64 {
 
 pub const DEFAULT_THREADING_THRESHOLD: usize = 48 * 48 * 256;
 
+/// agentmesh patch: with the `x86-v4` feature on an AVX-512 CPU, products
+/// with fewer output rows or columns than this run the AVX2 kernels.
+pub const DEFAULT_AVX512_MIN_ROWS: usize = 64;
+static AVX512_MIN_ROWS: AtomicUsize = AtomicUsize::new(DEFAULT_AVX512_MIN_ROWS);
+
+/// agentmesh patch: see [`DEFAULT_AVX512_MIN_ROWS`].
+#[inline]
+pub fn get_avx512_min_rows() -> usize {
+    AVX512_MIN_ROWS.load(Ordering::Relaxed)
+}
+/// agentmesh patch: see [`DEFAULT_AVX512_MIN_ROWS`].
+#[inline]
+pub fn set_avx512_min_rows(value: usize) {
+    AVX512_MIN_ROWS.store(value, Ordering::Relaxed);
+}
+
 // we REALLY want to pack the rhs on aarch64 since we can use mul_add_lane
 #[cfg(target_arch = "aarch64")]
 pub const DEFAULT_RHS_PACKING_THRESHOLD: usize = 2;
@@ -1007,13 +1023,53 @@ macro_rules! gemm_def {
             $crate::Parallelism,
         );
 
+        /// agentmesh patch: the AVX-512 kernels for products whose output
+        /// has at least `get_avx512_min_rows()` rows and columns, the AVX2
+        /// ones below, where the 512-bit tiles are mostly padding.
+        #[cfg(all(feature = "x86-v4", any(target_arch = "x86", target_arch = "x86_64")))]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn gemm_by_rows(
+            m: usize,
+            n: usize,
+            k: usize,
+            dst: *mut T,
+            dst_cs: isize,
+            dst_rs: isize,
+            read_dst: bool,
+            lhs: *const T,
+            lhs_cs: isize,
+            lhs_rs: isize,
+            rhs: *const T,
+            rhs_cs: isize,
+            rhs_rs: isize,
+            alpha: T,
+            beta: T,
+            conj_dst: bool,
+            conj_lhs: bool,
+            conj_rhs: bool,
+            parallelism: $crate::Parallelism,
+        ) {
+            // Callers may pass a product transposed (candle does), so the
+            // smaller of the two output dimensions decides.
+            let kernel: GemmTy = if m.min(n) >= $crate::gemm::get_avx512_min_rows() {
+                avx512f::gemm_basic
+            } else {
+                fma::gemm_basic
+            };
+            kernel(
+                m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs,
+                rhs_rs, alpha, beta, conj_dst, conj_lhs, conj_rhs, parallelism,
+            )
+        }
+
         #[inline]
         fn init_gemm_fn() -> GemmTy {
             #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
             {
                 #[cfg(feature = "x86-v4")]
                 if $crate::feature_detected!("avx512f") {
-                    return avx512f::gemm_basic;
+                    // agentmesh patch: was `avx512f::gemm_basic` for every size.
+                    return gemm_by_rows;
                 }
                 if $crate::feature_detected!("fma") {
                     fma::gemm_basic

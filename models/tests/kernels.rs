@@ -1,7 +1,10 @@
-//! The Q4_1 matmul that generation runs on (on x86-64 with AVX2: the kernel
-//! of our candle-core patch, vendor/README.md) against the same weights
-//! dequantized to f32, for one row (decode) and many (prompt), with widths
-//! that leave a tail after the column quads.
+//! The kernels our vendored patches add (vendor/README.md), on this CPU:
+//! - the Q4_1 matmul that generation runs on (with AVX2: the kernel of our
+//!   candle-core patch) against the scalar loop and against the same weights
+//!   dequantized to f32, for one row (decode) and many (prompt), with widths
+//!   that leave a tail after the column quads;
+//! - f32 matmuls on both sides of the size at which our gemm-common patch
+//!   switches from the AVX2 to the AVX-512 kernels, against a plain loop.
 
 use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -73,6 +76,40 @@ fn q4_1_dot_products_match_the_scalar_loop() {
         let (d0, d1, d2, d3) = BlockQ4_1::vec_dot_4(k, &x0, &x1, &x2, &x3, &ys);
         for (got, x) in [(d0, &x0), (d1, &x1), (d2, &x2), (d3, &x3)] {
             close(got, BlockQ4_1::vec_dot_unopt(k, x, &ys));
+        }
+    }
+}
+
+#[test]
+fn f32_matmuls_match_a_plain_loop_on_both_sides_of_the_avx512_switch() {
+    let cpu = Device::Cpu;
+    // (rows, inner, columns): small (AVX2), large (AVX-512 on such CPUs),
+    // and one of each kind of edge.
+    for (m, k, n) in [
+        (12, 40, 200),
+        (80, 40, 96),
+        (200, 33, 12),
+        (64, 64, 64),
+        (63, 70, 130),
+    ] {
+        let a = values(m as u32, m * k);
+        let b = values(n as u32 + 100, k * n);
+        let got: Vec<Vec<f32>> = Tensor::from_vec(a.clone(), (m, k), &cpu)
+            .expect("a")
+            .matmul(&Tensor::from_vec(b.clone(), (k, n), &cpu).expect("b"))
+            .expect("matmul")
+            .to_vec2()
+            .expect("vec");
+        for (i, row) in got.iter().enumerate() {
+            for (j, &g) in row.iter().enumerate() {
+                let want: f64 = (0..k)
+                    .map(|p| f64::from(a[i * k + p]) * f64::from(b[p * n + j]))
+                    .sum();
+                assert!(
+                    (f64::from(g) - want).abs() < 1e-4,
+                    "({m}x{k})·({k}x{n}) at ({i}, {j}): {g} vs {want}"
+                );
+            }
         }
     }
 }
