@@ -231,6 +231,25 @@ fn fail_all(pending: &Pending, closed: &AtomicBool, reason: String) {
     }
 }
 
+/// The link in `slot`, opened if there is none or it closed.
+async fn open_link(
+    slot: Slot,
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+) -> Result<Arc<Link>, String> {
+    let mut slot = slot.lock().await;
+    if let Some(link) = slot.as_ref().filter(|l| !l.closed.load(Ordering::SeqCst)) {
+        return Ok(link.clone());
+    }
+    let stream = tokio::time::timeout(CALL_TIMEOUT, control.open_stream(peer, RAFT_PROTOCOL))
+        .await
+        .map_err(|_| format!("no Raft link to {peer} within {CALL_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot open a Raft link to {peer}: {e}"))?;
+    let link = Link::start(peer, stream);
+    *slot = Some(link.clone());
+    Ok(link)
+}
+
 /// The calling side: a link per peer, opened on first use.
 #[derive(Clone)]
 pub(crate) struct RaftLinks {
@@ -259,18 +278,23 @@ impl RaftLinks {
             let mut links = self.links.lock().map_err(|_| "Raft links poisoned")?;
             links.entry(peer).or_default().clone()
         };
-        let mut slot = slot.lock().await;
-        if let Some(link) = slot.as_ref().filter(|l| !l.closed.load(Ordering::SeqCst)) {
-            return Ok(link.clone());
+        // The common case: the link is up.
+        if let Ok(slot) = slot.try_lock() {
+            if let Some(link) = slot.as_ref().filter(|l| !l.closed.load(Ordering::SeqCst)) {
+                return Ok(link.clone());
+            }
         }
-        let mut control = self.control.clone();
-        let stream = tokio::time::timeout(CALL_TIMEOUT, control.open_stream(peer, RAFT_PROTOCOL))
+        // Opening runs in a task of its own. openraft gives an AppendEntries
+        // only a heartbeat interval (100 ms) and drops the call when that
+        // passes; were the opening part of the call, a reconnect slower than
+        // that (a new dial and handshake after a partition, on a loaded
+        // machine) would be cut short every time and the link would never
+        // come back. A task outlives the caller that started it, and the
+        // callers after it wait on the same slot and find the link.
+        let control = self.control.clone();
+        tokio::spawn(open_link(slot, control, peer))
             .await
-            .map_err(|_| format!("no Raft link to {peer} within {CALL_TIMEOUT:?}"))?
-            .map_err(|e| format!("cannot open a Raft link to {peer}: {e}"))?;
-        let link = Link::start(peer, stream);
-        *slot = Some(link.clone());
-        Ok(link)
+            .map_err(|e| format!("opening the Raft link to {peer} failed: {e}"))?
     }
 
     /// Sends one request to `peer` and waits for its answer, at most [`CALL_TIMEOUT`].
