@@ -24,8 +24,8 @@ start() {
     echo "  $1 ($2): $ready"
 }
 
-say "starting 5 nodes: 3 in eu-west, 2 in us-east, each joining through the first"
-start eu-1 eu-west
+say "starting 5 nodes: 3 in eu-west, 2 in us-east, each joining through the first; eu-1 loads the models"
+start eu-1 eu-west "" --models-dir "$AGENTMESH_MODELS_DIR"
 seed=$(sed -E 's/.* listen=([^, ]+).*/\1/' <<<"$ready")
 api1=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
 for spec in eu-2:eu-west eu-3:eu-west us-1:us-east us-2:us-east; do
@@ -58,6 +58,21 @@ say "agentmesh policy get --region eu-west (the local replica of eu-1)"
 echo
 say "agentmesh region status --region eu-west"
 "$AGENTMESH_BIN" region status --region eu-west --api "$api1"
+echo
+say "agentmesh model list --api $api1 (eu-1 checks each file's sha256, then loads it)"
+for _ in $(seq 300); do
+    loaded=$("$AGENTMESH_BIN" model list --api "$api1" --json | grep -c '"loaded": true' || true)
+    [ "$loaded" -eq 2 ] && break
+    sleep 0.2
+done
+"$AGENTMESH_BIN" model list --api "$api1"
+[ "$loaded" -eq 2 ] || die "eu-1 did not load both models within 60 s (its log: $work/eu-1.log)"
+echo
+say "agentmesh model run all-minilm-l6-v2 --input \"The cat sits on the mat.\""
+"$AGENTMESH_BIN" model run all-minilm-l6-v2 --input "The cat sits on the mat." --api "$api1"
+echo
+say "agentmesh model run smollm2-135m-instruct-q4_1 --raw --input \"The capital of France is\" --max-tokens 8"
+"$AGENTMESH_BIN" model run smollm2-135m-instruct-q4_1 --raw --input "The capital of France is" --max-tokens 8 --api "$api1"
 echo
 say "stopping us-2 with SIGTERM: it announces that it leaves"
 kill -TERM "${pids[4]}"

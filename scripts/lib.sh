@@ -40,6 +40,8 @@ start_node() {
     local args=(node start --data-dir "$work/$name" --region "$region"
                 --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0)
     [ -n "$bootstrap" ] && args+=(--bootstrap "$bootstrap")
+    # Anything after the bootstrap address goes to `node start` as it is.
+    [ $# -gt 5 ] && args+=("${@:6}")
     mkfifo "$work/$name.ready"
     "$bin" "${args[@]}" >"$work/$name.ready" 2>"$work/$name.log" &
     pids+=($!)
