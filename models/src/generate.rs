@@ -125,24 +125,10 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer, String> {
     Ok(tokenizer)
 }
 
-/// True when candle has a SIMD dot product for Q4_1 blocks on this CPU: the
-/// AVX2 kernel of our candle-core patch (vendor/README.md), chosen at run
-/// time on x86-64 CPUs with AVX2, FMA and F16C.
-fn q4_1_has_simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Re-encodes Q4_1 tensors as Q8_0, in memory, before the model loads, on a
-/// CPU where candle has no SIMD dot product for Q4_1 (see [`q4_1_has_simd`]).
+/// Re-encodes Q4_1 tensors as Q8_0, in memory. The generator does it before
+/// the model loads on a CPU where candle has no SIMD dot product for Q4_1
+/// (`candle_core::quantized::q4_1_has_simd`, from our candle-core patch,
+/// vendor/README.md).
 ///
 /// There candle runs Q4_1 through a scalar loop (`vec_dot_unopt`: a third of
 /// all the benchmark's time in the profile) and has a SIMD one for Q8_0.
@@ -153,11 +139,10 @@ fn requantize_q4_1<R: Read + Seek>(
     content: &Content,
     reader: &mut R,
 ) -> candle_core::Result<Option<Vec<u8>>> {
-    if q4_1_has_simd()
-        || !content
-            .tensor_infos
-            .values()
-            .any(|t| t.ggml_dtype == GgmlDType::Q4_1)
+    if !content
+        .tensor_infos
+        .values()
+        .any(|t| t.ggml_dtype == GgmlDType::Q4_1)
     {
         return Ok(None);
     }
@@ -238,16 +223,20 @@ impl Generator {
         let end = tokenizer
             .token_to_id(IM_END)
             .ok_or_else(|| invalid("tokenizer", &format!("no {IM_END} token")))?;
-        let weights =
-            match requantize_q4_1(&content, reader).map_err(|e| invalid("weights", &e))? {
-                Some(bytes) => {
-                    let mut cursor = std::io::Cursor::new(bytes);
-                    let content = Content::read(&mut cursor).map_err(|e| invalid("weights", &e))?;
-                    Llama::from_gguf(content, &mut cursor, device)
-                }
-                None => Llama::from_gguf(content, reader, device),
+        let requantized = if candle_core::quantized::q4_1_has_simd() {
+            None
+        } else {
+            requantize_q4_1(&content, reader).map_err(|e| invalid("weights", &e))?
+        };
+        let weights = match requantized {
+            Some(bytes) => {
+                let mut cursor = std::io::Cursor::new(bytes);
+                let content = Content::read(&mut cursor).map_err(|e| invalid("weights", &e))?;
+                Llama::from_gguf(content, &mut cursor, device)
             }
-            .map_err(|e| invalid("weights", &e))?;
+            None => Llama::from_gguf(content, reader, device),
+        }
+        .map_err(|e| invalid("weights", &e))?;
         Ok(Self {
             weights,
             tokenizer,
@@ -353,5 +342,53 @@ impl Generator {
             .decode(&generated, true)
             .map_err(|e| err("decode", &e))?;
         Ok((all, generated.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fallback for CPUs without a SIMD Q4_1 kernel (this one may have
+    /// it, so the conversion is called directly): Q4_1 tensors come back as
+    /// Q8_0 with the same values to within Q8_0's step, others untouched.
+    #[test]
+    fn q4_1_tensors_are_re_encoded_as_q8_0_and_others_kept() -> candle_core::Result<()> {
+        let cpu = Device::Cpu;
+        let values: Vec<f32> = (0..64 * 32)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let w = Tensor::from_vec(values, (64, 32), &cpu)?;
+        let q4 = QTensor::quantize(&w, GgmlDType::Q4_1)?;
+        let f32s = QTensor::quantize(&w, GgmlDType::F32)?;
+        let mut gguf = std::io::Cursor::new(Vec::new());
+        let name = Value::String("tiny".into());
+        gguf_file::write(
+            &mut gguf,
+            &[("general.name", &name)],
+            &[("a", &q4), ("b", &f32s)],
+        )?;
+        gguf.set_position(0);
+        let content = Content::read(&mut gguf)?;
+        let bytes = requantize_q4_1(&content, &mut gguf)?.expect("a Q4_1 tensor to convert");
+        let mut out = std::io::Cursor::new(bytes);
+        let converted = Content::read(&mut out)?;
+        let a = converted.tensor(&mut out, "a", &cpu)?;
+        let b = converted.tensor(&mut out, "b", &cpu)?;
+        assert_eq!(a.dtype(), GgmlDType::Q8_0);
+        assert_eq!(b.dtype(), GgmlDType::F32);
+        let before: Vec<f32> = q4.dequantize(&cpu)?.flatten_all()?.to_vec1()?;
+        let after: Vec<f32> = a.dequantize(&cpu)?.flatten_all()?.to_vec1()?;
+        // Q8_0's step is the block's largest magnitude (<= 2) / 127.
+        for (x, y) in before.iter().zip(&after) {
+            assert!((x - y).abs() <= 2.0 / 127.0, "{x} vs {y}");
+        }
+        // Nothing to convert: no copy.
+        let mut plain = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut plain, &[("general.name", &name)], &[("b", &f32s)])?;
+        plain.set_position(0);
+        let content = Content::read(&mut plain)?;
+        assert!(requantize_q4_1(&content, &mut plain)?.is_none());
+        Ok(())
     }
 }

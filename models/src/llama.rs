@@ -349,3 +349,48 @@ fn rope_tables(dim: usize, base: f32, context: usize, device: &Device) -> Result
         .matmul(&theta.reshape((1, theta.elem_count()))?)?;
     Ok((angles.cos()?, angles.sin()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    fn weights(rows: usize, seed: usize) -> Tensor {
+        let v: Vec<f32> = (0..rows * 64)
+            .map(|i| (((i + seed) * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        Tensor::from_vec(v, (rows, 64), &Device::Cpu).expect("tensor")
+    }
+
+    /// Stacked (same quantization) and separate (mixed) projections give what
+    /// each matrix gives alone.
+    #[test]
+    fn projections_match_their_matrices_stacked_or_not() -> Result<()> {
+        let x = weights(3, 7).reshape((1, 3, 64))?;
+        let parts = [weights(32, 1), weights(8, 2), weights(8, 3)];
+        for dtypes in [
+            [GgmlDType::Q8_0; 3],
+            [GgmlDType::Q8_0, GgmlDType::F32, GgmlDType::Q8_0],
+        ] {
+            let quantize = || -> Result<Vec<QTensor>> {
+                parts
+                    .iter()
+                    .zip(dtypes)
+                    .map(|(w, d)| QTensor::quantize(w, d))
+                    .collect()
+            };
+            let alone: Vec<Tensor> = quantize()?
+                .into_iter()
+                .map(|t| QMatMul::from_qtensor(t)?.forward(&x))
+                .collect::<Result<_>>()?;
+            let p = Projections::new(quantize()?)?;
+            let stacked = matches!(p, Projections::Stacked { .. });
+            assert_eq!(stacked, dtypes[0] == dtypes[1], "{dtypes:?}");
+            for (got, want) in p.forward(&x)?.iter().zip(&alone) {
+                let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{dtypes:?}: differs by {diff}");
+            }
+        }
+        Ok(())
+    }
+}

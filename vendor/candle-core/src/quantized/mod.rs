@@ -9,6 +9,19 @@ pub mod avx;
 // agentmesh patch: run-time AVX2 kernels (see the module docs).
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2_runtime;
+
+/// agentmesh patch: true when Q4_1 dot products run a SIMD kernel on this
+/// CPU (`avx2_runtime`), false where they run the scalar loop.
+pub fn q4_1_has_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2_runtime::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 mod dummy_cuda;
 mod dummy_metal;
 pub mod ggml_file;
