@@ -4,11 +4,12 @@
 #   scripts/bench.sh policy [SECONDS]
 #   scripts/bench.sh sim ["SIZES"]
 #   scripts/bench.sh models [RUNS]
+#   scripts/bench.sh models-cuda [RUNS]   (a machine with a GPU and nvcc)
 # Prints markdown tables for BENCHMARKS.md. Never part of the tests.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"] | models [RUNS]" >&2; exit 2; }
+usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"] | models [RUNS] | models-cuda [RUNS]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 what=$1; shift
 
@@ -50,6 +51,19 @@ case "$what" in
         say "building the models benchmark (release)"
         (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh-bench --bin models-bench)
         "$AGENTMESH_ROOT/scripts/bench/models.sh" "$CARGO_TARGET_DIR/release/models-bench" "$venv/bin/python" "$@"
+        ;;
+    models-cuda)
+        command -v nvcc >/dev/null || die "models-cuda builds Candle's CUDA kernels: put nvcc (the CUDA toolkit) on PATH, on a machine with an NVIDIA GPU"
+        apt_install python3 python3-venv
+        venv="$(dirname "$CARGO_TARGET_DIR")/bench-venv-cuda"
+        if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import sentence_transformers, accelerate, gguf" 2>/dev/null; then
+            say "making the peers' venv in $venv (torch with CUDA, sentence-transformers, accelerate, gguf from PyPI)"
+            python3 -m venv "$venv"
+            "$venv/bin/pip" install --quiet --disable-pip-version-check torch sentence-transformers accelerate gguf
+        fi
+        say "building the models benchmark with CUDA (release)"
+        (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh-bench --features cuda --bin models-bench)
+        "$AGENTMESH_ROOT/scripts/bench/models.sh" "$CARGO_TARGET_DIR/release/models-bench" "$venv/bin/python" "${1:-3}" cuda
         ;;
     *) usage ;;
 esac

@@ -41,6 +41,7 @@ fn median(xs: &[f64]) -> f64 {
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = models::device();
+    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
     let text = std::fs::read_to_string(&args.sentences)?;
     let sentences: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
     if sentences.is_empty() {
@@ -88,26 +89,34 @@ fn main() -> Result<()> {
         max_tokens: args.new_tokens,
         ..Params::default()
     };
+    // Warm-up: on a GPU the first run also loads the kernels.
+    generator
+        .generate(&prompt, &one, |_| true)
+        .map_err(|e| anyhow!("{e}"))?;
     let (mut prompt_rates, mut gen_rates, mut generated) = (Vec::new(), Vec::new(), 0);
     for _ in 0..args.runs {
         let started = Instant::now();
         generator
             .generate(&prompt, &one, |_| true)
             .map_err(|e| anyhow!("{e}"))?;
-        let prompt_secs = started.elapsed().as_secs_f64();
-        // Count what was generated: greedy generation may end early.
-        let started = Instant::now();
+        prompt_rates.push(prompt_tokens as f64 / started.elapsed().as_secs_f64());
+        // Generation: the tokens after the first, timed from the first one
+        // (which ends the prompt's processing) to the last.
+        let mut first = None;
         let (_, n) = generator
-            .generate(&prompt, &params, |_| true)
+            .generate(&prompt, &params, |_| {
+                first.get_or_insert_with(Instant::now);
+                true
+            })
             .map_err(|e| anyhow!("{e}"))?;
-        let total = started.elapsed().as_secs_f64();
+        let first = first.ok_or_else(|| anyhow!("the model generated no text"))?;
         generated = n;
-        prompt_rates.push(prompt_tokens as f64 / prompt_secs);
-        gen_rates.push(n.saturating_sub(1) as f64 / (total - prompt_secs).max(1e-9));
+        gen_rates.push(n.saturating_sub(1) as f64 / first.elapsed().as_secs_f64());
     }
     println!(
         "{}",
         serde_json::json!({
+            "device": device_name,
             "sentences": sentences.len(),
             "embed_per_second_batch1": median(&per_second[0]),
             "embed_per_second_batch32": median(&per_second[1]),
