@@ -1,6 +1,8 @@
-//! all-MiniLM-L6-v2: sentence embeddings through
-//! `candle_transformers::models::bert`, mean-pooled over the attention mask
-//! and L2-normalised (384 dimensions), as sentence-transformers computes them.
+//! all-MiniLM-L6-v2: sentence embeddings, mean-pooled over each input's
+//! tokens and L2-normalised (384 dimensions), as sentence-transformers
+//! computes them. On the CPU through our BERT forward pass (`bert.rs`:
+//! weights packed at load, no padding); on a GPU through
+//! `candle_transformers::models::bert` with padded batches and a mask.
 
 use std::path::Path;
 
@@ -9,6 +11,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use crate::bert::CpuBert;
 use crate::registry::{read_verified, ModelError, ModelSpec};
 
 /// Longest input in tokens; longer text is truncated (the model's limit is 512,
@@ -17,7 +20,7 @@ pub const MAX_TOKENS: usize = 256;
 
 /// A loaded embedding model.
 pub struct Embedder {
-    model: BertModel,
+    model: Model,
     tokenizer: Tokenizer,
     device: Device,
     name: String,
@@ -28,6 +31,22 @@ impl std::fmt::Debug for Embedder {
         f.debug_struct("Embedder")
             .field("name", &self.name)
             .finish_non_exhaustive()
+    }
+}
+
+/// The forward pass: ours on the CPU, candle-transformers' elsewhere.
+enum Model {
+    Cpu(CpuBert),
+    Candle(BertModel),
+}
+
+impl Model {
+    fn load(vb: VarBuilder, config: &Config, device: &Device) -> candle_core::Result<Self> {
+        Ok(if device.is_cpu() {
+            Self::Cpu(CpuBert::load(vb, config)?)
+        } else {
+            Self::Candle(BertModel::load(vb, config)?)
+        })
     }
 }
 
@@ -62,7 +81,7 @@ impl Embedder {
             .map_err(|e| invalid(spec, "tokenizer truncation", e))?;
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, device)
             .map_err(|e| invalid(spec, "weights", e))?;
-        let model = BertModel::load(vb, &config).map_err(|e| invalid(spec, "weights", e))?;
+        let model = Model::load(vb, &config, device).map_err(|e| invalid(spec, "weights", e))?;
         Ok(Self {
             model,
             tokenizer,
@@ -71,16 +90,22 @@ impl Embedder {
         })
     }
 
-    /// An embedder from a model and a tokenizer already in memory (tests
+    /// An embedder from weights and a tokenizer already in memory (tests
     /// build tiny random ones). The tokenizer should pad batches and
     /// return attention masks.
-    pub fn from_parts(model: BertModel, tokenizer: Tokenizer, device: &Device, name: &str) -> Self {
-        Self {
-            model,
+    pub fn from_parts(
+        vb: VarBuilder,
+        config: &Config,
+        tokenizer: Tokenizer,
+        device: &Device,
+        name: &str,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            model: Model::load(vb, config, device)?,
             tokenizer,
             device: device.clone(),
             name: name.into(),
-        }
+        })
     }
 
     /// One 384-d unit vector per input, in order.
@@ -96,6 +121,30 @@ impl Embedder {
             .tokenizer
             .encode_batch(inputs.to_vec(), true)
             .map_err(|e| err("tokenize", &e))?;
+        let model = match &self.model {
+            Model::Cpu(bert) => {
+                // Each input's own tokens: the padding is left out.
+                let tokens: Vec<Vec<u32>> = encodings
+                    .iter()
+                    .map(|e| {
+                        e.get_ids()
+                            .iter()
+                            .zip(e.get_attention_mask())
+                            .filter(|(_, &m)| m == 1)
+                            .map(|(&id, _)| id)
+                            .collect()
+                    })
+                    .collect();
+                // Inside candle's thread pool: the forward pass's parallel
+                // sections then start on warm workers instead of waking the
+                // pool from outside each time.
+                return self
+                    .device
+                    .with_context(|| bert.embed(&tokens))
+                    .map_err(|e| err("inference", &e));
+            }
+            Model::Candle(model) => model,
+        };
         let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
         let mask: Vec<Vec<u32>> = encodings
             .iter()
@@ -105,7 +154,7 @@ impl Embedder {
             let ids = Tensor::new(ids, &self.device)?;
             let mask = Tensor::new(mask, &self.device)?;
             let types = ids.zeros_like()?;
-            let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+            let hidden = model.forward(&ids, &types, Some(&mask))?;
             // Mean over the real tokens only.
             let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
             let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
@@ -114,12 +163,7 @@ impl Embedder {
             let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
             mean.broadcast_div(&norm)?.to_vec2::<f32>()
         };
-        // Inside candle's thread pool: the forward pass's many short parallel
-        // sections then start on warm workers instead of waking the pool
-        // from outside each time.
-        self.device
-            .with_context(run)
-            .map_err(|e| err("inference", &e))
+        run().map_err(|e| err("inference", &e))
     }
 }
 

@@ -153,3 +153,61 @@ fn our_llama_gives_candle_transformers_logits() {
         input = vec![next];
     }
 }
+
+#[test]
+fn our_bert_gives_candle_transformers_embeddings() {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use candle_transformers::models::bert::{BertModel, Config};
+    use models::bert::CpuBert;
+
+    let [weights, tokenizer, config]: [Vec<u8>; 3] =
+        models::registry::read_verified(&MINILM, &dir())
+            .expect("read")
+            .try_into()
+            .expect("weights, tokenizer, config");
+    let config: Config = serde_json::from_slice(&config).expect("config");
+    let tokenizer = tokenizers::Tokenizer::from_bytes(&tokenizer).expect("tokenizer");
+    let cpu = Device::Cpu;
+    let vb =
+        || VarBuilder::from_buffered_safetensors(weights.clone(), DType::F32, &cpu).expect("vb");
+    let theirs = BertModel::load(vb(), &config).expect("theirs");
+    let ours = CpuBert::load(vb(), &config).expect("ours");
+
+    // Sentences of different lengths, each through both alone.
+    for text in [
+        "The cat sits on the mat.",
+        "Stock markets fell sharply today, and nobody was surprised at all.",
+        "Hi",
+    ] {
+        let ids = tokenizer
+            .encode(text, true)
+            .expect("encode")
+            .get_ids()
+            .to_vec();
+        let input = Tensor::new(ids.as_slice(), &cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("ids");
+        let hidden = theirs
+            .forward(&input, &input.zeros_like().expect("types"), None)
+            .expect("forward");
+        let mean = hidden.mean(1).expect("mean");
+        let mean = mean
+            .broadcast_div(
+                &mean
+                    .sqr()
+                    .and_then(|s| s.sum_keepdim(1))
+                    .and_then(|s| s.sqrt())
+                    .expect("norm"),
+            )
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .expect("unit");
+        let got = ours.embed(&[ids]).expect("ours").remove(0);
+        let worst = got
+            .iter()
+            .zip(&mean)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{text:?}: largest difference {worst}");
+    }
+}

@@ -40,8 +40,9 @@ fn tiny_embedder() -> Embedder {
         classifier_dropout: None,
         model_type: Some("bert".into()),
     };
+    // Loading candle's BertModel makes the variables; then they get random values.
     let varmap = VarMap::new();
-    let model = BertModel::load(
+    BertModel::load(
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
         &config,
     )
@@ -63,7 +64,14 @@ fn tiny_embedder() -> Embedder {
     let mut tokenizer = Tokenizer::new(wordlevel);
     tokenizer.with_pre_tokenizer(Some(Whitespace {}));
     tokenizer.with_padding(Some(PaddingParams::default()));
-    Embedder::from_parts(model, tokenizer, &device, "tiny-bert")
+    Embedder::from_parts(
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        &config,
+        tokenizer,
+        &device,
+        "tiny-bert",
+    )
+    .expect("tiny embedder")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
