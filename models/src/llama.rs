@@ -17,6 +17,13 @@
 //! projections that read the same input run as one matmul (Q, K and V; the
 //! MLP's gate and up), their weights stacked at load: fewer passes over the
 //! activations and fewer hand-offs to the matmul threads.
+//!
+//! On the CPU a decode step (one new token) leaves tensors for everything
+//! but the matmuls (`decode_on_cpu`): RMS norm, RoPE, the attention over the
+//! cache and the SiLU gate run on plain slices (`cpu_kernels::decode`).
+//! They are too small to split between threads, and as tensor operations
+//! (about 20 a layer, each allocating) they kept the matmul threads waiting
+//! on the calling one.
 //! `tests/real_weights.rs` checks the logits against candle-transformers'
 //! model on the real weights.
 
@@ -25,7 +32,7 @@ use std::io::{Read, Seek};
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Module, Result, Storage, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
@@ -72,6 +79,20 @@ impl Projections {
         })
     }
 
+    /// All outputs side by side, as one vector (`x` is one row).
+    fn forward_row(&self, x: &Tensor) -> Result<Vec<f32>> {
+        match self {
+            Self::Stacked { matmul, .. } => matmul.forward(x)?.flatten_all()?.to_vec1(),
+            Self::Separate(ms) => {
+                let mut out = Vec::new();
+                for m in ms {
+                    out.extend(m.forward(x)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Self::Separate(ms) => ms.iter().map(|m| m.forward(x)).collect(),
@@ -96,6 +117,9 @@ struct Layer {
     gate_up: Projections,
     down: QMatMul,
     ffn_norm: RmsNorm,
+    /// The two norms' weights as plain vectors, for `decode_on_cpu`.
+    attention_norm_weight: Vec<f32>,
+    ffn_norm_weight: Vec<f32>,
     cache: KvCache,
 }
 
@@ -104,12 +128,17 @@ pub struct Llama {
     embeddings: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
+    norm_weight: Vec<f32>,
+    eps: f32,
     output: QMatMul,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
     cos: Tensor,
     sin: Tensor,
+    /// cos and sin as plain `[context, rope_dim / 2]` vectors, for `decode_on_cpu`.
+    cos_values: Vec<f32>,
+    sin_values: Vec<f32>,
     neg_inf: Tensor,
 }
 
@@ -182,6 +211,10 @@ impl Llama {
         let embeddings = Embedding::new(embeddings_q.dequantize(device)?, n_embd);
         let norm =
             RmsNorm::from_qtensor(content.tensor(reader, "output_norm.weight", device)?, eps)?;
+        let vector = |t: QTensor| -> Result<Vec<f32>> {
+            t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
+        };
+        let norm_weight = vector(content.tensor(reader, "output_norm.weight", device)?)?;
         // Tied embeddings when the file has no output matrix.
         let output = match content.tensor(reader, "output.weight", device) {
             Ok(t) => t,
@@ -198,6 +231,8 @@ impl Llama {
                 gate_up: Projections::new(vec![w("ffn_gate")?, w("ffn_up")?])?,
                 down: QMatMul::from_qtensor(w("ffn_down")?)?,
                 ffn_norm: RmsNorm::from_qtensor(w("ffn_norm")?, eps)?,
+                attention_norm_weight: vector(w("attn_norm")?)?,
+                ffn_norm_weight: vector(w("ffn_norm")?)?,
                 cache: KvCache::new(2, 1),
             });
         }
@@ -205,10 +240,14 @@ impl Llama {
             embeddings,
             layers,
             norm,
+            norm_weight,
+            eps: eps as f32,
             output: QMatMul::from_qtensor(output)?,
             n_head,
             n_kv_head,
             head_dim: n_embd / n_head,
+            cos_values: cos.flatten_all()?.to_vec1()?,
+            sin_values: sin.flatten_all()?.to_vec1()?,
             cos,
             sin,
             neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
@@ -241,6 +280,9 @@ impl Llama {
                 self.context_length()
             );
         }
+        if seq_len == 1 && x.device().is_cpu() {
+            return self.decode_on_cpu(x, index_pos);
+        }
         let mask = if seq_len == 1 {
             None
         } else {
@@ -269,6 +311,84 @@ impl Llama {
         }
         let h = self.norm.forward(&h)?;
         self.output.forward(&h.i((.., seq_len - 1, ..))?)
+    }
+}
+
+impl Llama {
+    /// One new token on the CPU: the matmuls through candle (its quantized
+    /// kernels and threads), everything between them on plain slices.
+    fn decode_on_cpu(&mut self, x: &Tensor, position: usize) -> Result<Tensor> {
+        use cpu_kernels::decode::{attend, rms_norm, rope_interleaved, silu_mul};
+        let device = x.device().clone();
+        let token = x.flatten_all()?.to_vec1::<u32>()?[0] as usize;
+        let (n_head, n_kv_head, d) = (self.n_head, self.n_kv_head, self.head_dim);
+        let (n_embd, n_rep) = (n_head * d, n_head / n_kv_head);
+        let half = self.cos_values.len() / self.context_length();
+        if half * 2 != d {
+            candle_core::bail!(
+                "RoPE over {} of a head's {d} dimensions is not supported",
+                half * 2
+            );
+        }
+        let cos = &self.cos_values[position * half..(position + 1) * half];
+        let sin = &self.sin_values[position * half..(position + 1) * half];
+        let scale = 1.0 / (d as f32).sqrt();
+        let row = |v: &[f32]| Tensor::from_slice(v, (1, v.len()), &device);
+        let matmul = |m: &QMatMul, v: &[f32]| -> Result<Vec<f32>> {
+            m.forward(&row(v)?)?.flatten_all()?.to_vec1()
+        };
+
+        let mut h: Vec<f32> = self.embeddings.embeddings().get(token)?.to_vec1()?;
+        let (mut normed, mut y, mut scores) = (vec![0f32; n_embd], vec![0f32; n_embd], Vec::new());
+        for layer in &mut self.layers {
+            rms_norm(&h, &layer.attention_norm_weight, self.eps, &mut normed);
+            let mut qkv = layer.qkv.forward_row(&row(&normed)?)?;
+            let (q, kv) = qkv.split_at_mut(n_embd);
+            let (k, v) = kv.split_at_mut(n_kv_head * d);
+            rope_interleaved(q, d, cos, sin);
+            rope_interleaved(k, d, cos, sin);
+            let k = Tensor::from_slice(k, (1, n_kv_head, 1, d), &device)?;
+            let v = Tensor::from_slice(v, (1, n_kv_head, 1, d), &device)?;
+            let (keys, values) = layer.cache.append(&k, &v)?;
+            let positions = keys.dim(2)?;
+            {
+                // The cache's views: (1, n_kv_head, positions, d), rows contiguous.
+                let (ks, kl) = keys.storage_and_layout();
+                let (vs, vl) = values.storage_and_layout();
+                let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&*ks, &*vs) else {
+                    candle_core::bail!("the KV cache is not in CPU memory");
+                };
+                let (ks, vs) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
+                if kl.stride()[2..] != [d, 1] || vl.stride()[2..] != [d, 1] {
+                    candle_core::bail!("the KV cache's rows are not contiguous");
+                }
+                for g in 0..n_kv_head {
+                    let k0 = kl.start_offset() + g * kl.stride()[1];
+                    let v0 = vl.start_offset() + g * vl.stride()[1];
+                    let heads = g * n_rep * d..(g + 1) * n_rep * d;
+                    attend(
+                        &q[heads.clone()],
+                        d,
+                        &ks[k0..k0 + positions * d],
+                        &vs[v0..v0 + positions * d],
+                        scale,
+                        &mut scores,
+                        &mut y[heads],
+                    );
+                }
+            }
+            let o = matmul(&layer.wo, &y)?;
+            h.iter_mut().zip(&o).for_each(|(h, o)| *h += o);
+            rms_norm(&h, &layer.ffn_norm_weight, self.eps, &mut normed);
+            let gate_up = layer.gate_up.forward_row(&row(&normed)?)?;
+            let (gate, up) = gate_up.split_at(gate_up.len() / 2);
+            let mut act = vec![0f32; gate.len()];
+            silu_mul(gate, up, &mut act);
+            let down = matmul(&layer.down, &act)?;
+            h.iter_mut().zip(&down).for_each(|(h, d)| *h += d);
+        }
+        rms_norm(&h, &self.norm_weight, self.eps, &mut normed);
+        self.output.forward(&row(&normed)?)
     }
 }
 

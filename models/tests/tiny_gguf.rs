@@ -12,7 +12,10 @@ use models::generate::Params;
 use models::{GenerateService, Generator, Piece, ServeConfig};
 
 const HIDDEN: usize = 16;
-const HEADS: usize = 2;
+const HEADS: usize = 4;
+/// Two query heads per key/value head, as in SmolLM2 (three there).
+const KV_HEADS: usize = 2;
+const BLOCKS: usize = 2;
 const FFN: usize = 32;
 
 fn vocab() -> Vec<String> {
@@ -49,7 +52,7 @@ fn ones(n: usize) -> QTensor {
     QTensor::quantize(&t, GgmlDType::F32).expect("quantize")
 }
 
-/// A one-block llama with a 32-token vocabulary, as GGUF bytes.
+/// A two-block llama with a 32-token vocabulary and f32 weights, as GGUF bytes.
 fn tiny_gguf() -> Vec<u8> {
     let vocab = vocab();
     let mut seed = 7u64;
@@ -71,26 +74,20 @@ fn tiny_gguf() -> Vec<u8> {
         ("output_norm.weight".into(), ones(HIDDEN)),
         ("output.weight".into(), output),
     ];
-    for name in ["attn_q", "attn_k", "attn_v", "attn_output"] {
-        tensors.push((
-            format!("blk.0.{name}.weight"),
-            tensor(&[HIDDEN, HIDDEN], &mut seed),
-        ));
+    let kv = KV_HEADS * HIDDEN / HEADS;
+    for block in 0..BLOCKS {
+        let mut add =
+            |name: &str, t: QTensor| tensors.push((format!("blk.{block}.{name}.weight"), t));
+        add("attn_q", tensor(&[HIDDEN, HIDDEN], &mut seed));
+        add("attn_k", tensor(&[kv, HIDDEN], &mut seed));
+        add("attn_v", tensor(&[kv, HIDDEN], &mut seed));
+        add("attn_output", tensor(&[HIDDEN, HIDDEN], &mut seed));
+        add("ffn_gate", tensor(&[FFN, HIDDEN], &mut seed));
+        add("ffn_up", tensor(&[FFN, HIDDEN], &mut seed));
+        add("ffn_down", tensor(&[HIDDEN, FFN], &mut seed));
+        add("attn_norm", ones(HIDDEN));
+        add("ffn_norm", ones(HIDDEN));
     }
-    tensors.push((
-        "blk.0.ffn_gate.weight".into(),
-        tensor(&[FFN, HIDDEN], &mut seed),
-    ));
-    tensors.push((
-        "blk.0.ffn_up.weight".into(),
-        tensor(&[FFN, HIDDEN], &mut seed),
-    ));
-    tensors.push((
-        "blk.0.ffn_down.weight".into(),
-        tensor(&[HIDDEN, FFN], &mut seed),
-    ));
-    tensors.push(("blk.0.attn_norm.weight".into(), ones(HIDDEN)));
-    tensors.push(("blk.0.ffn_norm.weight".into(), ones(HIDDEN)));
 
     let strings = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
     let types = Value::Array(
@@ -101,8 +98,8 @@ fn tiny_gguf() -> Vec<u8> {
     let metadata: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         ("llama.attention.head_count", Value::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", Value::U32(HEADS as u32)),
-        ("llama.block_count", Value::U32(1)),
+        ("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32)),
+        ("llama.block_count", Value::U32(BLOCKS as u32)),
         ("llama.embedding_length", Value::U32(HIDDEN as u32)),
         (
             "llama.rope.dimension_count",
@@ -232,4 +229,49 @@ async fn the_real_generator_streams_cancels_and_refuses_when_full() {
     .await
     .expect("the cancelled request stopped and the next one ran");
     assert!(answered);
+}
+
+/// Our forward pass (with its own decode step on the CPU) against
+/// candle-transformers' on the same f32 weights: a prompt, then single
+/// tokens. With f32 weights no activation is quantized, so the two agree
+/// to rounding (the real Q4_1 model is checked in tests/real_weights.rs).
+#[test]
+fn our_llama_gives_candle_transformers_logits_on_f32_weights() {
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    use models::llama::Llama;
+
+    let bytes = tiny_gguf();
+    let load = || {
+        let mut cursor = Cursor::new(bytes.clone());
+        let content = gguf_file::Content::read(&mut cursor).expect("header");
+        (content, cursor)
+    };
+    let cpu = Device::Cpu;
+    let (content, mut cursor) = load();
+    let mut theirs = ModelWeights::from_gguf(content, &mut cursor, &cpu).expect("theirs");
+    let (content, mut cursor) = load();
+    let mut ours = Llama::from_gguf(content, &mut cursor, &cpu).expect("ours");
+    ours.start(32).expect("start");
+    let mut input: Vec<u32> = vec![1, 5, 9, 12, 30];
+    let mut position = 0;
+    for step in 0..8 {
+        let x = Tensor::new(input.as_slice(), &cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("ids");
+        let logits = |l: candle_core::Result<Tensor>| -> Vec<f32> {
+            l.and_then(|t| t.flatten_all()?.to_vec1()).expect("logits")
+        };
+        let (a, b) = (
+            logits(ours.forward(&x, position)),
+            logits(theirs.forward(&x, position)),
+        );
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "step {step}: logits differ by up to {worst}");
+        position += input.len();
+        input = vec![3 + (step as u32 * 7) % 26];
+    }
 }

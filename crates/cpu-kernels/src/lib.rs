@@ -18,8 +18,12 @@
 //! The kernel is AVX-512 where the CPU has it (chosen at run time), else
 //! plain Rust that the compiler vectorises for the baseline target. Work is
 //! split between the threads of the pool it runs in by panel.
+//!
+//! [`decode`] holds the small operations of a Llama decode step (`models/src/llama.rs`).
 
 use rayon::prelude::*;
+
+pub mod decode;
 
 /// Output columns per panel: two AVX-512 registers of f32.
 pub const NR: usize = 32;
