@@ -12,7 +12,11 @@ use crate::{avx512, exp};
 
 /// `out = x / sqrt(mean(x²) + eps) · weight`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    dispatch(|| rms_norm_body(x, weight, eps, out))
+    assert!(
+        x.len() == weight.len() && x.len() == out.len(),
+        "equal lengths"
+    );
+    rms_norm_fast(x, weight, eps, out)
 }
 
 /// RoPE on consecutive pairs (`x[2i]`, `x[2i+1]`) of each `dim`-wide head of
@@ -20,15 +24,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 pub fn rope_interleaved(x: &mut [f32], dim: usize, cos: &[f32], sin: &[f32]) {
     assert_eq!(cos.len() * 2, dim, "cos holds dim / 2 angles");
     assert_eq!(sin.len() * 2, dim, "sin holds dim / 2 angles");
-    dispatch(|| {
-        for head in x.chunks_exact_mut(dim) {
-            for (pair, (c, s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
-                let (a, b) = (pair[0], pair[1]);
-                pair[0] = a * c - b * s;
-                pair[1] = a * s + b * c;
-            }
-        }
-    })
+    rope_fast(x, dim, cos, sin)
 }
 
 /// `out = silu(gate) · up`, with `silu(x) = x / (1 + e^-x)`.
@@ -37,11 +33,7 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
         gate.len() == up.len() && up.len() == out.len(),
         "equal lengths"
     );
-    dispatch(|| {
-        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + exp(-g)) * u;
-        }
-    })
+    silu_mul_fast(gate, up, out)
 }
 
 /// Attention of the query heads in `q` (`heads × dim`) that share one key
@@ -67,25 +59,52 @@ pub fn attend(
     );
     scores.clear();
     scores.resize(heads * positions, 0.0);
-    dispatch(|| attend_body(q, dim, keys, values, scale, scores, out))
+    attend_fast(q, dim, keys, values, scale, scores, out)
 }
 
-/// Runs `f` compiled with AVX-512 enabled where the CPU has it.
+/// Defines `$name`, which runs `$body` (an `#[inline(always)]` function)
+/// compiled with AVX-512 enabled where the CPU has it, else as compiled for
+/// the baseline target.
+macro_rules! twice {
+    ($name:ident => $body:ident($($arg:ident: $ty:ty),*)) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn fast($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F (checked by `avx512`).
+                unsafe { fast($($arg),*) };
+                return;
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+twice!(rms_norm_fast => rms_norm_body(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]));
+twice!(rope_fast => rope_body(x: &mut [f32], dim: usize, cos: &[f32], sin: &[f32]));
+twice!(silu_mul_fast => silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]));
+twice!(attend_fast => attend_body(q: &[f32], dim: usize, keys: &[f32], values: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]));
+
 #[inline(always)]
-fn dispatch(f: impl FnOnce()) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F (checked by `avx512`).
-        unsafe { with_avx512(f) };
-        return;
+fn rope_body(x: &mut [f32], dim: usize, cos: &[f32], sin: &[f32]) {
+    for head in x.chunks_exact_mut(dim) {
+        for (pair, (c, s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * c - b * s;
+            pair[1] = a * s + b * c;
+        }
     }
-    f()
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn with_avx512(f: impl FnOnce()) {
-    f()
+#[inline(always)]
+fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
 }
 
 #[inline(always)]
