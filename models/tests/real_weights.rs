@@ -1,6 +1,8 @@
 //! With the real weights (scripts/models.sh puts them in place; scripts/test.sh
 //! runs it): the numbers the issue asks for.
 
+mod common;
+
 use models::{
     chat_prompt, cosine, default_models_dir, Embedder, Generator, Params, MINILM, SMOLLM2,
 };
@@ -102,55 +104,19 @@ fn the_gguf_tokenizer_round_trips_text_and_keeps_control_tokens_whole() {
 
 #[test]
 fn our_llama_gives_candle_transformers_logits() {
-    use candle_core::quantized::gguf_file::Content;
-    use candle_core::{Device, Tensor};
-    use candle_transformers::models::quantized_llama::ModelWeights;
-    use models::llama::Llama;
-
     let gguf = models::registry::read_verified(&SMOLLM2, &dir())
         .expect("read")
         .remove(0);
-    let load = || {
-        let mut cursor = std::io::Cursor::new(&gguf);
-        let content = Content::read(&mut cursor).expect("header");
-        (content, cursor)
-    };
-    let cpu = Device::Cpu;
-    let (content, mut cursor) = load();
-    let mut theirs = ModelWeights::from_gguf(content, &mut cursor, &cpu).expect("theirs");
-    let (content, mut cursor) = load();
-    let mut ours = Llama::from_gguf(content, &mut cursor, &cpu).expect("ours");
-    ours.start(16).expect("start");
-
-    // A prompt (the masked path), then single tokens (the grouped path).
-    let mut input: Vec<u32> = vec![504, 3575, 282, 4649, 314];
-    let mut position = 0;
-    for step in 0..6 {
-        let x = Tensor::new(input.as_slice(), &cpu)
-            .expect("ids")
-            .unsqueeze(0)
-            .expect("batch");
-        let values = |logits: candle_core::Result<Tensor>| -> Vec<f32> {
-            logits
-                .and_then(|t| t.flatten_all()?.to_vec1())
-                .expect("logits")
-        };
-        let a = values(ours.forward(&x, position));
-        let b = values(theirs.forward(&x, position));
-        assert_eq!(a.len(), b.len());
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
-        let best = |v: &[f32]| -> (u32, f32, f32) {
+    // A prompt (the masked path), then single tokens (the decode step).
+    let prompt = [504, 3575, 282, 4649, 314];
+    common::llama_side_by_side(&gguf, &prompt, 5, None, |step, a, b| {
+        let (worst, mean) = common::differences(a, b);
+        let best = |v: &[f32]| -> (usize, f32, f32) {
             let mut sorted: Vec<(usize, f32)> = v.iter().copied().enumerate().collect();
             sorted.sort_by(|x, y| y.1.total_cmp(&x.1));
-            (sorted[0].0 as u32, sorted[0].1, sorted[1].1)
+            (sorted[0].0, sorted[0].1, sorted[1].1)
         };
-        let (next, _, _) = best(&a);
-        let (their_next, top, second) = best(&b);
+        let ((next, _, _), (their_next, top, second)) = (best(a), best(b));
         if step == 0 {
             // The prompt runs the same tensor operations as candle-transformers.
             assert!(worst < 1e-3, "prompt: logits differ by up to {worst}");
@@ -170,9 +136,7 @@ fn our_llama_gives_candle_transformers_logits() {
                 assert_eq!(next, their_next, "step {step}: a different greedy token");
             }
         }
-        position += input.len();
-        input = vec![next];
-    }
+    });
 }
 
 #[test]

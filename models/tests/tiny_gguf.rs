@@ -2,6 +2,8 @@
 //! in memory (no files): the real loader, tokenizer-from-metadata, sampling
 //! loop and serving thread; streaming, cancellation and a bounded queue.
 
+mod common;
+
 use std::io::Cursor;
 use std::time::Duration;
 
@@ -237,41 +239,15 @@ async fn the_real_generator_streams_cancels_and_refuses_when_full() {
 /// to rounding (the real Q4_1 model is checked in tests/real_weights.rs).
 #[test]
 fn our_llama_gives_candle_transformers_logits_on_f32_weights() {
-    use candle_transformers::models::quantized_llama::ModelWeights;
-    use models::llama::Llama;
-
-    let bytes = tiny_gguf();
-    let load = || {
-        let mut cursor = Cursor::new(bytes.clone());
-        let content = gguf_file::Content::read(&mut cursor).expect("header");
-        (content, cursor)
-    };
-    let cpu = Device::Cpu;
-    let (content, mut cursor) = load();
-    let mut theirs = ModelWeights::from_gguf(content, &mut cursor, &cpu).expect("theirs");
-    let (content, mut cursor) = load();
-    let mut ours = Llama::from_gguf(content, &mut cursor, &cpu).expect("ours");
-    ours.start(32).expect("start");
-    let mut input: Vec<u32> = vec![1, 5, 9, 12, 30];
-    let mut position = 0;
-    for step in 0..8 {
-        let x = Tensor::new(input.as_slice(), &cpu)
-            .and_then(|t| t.unsqueeze(0))
-            .expect("ids");
-        let logits = |l: candle_core::Result<Tensor>| -> Vec<f32> {
-            l.and_then(|t| t.flatten_all()?.to_vec1()).expect("logits")
-        };
-        let (a, b) = (
-            logits(ours.forward(&x, position)),
-            logits(theirs.forward(&x, position)),
-        );
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 1e-4, "step {step}: logits differ by up to {worst}");
-        position += input.len();
-        input = vec![3 + (step as u32 * 7) % 26];
-    }
+    let next = |step: usize| 3 + (step as u32 * 7) % 26;
+    common::llama_side_by_side(
+        &tiny_gguf(),
+        &[1, 5, 9, 12, 30],
+        7,
+        Some(&next),
+        |step, a, b| {
+            let (worst, _) = common::differences(a, b);
+            assert!(worst < 1e-4, "step {step}: logits differ by up to {worst}");
+        },
+    );
 }

@@ -71,8 +71,13 @@ fn the_same_seed_gives_the_same_run_and_another_seed_another() {
 
 #[test]
 fn a_scenario_file_runs_and_bad_files_are_refused_with_the_reason() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/partition-and-loss.toml");
+    // The checkout's path at run time (cargo sets it for tests): the one
+    // baked in at build time names the checkout that built this binary,
+    // which is another one when checkouts share a target directory.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let path = dir.join("examples/partition-and-loss.toml");
     let scenario = Scenario::from_file(&path).expect("the example parses");
     assert_eq!(scenario.steps.len(), 4);
     let outcome = run(&config(3), &scenario, &mut |_| {}).expect("runs");
