@@ -3,6 +3,8 @@
 //!   candle-core patch) against the scalar loop and against the same weights
 //!   dequantized to f32, for one row (decode) and many (prompt), with widths
 //!   that leave a tail after the column quads;
+//! - the Q8_1 quantisation of its activations (with AVX2: our patch's)
+//!   against its definition, bit for bit, ties and an all-zero block included;
 //! - f32 matmuls on both sides of the size at which our gemm-common patch
 //!   switches from the AVX2 to the AVX-512 kernels, against a plain loop.
 
@@ -111,5 +113,36 @@ fn f32_matmuls_match_a_plain_loop_on_both_sides_of_the_avx512_switch() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn q8_1_quantisation_equals_its_definition_bit_for_bit() {
+    let cpu = Device::Cpu;
+    // Random blocks; a block whose scale is exactly 1 (amax 127) with values
+    // on the halves, where rounding goes away from zero; an all-zero block.
+    let mut x = values(9, 32 * 6);
+    let ties: Vec<f32> = (0..32).map(|i| if i == 0 { 127.0 } else { i as f32 * 1.5 - 23.5 }).collect();
+    x.extend(&ties);
+    x.extend([0f32; 32]);
+    x.extend(values(10, 32).iter().map(|v| v * 1e-3));
+    let blocks = x.len() / 32;
+    let q = QTensor::quantize(&Tensor::from_vec(x.clone(), (blocks, 32), &cpu).expect("x"), GgmlDType::Q8_1)
+        .expect("quantize");
+    let bytes = q.data().expect("bytes");
+    assert_eq!(bytes.len(), blocks * 36);
+    for (b, (got, x)) in bytes.chunks_exact(36).zip(x.chunks_exact(32)).enumerate() {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let qs: Vec<i8> = x.iter().map(|v| (v * id).round() as i8).collect();
+        let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+        let d16 = half::f16::from_f32(d);
+        let s16 = half::f16::from_f32(sum as f32) * d16;
+        let mut want = Vec::with_capacity(36);
+        want.extend(d16.to_bits().to_le_bytes());
+        want.extend(s16.to_bits().to_le_bytes());
+        want.extend(qs.iter().map(|&q| q as u8));
+        assert_eq!(got, &want[..], "block {b}");
     }
 }

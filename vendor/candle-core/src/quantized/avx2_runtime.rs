@@ -130,3 +130,58 @@ pub(crate) unsafe fn vec_dot_4_q4_1_q8_1(
         hsum(a3) + lane1(m3),
     )
 }
+
+/// agentmesh patch: `BlockQ8_1::from_float` with AVX2 (the activations of
+/// every Q4_1 matmul are quantized by it, on the calling thread, before the
+/// work is split: the scalar loop calls `roundf` out of line for each
+/// value). The same result as the scalar loop, bit for bit: the same scale
+/// (`amax / 127`, its inverse), the same rounding (half away from zero), the
+/// same f16 arithmetic for `s`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]); `xs.len()` is
+/// `ys.len() * 32`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_q8_1(xs: &[f32], ys: &mut [BlockQ8_1]) {
+    debug_assert_eq!(xs.len(), ys.len() * 32);
+    let sign = _mm256_set1_ps(-0.0);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    for (x, y) in xs.chunks_exact(32).zip(ys.iter_mut()) {
+        let p = x.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+        let m = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / ((1 << 7) - 1) as f32;
+        let id = _mm256_set1_ps(if d != 0f32 { 1. / d } else { 0. });
+        let mut q = [_mm256_setzero_si256(); 4];
+        for i in 0..4 {
+            let x = _mm256_mul_ps(v[i], id);
+            // Half away from zero, as f32::round: truncate, then step away
+            // from zero when the dropped fraction is at least one half.
+            let t = _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            let frac = abs(_mm256_sub_ps(x, t));
+            let step = _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), _mm256_or_ps(one, _mm256_and_ps(sign, x)));
+            q[i] = _mm256_cvtps_epi32(_mm256_add_ps(t, step));
+        }
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01)));
+        // i32 -> i16 -> i8 (|q| ≤ 127: no saturation); the packs work per
+        // 128-bit lane, the permutation puts the 32 values back in order.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(y.qs.as_mut_ptr() as *mut __m256i, bytes);
+        y.d = half::f16::from_f32(d);
+        y.s = half::f16::from_f32(sum as f32) * y.d;
+    }
+}

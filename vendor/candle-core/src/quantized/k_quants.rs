@@ -808,6 +808,13 @@ impl GgmlType for BlockQ8_1 {
             ys.len(),
             Self::BLCK_SIZE
         );
+        // agentmesh patch: the AVX2 version where the CPU has it (same result).
+        #[cfg(target_arch = "x86_64")]
+        if super::avx2_runtime::available() {
+            // SAFETY: the CPU has AVX2, FMA and F16C; the kernel reads each
+            // 32-value chunk of xs and writes the matching block of ys.
+            return unsafe { super::avx2_runtime::quantize_q8_1(xs, ys) };
+        }
         for (i, ys) in ys.iter_mut().enumerate() {
             let mut amax = 0f32;
             let xs = &xs[i * Self::BLCK_SIZE..(i + 1) * Self::BLCK_SIZE];
