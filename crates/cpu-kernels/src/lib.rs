@@ -12,7 +12,7 @@
 //!
 //! ```text
 //!   weight [n, k] ──pack──> panels [n/NR][k][NR]
-//!   x [m, k] · panels ──8 rows × 32 columns per kernel call──> out [m, n] (+ bias, then GELU or + residual)
+//!   x [m, k] · panels ──12 rows × 32 columns per kernel call──> out [m, n] (+ bias, then GELU or + residual)
 //! ```
 //!
 //! The kernel is AVX-512 where the CPU has it (chosen at run time), else
@@ -27,8 +27,10 @@ pub mod decode;
 
 /// Output columns per panel: two AVX-512 registers of f32.
 pub const NR: usize = 32;
-/// Input rows per kernel call: 8 rows × 2 registers = 16 accumulators.
-const MR: usize = 8;
+/// Input rows per kernel call: 12 rows × 2 registers = 24 accumulators (of
+/// 32 registers; a dozen rows is also one short sentence in one pass over
+/// the weights).
+const MR: usize = 12;
 
 /// What is applied to each output after the bias is added.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -188,6 +190,10 @@ fn tile_product(
         // SAFETY: the CPU has AVX-512F (checked); the slices hold what the kernel reads.
         unsafe {
             match rows {
+                12 => avx512::tile::<12>(a, k, b, bias, tile),
+                11 => avx512::tile::<11>(a, k, b, bias, tile),
+                10 => avx512::tile::<10>(a, k, b, bias, tile),
+                9 => avx512::tile::<9>(a, k, b, bias, tile),
                 8 => avx512::tile::<8>(a, k, b, bias, tile),
                 7 => avx512::tile::<7>(a, k, b, bias, tile),
                 6 => avx512::tile::<6>(a, k, b, bias, tile),
@@ -439,7 +445,7 @@ mod tests {
             eprintln!("no AVX-512 here: only the portable kernel runs");
             return;
         }
-        let (k, rows) = (384, 8);
+        let (k, rows) = (384, MR);
         let (b, bias) = weights(NR, k, 3);
         let (a, _) = weights(rows, k, 4);
         let linear = PackedLinear::new(&b, &bias, NR, k);
