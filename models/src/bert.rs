@@ -179,6 +179,36 @@ impl CpuBert {
     /// Each sentence's token ids (no padding) to its embedding: the mean of
     /// the last layer over its tokens, scaled to unit length.
     pub fn embed(&self, sentences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        // A batch of several sentences per thread: each thread runs the
+        // whole forward pass for its share (about equal in tokens), so the
+        // threads meet once instead of at every operation (each product,
+        // norm and attention splits its work and joins). The operations
+        // still split inside a share, which lets a thread that finishes
+        // early help the other. One sentence, or a few, split by operation.
+        let threads = rayon::current_num_threads();
+        if threads > 1 && sentences.len() >= 4 * threads {
+            let total: usize = sentences.iter().map(Vec::len).sum();
+            let mut shares: Vec<&[Vec<u32>]> = Vec::with_capacity(threads);
+            let (mut start, mut tokens) = (0, 0);
+            for (i, ids) in sentences.iter().enumerate() {
+                tokens += ids.len();
+                if tokens * threads >= total * (shares.len() + 1) && shares.len() + 1 < threads {
+                    shares.push(&sentences[start..=i]);
+                    start = i + 1;
+                }
+            }
+            shares.push(&sentences[start..]);
+            let parts = shares
+                .into_par_iter()
+                .map(|share| self.embed_share(share))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(parts.concat());
+        }
+        self.embed_share(sentences)
+    }
+
+    /// [`CpuBert::embed`] for one thread's share of a batch.
+    fn embed_share(&self, sentences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let h = self.hidden;
         let mut starts = Vec::with_capacity(sentences.len());
         let mut m = 0;
@@ -405,6 +435,43 @@ mod tests {
             }
             for (a, b) in alone[0].iter().zip(&got[1]) {
                 assert!((a - b).abs() < 1e-5, "{act:?} alone: {a} vs {b}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_split_between_threads_gives_each_sentence_its_own_vector() -> Result<()> {
+        let device = Device::Cpu;
+        let config = config(HiddenAct::Gelu);
+        let varmap = VarMap::new();
+        BertModel::load(
+            VarBuilder::from_varmap(&varmap, DType::F32, &device),
+            &config,
+        )?;
+        for var in varmap.all_vars() {
+            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &device)?)?;
+        }
+        let ours = CpuBert::load(
+            VarBuilder::from_varmap(&varmap, DType::F32, &device),
+            &config,
+        )?;
+        // Enough sentences to be split by thread (on two or more threads),
+        // of uneven lengths.
+        let n = 4 * rayon::current_num_threads() + 3;
+        let sentences: Vec<Vec<u32>> = (0..n)
+            .map(|i| {
+                (0..1 + (i * 7) % 13)
+                    .map(|t| ((i * 5 + t * 3) % 49) as u32 + 1)
+                    .collect()
+            })
+            .collect();
+        let batch = ours.embed(&sentences)?;
+        assert_eq!(batch.len(), n);
+        for (i, s) in sentences.iter().enumerate() {
+            let alone = ours.embed(std::slice::from_ref(s))?.remove(0);
+            for (a, b) in alone.iter().zip(&batch[i]) {
+                assert!((a - b).abs() < 1e-5, "sentence {i}: {a} vs {b}");
             }
         }
         Ok(())

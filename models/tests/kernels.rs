@@ -122,13 +122,18 @@ fn q8_1_quantisation_equals_its_definition_bit_for_bit() {
     // Random blocks; a block whose scale is exactly 1 (amax 127) with values
     // on the halves, where rounding goes away from zero; an all-zero block.
     let mut x = values(9, 32 * 6);
-    let ties: Vec<f32> = (0..32).map(|i| if i == 0 { 127.0 } else { i as f32 * 1.5 - 23.5 }).collect();
+    let ties: Vec<f32> = (0..32)
+        .map(|i| if i == 0 { 127.0 } else { i as f32 * 1.5 - 23.5 })
+        .collect();
     x.extend(&ties);
     x.extend([0f32; 32]);
     x.extend(values(10, 32).iter().map(|v| v * 1e-3));
     let blocks = x.len() / 32;
-    let q = QTensor::quantize(&Tensor::from_vec(x.clone(), (blocks, 32), &cpu).expect("x"), GgmlDType::Q8_1)
-        .expect("quantize");
+    let q = QTensor::quantize(
+        &Tensor::from_vec(x.clone(), (blocks, 32), &cpu).expect("x"),
+        GgmlDType::Q8_1,
+    )
+    .expect("quantize");
     let bytes = q.data().expect("bytes");
     assert_eq!(bytes.len(), blocks * 36);
     for (b, (got, x)) in bytes.chunks_exact(36).zip(x.chunks_exact(32)).enumerate() {
