@@ -401,9 +401,21 @@ mod tests {
             .to_vec2()
     }
 
+    /// candle-transformers' model and ours on the same random weights.
+    fn both(act: HiddenAct) -> Result<(BertModel, CpuBert)> {
+        let device = Device::Cpu;
+        let config = config(act);
+        let varmap = VarMap::new();
+        let vb = || VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let theirs = BertModel::load(vb(), &config)?;
+        for var in varmap.all_vars() {
+            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &device)?)?;
+        }
+        Ok((theirs, CpuBert::load(vb(), &config)?))
+    }
+
     #[test]
     fn ours_equals_candle_transformers_on_random_weights() -> Result<()> {
-        let device = Device::Cpu;
         let sentences: Vec<Vec<u32>> = vec![
             vec![1, 5, 9, 2],
             vec![1, 7, 2],
@@ -411,19 +423,7 @@ mod tests {
             vec![6],
         ];
         for act in [HiddenAct::Gelu, HiddenAct::GeluApproximate, HiddenAct::Relu] {
-            let config = config(act);
-            let varmap = VarMap::new();
-            let theirs = BertModel::load(
-                VarBuilder::from_varmap(&varmap, DType::F32, &device),
-                &config,
-            )?;
-            for var in varmap.all_vars() {
-                var.set(&Tensor::randn(0f32, 0.5, var.shape(), &device)?)?;
-            }
-            let ours = CpuBert::load(
-                VarBuilder::from_varmap(&varmap, DType::F32, &device),
-                &config,
-            )?;
+            let (theirs, ours) = both(act)?;
             let want = candle_embeddings(&theirs, &sentences)?;
             let got = ours.embed(&sentences)?;
             // Alone or in a batch, a sentence gets the same vector.
@@ -442,20 +442,7 @@ mod tests {
 
     #[test]
     fn a_batch_split_between_threads_gives_each_sentence_its_own_vector() -> Result<()> {
-        let device = Device::Cpu;
-        let config = config(HiddenAct::Gelu);
-        let varmap = VarMap::new();
-        BertModel::load(
-            VarBuilder::from_varmap(&varmap, DType::F32, &device),
-            &config,
-        )?;
-        for var in varmap.all_vars() {
-            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &device)?)?;
-        }
-        let ours = CpuBert::load(
-            VarBuilder::from_varmap(&varmap, DType::F32, &device),
-            &config,
-        )?;
+        let (_, ours) = both(HiddenAct::Gelu)?;
         // Enough sentences to be split by thread (on two or more threads),
         // of uneven lengths.
         let n = 4 * rayon::current_num_threads() + 3;
@@ -479,17 +466,7 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_errors() -> Result<()> {
-        let device = Device::Cpu;
-        let config = config(HiddenAct::Gelu);
-        let varmap = VarMap::new();
-        BertModel::load(
-            VarBuilder::from_varmap(&varmap, DType::F32, &device),
-            &config,
-        )?;
-        let ours = CpuBert::load(
-            VarBuilder::from_varmap(&varmap, DType::F32, &device),
-            &config,
-        )?;
+        let (_, ours) = both(HiddenAct::Gelu)?;
         let e = ours
             .embed(&[vec![1, 50]])
             .expect_err("id 50 is past the vocabulary");
