@@ -23,6 +23,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
 use rayon::prelude::*;
 
+use cpu_kernels::ops::attend;
 use cpu_kernels::{Epilogue, PackedLinear};
 
 /// A BERT encoder with its weights in memory, for sentence embeddings.
@@ -301,29 +302,26 @@ impl CpuBert {
             rest = after;
         }
         parts.into_par_iter().for_each(|(start, len, out)| {
-            let mut scores = vec![0f32; len];
-            let row = |i: usize| &qkv[(start + i) * 3 * h..(start + i + 1) * 3 * h];
+            // One head's queries, keys and values of this sentence, each
+            // `len × d` (they sit `3 × h` apart in qkv), then its context
+            // back into the sentence's rows.
+            let rows = &qkv[start * 3 * h..(start + len) * 3 * h];
+            let gather = |at: usize, into: &mut Vec<f32>| {
+                into.clear();
+                for r in rows.chunks_exact(3 * h) {
+                    into.extend_from_slice(&r[at..at + d]);
+                }
+            };
+            let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut scores, mut context) = (Vec::new(), vec![0f32; len * d]);
             for head in 0..heads {
                 let at = head * d;
-                for i in 0..len {
-                    let q = &row(i)[at..at + d];
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        let k = &row(j)[h + at..h + at + d];
-                        *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    }
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut total = 0.0;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    let o = &mut out[i * h + at..i * h + at + d];
-                    o.fill(0.0);
-                    for (j, s) in scores.iter().enumerate() {
-                        let v = &row(j)[2 * h + at..2 * h + at + d];
-                        let p = s / total;
-                        o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
-                    }
+                gather(at, &mut q);
+                gather(h + at, &mut k);
+                gather(2 * h + at, &mut v);
+                attend(&q, d, &k, &v, scale, &mut scores, &mut context);
+                for (o, c) in out.chunks_exact_mut(h).zip(context.chunks_exact(d)) {
+                    o[at..at + d].copy_from_slice(c);
                 }
             }
         });

@@ -20,7 +20,7 @@
 //!
 //! On the CPU a decode step (one new token) leaves tensors for everything
 //! but the matmuls (`decode_on_cpu`): RMS norm, RoPE, the attention over the
-//! cache and the SiLU gate run on plain slices (`cpu_kernels::decode`).
+//! cache and the SiLU gate run on plain slices (`cpu_kernels::ops`).
 //! They are too small to split between threads, and as tensor operations
 //! (about 20 a layer, each allocating) they kept the matmul threads waiting
 //! on the calling one.
@@ -209,12 +209,13 @@ impl Llama {
 
         let embeddings_q = content.tensor(reader, "token_embd.weight", device)?;
         let embeddings = Embedding::new(embeddings_q.dequantize(device)?, n_embd);
-        let norm =
-            RmsNorm::from_qtensor(content.tensor(reader, "output_norm.weight", device)?, eps)?;
-        let vector = |t: QTensor| -> Result<Vec<f32>> {
-            t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
+        // A norm's weights, read once: as candle's RmsNorm (the tensor path)
+        // and as a plain vector (the CPU decode step).
+        let norm_of = |t: QTensor| -> Result<(RmsNorm, Vec<f32>)> {
+            let weight = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            Ok((RmsNorm::from_qtensor(t, eps)?, weight))
         };
-        let norm_weight = vector(content.tensor(reader, "output_norm.weight", device)?)?;
+        let (norm, norm_weight) = norm_of(content.tensor(reader, "output_norm.weight", device)?)?;
         // Tied embeddings when the file has no output matrix.
         let output = match content.tensor(reader, "output.weight", device) {
             Ok(t) => t,
@@ -224,15 +225,17 @@ impl Llama {
         for i in 0..n_layer {
             let mut w =
                 |name: &str| content.tensor(reader, &format!("blk.{i}.{name}.weight"), device);
+            let (attention_norm, attention_norm_weight) = norm_of(w("attn_norm")?)?;
+            let (ffn_norm, ffn_norm_weight) = norm_of(w("ffn_norm")?)?;
             layers.push(Layer {
                 qkv: Projections::new(vec![w("attn_q")?, w("attn_k")?, w("attn_v")?])?,
                 wo: QMatMul::from_qtensor(w("attn_output")?)?,
-                attention_norm: RmsNorm::from_qtensor(w("attn_norm")?, eps)?,
+                attention_norm,
                 gate_up: Projections::new(vec![w("ffn_gate")?, w("ffn_up")?])?,
                 down: QMatMul::from_qtensor(w("ffn_down")?)?,
-                ffn_norm: RmsNorm::from_qtensor(w("ffn_norm")?, eps)?,
-                attention_norm_weight: vector(w("attn_norm")?)?,
-                ffn_norm_weight: vector(w("ffn_norm")?)?,
+                ffn_norm,
+                attention_norm_weight,
+                ffn_norm_weight,
                 cache: KvCache::new(2, 1),
             });
         }
@@ -318,7 +321,7 @@ impl Llama {
     /// One new token on the CPU: the matmuls through candle (its quantized
     /// kernels and threads), everything between them on plain slices.
     fn decode_on_cpu(&mut self, x: &Tensor, position: usize) -> Result<Tensor> {
-        use cpu_kernels::decode::{attend, rms_norm, rope_interleaved, silu_mul};
+        use cpu_kernels::ops::{attend, rms_norm, rope_interleaved, silu_mul};
         let device = x.device().clone();
         let token = x.flatten_all()?.to_vec1::<u32>()?[0] as usize;
         let (n_head, n_kv_head, d) = (self.n_head, self.n_kv_head, self.head_dim);

@@ -19,11 +19,13 @@
 //! plain Rust that the compiler vectorises for the baseline target. Work is
 //! split between the threads of the pool it runs in by panel.
 //!
-//! [`decode`] holds the small operations of a Llama decode step (`models/src/llama.rs`).
+//! [`ops`] holds the small operations between the products: RMS norm, RoPE,
+//! attention, the SiLU gate (a Llama decode step, `models/src/llama.rs`;
+//! attention also for BERT, `models/src/bert.rs`).
 
 use rayon::prelude::*;
 
-pub mod decode;
+pub mod ops;
 
 /// Output columns per panel: two AVX-512 registers of f32.
 pub const NR: usize = 32;
@@ -71,6 +73,10 @@ impl std::fmt::Debug for PackedLinear {
 impl PackedLinear {
     /// Packs `weight` (`[n, k]`, row-major: PyTorch's `Linear` layout) and `bias` (`n`).
     pub fn new(weight: &[f32], bias: &[f32], n: usize, k: usize) -> Self {
+        assert!(
+            n > 0 && k > 0,
+            "a [{n}, {k}] weight has nothing to multiply"
+        );
         assert_eq!(weight.len(), n * k, "weight is not [{n}, {k}]");
         assert_eq!(bias.len(), n, "bias is not [{n}]");
         let count = n.div_ceil(NR);
@@ -219,16 +225,11 @@ fn portable_tile(
     bias: &[f32],
     tile: &mut [f32; MR * NR],
 ) {
-    for r in 0..rows {
-        let acc: &mut [f32; NR] = (&mut tile[r * NR..(r + 1) * NR])
-            .try_into()
-            .expect("NR wide");
+    for (acc, row) in tile.chunks_exact_mut(NR).zip(a.chunks_exact(k)).take(rows) {
         acc.copy_from_slice(bias);
-        let row = &a[r * k..(r + 1) * k];
-        for (p, &v) in row.iter().enumerate() {
-            let bp: &[f32; NR] = b[p * NR..(p + 1) * NR].try_into().expect("NR wide");
-            for c in 0..NR {
-                acc[c] += v * bp[c];
+        for (&v, bp) in row.iter().zip(b.chunks_exact(NR)) {
+            for (c, w) in acc.iter_mut().zip(bp) {
+                *c += v * w;
             }
         }
     }

@@ -1,7 +1,7 @@
-//! The small operations of one decode step of a Llama model (one new
-//! token), on plain slices: RMS norm, interleaved RoPE, attention of a
-//! group of query heads over its key/value head's cache, SiLU-gated
-//! product. In a tensor library each is a pass of its own with an
+//! The small operations between the products of a forward pass, on plain
+//! slices: RMS norm, interleaved RoPE, attention of query rows over keys
+//! and values, SiLU-gated product (a Llama decode step; attention also for
+//! BERT). In a tensor library each is a pass of its own with an
 //! allocation; at one token they are too small to split between threads,
 //! so the thread that runs them should run them fast. Each is written once
 //! in plain Rust and compiled twice: for the baseline target, and with
@@ -36,10 +36,11 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     silu_mul_fast(gate, up, out)
 }
 
-/// Attention of the query heads in `q` (`heads × dim`) that share one key
-/// and value head, over `keys` and `values` (`positions × dim` each, the
-/// cache up to and including this token): `out` (`heads × dim`) gets
-/// `softmax(q·kᵀ · scale) · v` per head. `scores` is scratch space.
+/// Attention of the query rows of `q` (`rows × dim`: the query heads that
+/// share one key/value head at a decode step, or one head's queries of a
+/// sentence) over `keys` and `values` (`positions × dim` each): `out`
+/// (`rows × dim`) gets `softmax(q·kᵀ · scale) · v` per row. `scores` is
+/// scratch space.
 pub fn attend(
     q: &[f32],
     dim: usize,
@@ -51,8 +52,8 @@ pub fn attend(
 ) {
     let positions = keys.len() / dim;
     let heads = q.len() / dim;
-    assert_eq!(q.len(), heads * dim, "q is heads × dim");
-    assert_eq!(out.len(), heads * dim, "out is heads × dim");
+    assert_eq!(q.len(), heads * dim, "q is rows × dim");
+    assert_eq!(out.len(), heads * dim, "out is rows × dim");
     assert!(
         keys.len() == positions * dim && values.len() == keys.len(),
         "keys and values are positions × dim"
