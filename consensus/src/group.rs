@@ -117,6 +117,10 @@ pub enum GroupError {
     /// Too many policy writes are waiting to be proposed.
     #[error("{0} policy writes are already waiting on this node; retry shortly")]
     Busy(usize),
+    /// The voters of this bootstrap differ from a set a voter agreed to
+    /// already (two bootstraps with different views of the region).
+    #[error("{0}")]
+    BootstrapConflict(String),
     /// A membership change is still in progress.
     #[error("a membership change is in progress; retry when it has committed")]
     ChangeInProgress,

@@ -176,7 +176,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.store
                 .write(ops, Durability::Buffered)
                 .map_err(write_err)?;
-            self.sync.flush(callback);
+            self.sync
+                .flush(Box::new(move |result| callback.log_io_completed(result)));
             return Ok(());
         }
         let result = self.store.write(ops, Durability::Sync);

@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_store::Store;
-use openraft::storage::LogFlushed;
 
-use crate::types::TypeConfig;
+/// What to call once a flush is done (or failed): in a node, openraft's
+/// `LogFlushed` callback.
+pub type Done = Box<dyn FnOnce(std::io::Result<()>) + Send>;
 
 /// Where the syncs of a log run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +62,8 @@ impl Drop for Worker {
 
 #[derive(Debug, Clone)]
 enum Sender {
-    Thread(std::sync::mpsc::Sender<LogFlushed<TypeConfig>>),
-    Task(tokio::sync::mpsc::UnboundedSender<LogFlushed<TypeConfig>>),
+    Thread(std::sync::mpsc::Sender<Done>),
+    Task(tokio::sync::mpsc::UnboundedSender<Done>),
 }
 
 impl SyncQueue {
@@ -70,7 +71,7 @@ impl SyncQueue {
     pub fn start(store: Arc<dyn Store>, how: LogSync) -> std::io::Result<Self> {
         let worker = match how {
             LogSync::Thread => {
-                let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
+                let (tx, rx) = std::sync::mpsc::channel::<Done>();
                 let thread = std::thread::Builder::new()
                     .name("raft-log-sync".into())
                     .spawn(move || {
@@ -108,8 +109,8 @@ impl SyncQueue {
         })
     }
 
-    /// Reports `callback` once every write made before this call is durable.
-    pub fn flush(&self, callback: LogFlushed<TypeConfig>) {
+    /// Calls `callback` once every write made before this call is durable.
+    pub fn flush(&self, callback: Done) {
         let refused = match &self.inner.tx {
             Some(Sender::Thread(tx)) => tx.send(callback).err().map(|e| e.0),
             Some(Sender::Task(tx)) => tx.send(callback).err().map(|e| e.0),
@@ -118,18 +119,136 @@ impl SyncQueue {
         // The worker only stops when every sender is gone, so this cannot
         // happen while `self` lives; report it as an IO error all the same.
         if let Some(callback) = refused {
-            callback.log_io_completed(Err(std::io::Error::other("the log sync worker stopped")));
+            callback(Err(std::io::Error::other("the log sync worker stopped")));
         }
     }
 }
 
-fn complete(batch: Vec<LogFlushed<TypeConfig>>, result: Result<(), mesh_store::StoreError>) {
+fn complete(batch: Vec<Done>, result: Result<(), mesh_store::StoreError>) {
     for callback in batch {
-        callback.log_io_completed(
+        callback(
             result
                 .as_ref()
                 .map(|_| ())
                 .map_err(|e| std::io::Error::other(e.to_string())),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use mesh_store::{Column, Durability, MemStore, Store, StoreError, WriteOp};
+
+    use super::*;
+
+    /// A store whose fsyncs fail while `failing` is set, and which then
+    /// drops what was written since the last good sync, as Linux drops the
+    /// dirty pages of a failed fsync.
+    #[derive(Debug, Default)]
+    struct FlakyDisk {
+        visible: MemStore,
+        failing: AtomicBool,
+        durable: std::sync::Mutex<Vec<u64>>,
+        unsynced: std::sync::Mutex<Vec<u64>>,
+    }
+
+    impl Store for FlakyDisk {
+        fn get(&self, c: Column, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.visible.get(c, k)
+        }
+        fn range(
+            &self,
+            c: Column,
+            f: &[u8],
+            t: Option<&[u8]>,
+        ) -> Result<Vec<mesh_store::Pair>, StoreError> {
+            self.visible.range(c, f, t)
+        }
+        fn last(&self, c: Column) -> Result<Option<mesh_store::Pair>, StoreError> {
+            self.visible.last(c)
+        }
+        fn write(&self, ops: Vec<WriteOp>, d: Durability) -> Result<(), StoreError> {
+            for op in &ops {
+                if let WriteOp::Put { key, .. } = op {
+                    let mut index = [0u8; 8];
+                    index.copy_from_slice(&key[..8]);
+                    self.unsynced
+                        .lock()
+                        .expect("lock")
+                        .push(u64::from_be_bytes(index));
+                }
+            }
+            self.visible.write(ops, d)
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            let pending: Vec<u64> = self.unsynced.lock().expect("lock").drain(..).collect();
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Io {
+                    path: "flaky".into(),
+                    reason: "fsync failed".into(),
+                });
+            }
+            self.durable.lock().expect("lock").extend(pending);
+            Ok(())
+        }
+    }
+
+    fn put(store: &FlakyDisk, index: u64) {
+        let op = WriteOp::Put {
+            column: Column::RaftLog,
+            key: index.to_be_bytes().to_vec(),
+            value: vec![1],
+        };
+        store.write(vec![op], Durability::Buffered).expect("write");
+    }
+
+    async fn flush(queue: &SyncQueue) -> std::io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        queue.flush(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        rx.await.expect("the queue answers")
+    }
+
+    /// Regression (issue 11, bug 4): after a failed fsync, a later fsync
+    /// that succeeds does not make the earlier writes durable (their dirty
+    /// pages are gone), so the queue must never again report success: the
+    /// leader would count entries that are not on its disk.
+    #[tokio::test]
+    async fn a_failed_sync_is_latched_and_no_later_flush_reports_success() {
+        let disk = Arc::new(FlakyDisk::default());
+        let queue = SyncQueue::start(disk.clone(), LogSync::Thread).expect("start");
+        put(&disk, 1);
+        flush(&queue).await.expect("a good sync");
+        put(&disk, 2);
+        disk.failing.store(true, Ordering::SeqCst);
+        assert!(flush(&queue).await.is_err(), "the failed sync is reported");
+        disk.failing.store(false, Ordering::SeqCst);
+        put(&disk, 3);
+        let later = flush(&queue).await;
+        assert!(
+            !disk.durable.lock().expect("lock").contains(&2),
+            "entry 2's dirty pages were dropped"
+        );
+        assert!(
+            later.is_err(),
+            "a flush after a failed one must fail too: entry 2 is not durable"
+        );
+        // And for good, on the task worker too.
+        let queue = SyncQueue::start(
+            disk.clone(),
+            LogSync::Task {
+                latency: Duration::ZERO,
+            },
+        )
+        .expect("start");
+        disk.failing.store(true, Ordering::SeqCst);
+        put(&disk, 4);
+        assert!(flush(&queue).await.is_err());
+        disk.failing.store(false, Ordering::SeqCst);
+        assert!(flush(&queue).await.is_err());
     }
 }

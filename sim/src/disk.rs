@@ -10,7 +10,12 @@
 //!     process crash: pending kept (the OS still has it); the dead process's
 //!                    SimStore refuses every later write and sync
 //!     power loss:    pending lost
-//!     failing fsync: Sync writes return an error and change nothing
+//!     failing fsync: Sync writes and syncs return an error; what was pending
+//!                    is dropped (Linux marks the dirty pages clean after a
+//!                    failed fsync: a later fsync that succeeds does not write
+//!                    them), though this process still reads it
+//!     crash at a write: armed before a start, the Nth write of the new
+//!                    process fails and kills it there, mid-batch
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +31,48 @@ pub struct SimDisk {
     failing: AtomicBool,
     /// Counts crashes: a store opened before the last crash is a dead process's.
     epoch: AtomicU64,
+    /// Raft log entries a failed fsync dropped, not yet reported by a crash.
+    dropped_entries: AtomicU64,
+    /// Armed `crash_at_write`: writes left before the one that kills, and
+    /// whether that death is a power loss.
+    crash_at: Mutex<Option<(u64, bool)>>,
+    /// Raft log entries lost by the last death at a write, not yet
+    /// reported, and what that write was.
+    lost_at_write: AtomicU64,
+    killing_write: Mutex<String>,
+}
+
+/// A write's operations, in short: `put raft_meta "vote"`, `delete-range raft_log ..`.
+fn describe(ops: &[WriteOp]) -> String {
+    let key = |k: &[u8]| match std::str::from_utf8(k) {
+        Ok(text) if text.chars().all(|c| c.is_ascii_graphic()) => format!("{text:?}"),
+        _ => k.iter().map(|b| format!("{b:02x}")).collect(),
+    };
+    ops.iter()
+        .map(|op| match op {
+            WriteOp::Put { column, key: k, .. } => format!("put {} {}", column.name(), key(k)),
+            WriteOp::Delete { column, key: k } => format!("delete {} {}", column.name(), key(k)),
+            WriteOp::DeleteRange { column, .. } => format!("delete-range {}", column.name()),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// How many of `batches`' writes put Raft log entries.
+fn log_entries(batches: &[Vec<WriteOp>]) -> u64 {
+    batches
+        .iter()
+        .flatten()
+        .filter(|op| {
+            matches!(
+                op,
+                WriteOp::Put {
+                    column: Column::RaftLog,
+                    ..
+                }
+            )
+        })
+        .count() as u64
 }
 
 impl SimDisk {
@@ -39,26 +86,84 @@ impl SimDisk {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// What survives a power loss now: the synced writes only.
+    pub fn durable(&self) -> &MemStore {
+        &self.durable
+    }
+
     /// True while fsyncs fail.
     pub fn failing(&self) -> bool {
         self.failing.load(Ordering::SeqCst)
     }
 
     /// The process died: with `power_loss`, unsynced writes are gone; without,
-    /// the OS writes them out.
-    pub fn crash(&self, power_loss: bool) -> usize {
+    /// the OS writes them out. Returns the Raft log entries lost (a failed
+    /// fsync's dropped ones included).
+    pub fn crash(&self, power_loss: bool) -> u64 {
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        let dropped = self.dropped_entries.swap(0, Ordering::SeqCst);
         let pending: Vec<Vec<WriteOp>> = match self.pending.lock() {
             Ok(mut p) => p.drain(..).collect(),
-            Err(_) => return 0,
+            Err(_) => return dropped,
         };
-        let lost = if power_loss { pending.len() } else { 0 };
-        if !power_loss {
-            for ops in pending {
-                let _ = self.durable.write(ops, Durability::Sync);
-            }
+        if power_loss {
+            return dropped + log_entries(&pending);
         }
-        lost
+        for ops in pending {
+            let _ = self.durable.write(ops, Durability::Sync);
+        }
+        dropped
+    }
+
+    /// Raft log entries written and not yet synced.
+    pub fn unsynced_log_entries(&self) -> u64 {
+        self.pending.lock().map(|p| log_entries(&p)).unwrap_or(0)
+    }
+
+    /// The next process to open this disk dies at its `after_writes`-th
+    /// write (1: the first), with a power loss or not.
+    pub fn crash_at_write(&self, after_writes: u64, power_loss: bool) {
+        if let Ok(mut c) = self.crash_at.lock() {
+            *c = Some((after_writes.max(1), power_loss));
+        }
+    }
+
+    /// The Raft log entries lost when the process died at a write, and
+    /// what that write was (its columns and keys).
+    pub fn lost_at_crash_write(&self) -> (u64, String) {
+        let what = self
+            .killing_write
+            .lock()
+            .map(|w| w.clone())
+            .unwrap_or_default();
+        (self.lost_at_write.swap(0, Ordering::SeqCst), what)
+    }
+
+    /// Counts one write against an armed crash; true when this write kills.
+    fn write_kills(&self, ops: &[WriteOp]) -> bool {
+        let power_loss = {
+            let Ok(mut armed) = self.crash_at.lock() else {
+                return false;
+            };
+            match armed.as_mut() {
+                Some((left, power_loss)) if *left <= 1 => {
+                    let p = *power_loss;
+                    *armed = None;
+                    p
+                }
+                Some((left, _)) => {
+                    *left -= 1;
+                    return false;
+                }
+                None => return false,
+            }
+        };
+        let lost = self.crash(power_loss);
+        self.lost_at_write.fetch_add(lost, Ordering::SeqCst);
+        if let Ok(mut what) = self.killing_write.lock() {
+            *what = describe(ops);
+        }
+        true
     }
 
     /// What a new process sees when it opens the disk.
@@ -101,6 +206,11 @@ fn io(reason: &str) -> StoreError {
 }
 
 impl SimStore {
+    /// True once the process that opened this store has died.
+    pub fn dead(&self) -> bool {
+        self.disk.epoch.load(Ordering::SeqCst) != self.epoch
+    }
+
     fn alive(&self) -> Result<(), StoreError> {
         if self.disk.epoch.load(Ordering::SeqCst) == self.epoch {
             Ok(())
@@ -112,6 +222,17 @@ impl SimStore {
     /// fsync: the pending writes become durable, in order.
     fn sync_pending(&self) -> Result<(), StoreError> {
         if self.disk.failing.load(Ordering::SeqCst) {
+            // The kernel drops the dirty pages of a failed fsync.
+            let dropped: Vec<Vec<WriteOp>> = self
+                .disk
+                .pending
+                .lock()
+                .map_err(|_| io("poisoned"))?
+                .drain(..)
+                .collect();
+            self.disk
+                .dropped_entries
+                .fetch_add(log_entries(&dropped), Ordering::SeqCst);
             return Err(io("fsync failed (injected fault)"));
         }
         let pending: Vec<Vec<WriteOp>> = self
@@ -148,6 +269,9 @@ impl Store for SimStore {
 
     fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<(), StoreError> {
         self.alive()?;
+        if self.disk.write_kills(&ops) {
+            return Err(io("the process died at this write (injected crash)"));
+        }
         match durability {
             Durability::Buffered => {
                 self.disk
@@ -183,6 +307,65 @@ mod tests {
         }]
     }
 
+    fn entry(index: u64) -> Vec<WriteOp> {
+        vec![WriteOp::Put {
+            column: Column::RaftLog,
+            key: index.to_be_bytes().to_vec(),
+            value: b"e".to_vec(),
+        }]
+    }
+
+    #[test]
+    fn a_failed_fsync_drops_the_dirty_writes_and_a_later_fsync_does_not_bring_them_back() {
+        let disk = SimDisk::new();
+        let store = disk.open();
+        store.write(entry(1), Durability::Buffered).expect("write");
+        disk.fail_syncs(true);
+        assert!(store.sync().is_err());
+        disk.fail_syncs(false);
+        store.sync().expect("fsyncs work again");
+        // Still in this process's page cache, but not on the disk.
+        assert!(store
+            .get(Column::RaftLog, &1u64.to_be_bytes())
+            .expect("get")
+            .is_some());
+        assert_eq!(
+            disk.crash(false),
+            1,
+            "the dropped entry is reported at the crash"
+        );
+        assert!(disk
+            .open()
+            .get(Column::RaftLog, &1u64.to_be_bytes())
+            .expect("get")
+            .is_none());
+    }
+
+    #[test]
+    fn an_armed_crash_kills_the_process_at_that_write() {
+        let disk = SimDisk::new();
+        disk.crash_at_write(2, true);
+        let store = disk.open();
+        store
+            .write(entry(1), Durability::Buffered)
+            .expect("first write");
+        assert!(
+            store.write(entry(2), Durability::Sync).is_err(),
+            "the second kills"
+        );
+        assert!(store.dead());
+        assert_eq!(disk.lost_at_crash_write().0, 1, "the first was unsynced");
+        assert!(
+            store.write(entry(3), Durability::Sync).is_err(),
+            "dead for good"
+        );
+        let after = disk.open();
+        assert!(!after.dead());
+        after
+            .write(entry(4), Durability::Sync)
+            .expect("a new process writes");
+    }
+
     #[test]
     fn power_loss_drops_only_unsynced_writes() {
         let disk = SimDisk::new();
@@ -191,7 +374,8 @@ mod tests {
         store.write(put(b"b"), Durability::Sync).expect("write");
         store.write(put(b"c"), Durability::Buffered).expect("write");
         assert!(store.get(Column::RaftMeta, b"c").expect("get").is_some());
-        assert_eq!(disk.crash(true), 1);
+        // c is not a Raft log entry: dropped, but not counted.
+        assert_eq!(disk.crash(true), 0);
         let after = disk.open();
         // a was synced by b's fsync; c was not.
         assert!(after.get(Column::RaftMeta, b"a").expect("get").is_some());
@@ -218,8 +402,8 @@ mod tests {
         let store = disk.open();
         store.write(put(b"a"), Durability::Buffered).expect("write");
         store.sync().expect("sync");
-        store.write(put(b"b"), Durability::Buffered).expect("write");
-        assert_eq!(disk.crash(true), 1, "b was not synced");
+        store.write(entry(7), Durability::Buffered).expect("write");
+        assert_eq!(disk.crash(true), 1, "the log entry was not synced");
         let after = disk.open();
         assert!(after.get(Column::RaftMeta, b"a").expect("get").is_some());
         assert!(

@@ -80,7 +80,9 @@ impl SimConfig {
         if self.duration < Duration::from_secs(1) {
             return Err(SimError::Config("--duration must be at least 1s".into()));
         }
-        scenario.check(self.regions).map_err(SimError::Config)
+        scenario
+            .check(self.regions, self.duration.as_secs_f64())
+            .map_err(SimError::Config)
     }
 }
 
@@ -91,11 +93,19 @@ pub fn run(
     progress: &mut dyn FnMut(f64),
 ) -> Result<Outcome, SimError> {
     config.check(scenario)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .map_err(SimError::Runtime)?;
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_all().start_paused(true);
+    // tokio's own RNG (which branch an unbiased `select!` polls first, as
+    // openraft's replication back-off does) is seeded from the run's seed,
+    // so a trace is a function of the seed alone. Needs `--cfg
+    // tokio_unstable`, which .cargo/config.toml sets for the workspace.
+    #[cfg(tokio_unstable)]
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(
+        &config.seed.to_le_bytes(),
+    ));
+    // Without it (RUSTFLAGS set in the environment replaces the config's),
+    // runs still work; only that RNG is then seeded per process.
+    let runtime = builder.build().map_err(SimError::Runtime)?;
     let wall = std::time::Instant::now();
     let (mut report, history, trace) =
         runtime.block_on(world::simulate(config, scenario, progress));

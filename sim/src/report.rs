@@ -13,6 +13,17 @@ pub struct Invariant {
     pub violations: Vec<String>,
 }
 
+/// A fault as it was injected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InjectedFault {
+    /// Simulated seconds after the start.
+    pub at_s: f64,
+    /// The fault.
+    pub fault: crate::Fault,
+    /// The node it hit, or why it could not be injected.
+    pub hit: String,
+}
+
 /// What a run did and found.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -32,6 +43,8 @@ pub struct Report {
     pub speedup: f64,
     /// Faults applied (heals included).
     pub faults_injected: u64,
+    /// Every fault, with the simulated time it was injected at.
+    pub faults: Vec<InjectedFault>,
     /// New (term, leader) pairs seen.
     pub leader_changes: u64,
     /// Messages sent between nodes (Raft RPCs and answers, gossip).
@@ -40,10 +53,13 @@ pub struct Report {
     pub writes_acknowledged: u64,
     /// Policy writes whose outcome the client never learned (timeouts).
     pub writes_unknown: u64,
-    /// Acknowledged writes that no node ever applied (must be 0).
+    /// Acknowledged writes that are not durable on a majority of their
+    /// region's final voters (must be 0).
     pub writes_lost: u64,
-    /// Unsynced disk writes dropped by power losses (the state machine and
-    /// committed id are written unsynced; the Raft log never is).
+    /// Raft log entries written but not yet synced that power losses (and
+    /// failed fsyncs) dropped: a leader's own entries, which it sends
+    /// before its fsync. Other unsynced writes (state machine, committed
+    /// id) are not counted.
     pub unsynced_writes_lost_at_crash: u64,
     /// Linearizable reads answered.
     pub reads: u64,
@@ -73,6 +89,12 @@ impl Report {
         row("wall time", format!("{:.2} s", self.wall_s));
         row("speed-up", format!("{:.0}× real time", self.speedup));
         row("faults injected", self.faults_injected.to_string());
+        for f in &self.faults {
+            row(
+                "",
+                format!("{:>8.3} s  {}  {}", f.at_s, f.fault.kind(), f.hit),
+            );
+        }
         row("leader changes", self.leader_changes.to_string());
         row("messages", self.messages.to_string());
         row(
@@ -84,7 +106,7 @@ impl Report {
         );
         row("policy reads", self.reads.to_string());
         row(
-            "unsynced writes dropped",
+            "unsynced log entries dropped",
             self.unsynced_writes_lost_at_crash.to_string(),
         );
         row("trace hash", self.trace_hash.clone());

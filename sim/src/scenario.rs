@@ -20,9 +20,33 @@
 //! ```
 //!
 //! Targets are resolved when the step runs: `leader` is region `region`'s
-//! leader at that moment, so a scenario reads like the story it tells.
+//! leader at that moment, so a scenario reads like the story it tells. A
+//! fault aimed at one node takes `who` (default `follower`): `leader`,
+//! `voter` (a voter that is not the leader), `learner`, `follower` (any
+//! member but the leader) or `any`; among several, the seed picks.
+//!
+//! Every step must fall inside the run (`at_s` before `--duration`): a run
+//! that would skip a fault is refused, with every problem of the scenario
+//! listed at once.
 
 use serde::{Deserialize, Serialize};
+
+/// Which node of a region a fault hits; among several that fit, the seed picks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Who {
+    /// Any member but the leader (voter or learner).
+    #[default]
+    Follower,
+    /// A voter that is not the leader.
+    Voter,
+    /// A learner.
+    Learner,
+    /// The leader.
+    Leader,
+    /// Any node of the region, the leader included.
+    Any,
+}
 
 /// One fault, applied at a step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,10 +59,13 @@ pub enum Fault {
         /// Region index.
         b: usize,
     },
-    /// One voter of `region` (not the leader) is cut off from the rest of its region, both ways.
+    /// One node of `region` (`who`, default a follower) is cut off from everyone, both ways.
     IsolateFollower {
         /// Region index.
         region: usize,
+        /// Which node.
+        #[serde(default)]
+        who: Who,
     },
     /// The leader of `region` can no longer send to anyone (it still receives).
     IsolateLeaderOneWay {
@@ -50,30 +77,70 @@ pub enum Fault {
         /// Region index.
         region: usize,
     },
-    /// A follower of `region` stops (its disk is kept).
+    /// A node of `region` (`who`, default a follower) stops (its disk is kept).
     CrashFollower {
         /// Region index.
         region: usize,
+        /// Which node.
+        #[serde(default)]
+        who: Who,
     },
     /// Region `region`'s leader loses power: its unsynced writes are gone.
     PowerLossLeader {
         /// Region index.
         region: usize,
     },
-    /// A follower of `region` loses its disk; it rejoins under a new id.
+    /// A node of `region` (`who`, default a follower) loses its disk; it rejoins under a new id.
     WipeFollower {
         /// Region index.
         region: usize,
+        /// Which node.
+        #[serde(default)]
+        who: Who,
+    },
+    /// A node of `region` (`who`, default a follower) loses power: its unsynced writes are gone.
+    PowerLoss {
+        /// Region index.
+        region: usize,
+        /// Which node.
+        #[serde(default)]
+        who: Who,
+    },
+    /// Every node of `region` loses power at once (a site-wide outage).
+    PowerLossRegion {
+        /// Region index.
+        region: usize,
+    },
+    /// Every stopped node starts again, and each dies (a process crash, or
+    /// a power loss) at its `after_writes`-th write to its disk: inside
+    /// whatever batch of Raft commands it is running at that moment, not
+    /// between two of them.
+    RestartAndCrash {
+        /// The write that kills it (1: its first).
+        after_writes: u64,
+        /// Unsynced writes are lost too.
+        #[serde(default)]
+        power_loss: bool,
     },
     /// The next time `region`'s leader starts a membership change, it crashes.
     CrashLeaderOnMembershipChange {
         /// Region index.
         region: usize,
     },
-    /// Every fsync of a follower of `region` fails until the heal (then it restarts).
+    /// Every fsync of a node of `region` (`who`, default a follower)
+    /// fails, and the writes it should have made durable are dropped (as
+    /// Linux drops the dirty pages of a failed fsync): until the heal (then
+    /// it restarts), or for `for_ms` only, after which fsyncs work again
+    /// without a restart.
     FailFsync {
         /// Region index.
         region: usize,
+        /// Which node.
+        #[serde(default)]
+        who: Who,
+        /// Fsyncs recover by themselves after this long.
+        #[serde(default)]
+        for_ms: Option<u64>,
     },
     /// Every node's wall clock is off by up to ±`max_skew_ms` and drifts by
     /// up to ±`max_drift_ppm` (membership timestamps; Raft's timers use
@@ -84,12 +151,23 @@ pub enum Fault {
         /// Largest drift, parts per million.
         max_drift_ppm: u64,
     },
-    /// Every message to or from one follower of `region` takes `extra_ms` longer.
+    /// Every message to or from one node of `region` (`who`, default a follower) takes `extra_ms` longer.
     SlowNode {
         /// Region index.
         region: usize,
+        /// Which node.
+        #[serde(default)]
+        who: Who,
         /// Added one-way delay.
         extra_ms: u64,
+    },
+    /// Region `region` is bootstrapped twice at once, as two entry nodes
+    /// with different gossip views would: once with its three smallest
+    /// peer ids, once with the three after the smallest (two voters in
+    /// both). Only at `at_s = 0`: it replaces the region's bootstrap.
+    SplitBootstrap {
+        /// Region index.
+        region: usize,
     },
     /// Every stopped node starts again on its disk.
     RestartAll,
@@ -172,6 +250,11 @@ pub const BUILT_IN: &[&str] = &[
     "amnesia-voter",
     "unsynced-writes-at-crash",
     "fsync-failure",
+    "leader-fsync-failure",
+    "leader-power-loss-quick-restart",
+    "region-power-loss",
+    "snapshot-install-crash",
+    "split-bootstrap",
     "lagging-learner-snapshot",
     "rolling-restart",
     "lossy-links",
@@ -194,8 +277,11 @@ impl Scenario {
             ),
             "minority-partition" => scenario(
                 name,
-                "a follower of region 0 is cut off for 15 s; the majority keeps committing",
-                vec![step(8.0, IsolateFollower { region: 0 }), step(23.0, Heal)],
+                "a voter of region 0 is cut off for 15 s; the majority keeps committing",
+                vec![
+                    step(8.0, IsolateFollower { region: 0, who: Who::Voter }),
+                    step(23.0, Heal),
+                ],
             ),
             "leader-isolation" => scenario(
                 name,
@@ -212,14 +298,14 @@ impl Scenario {
                 "a follower of region 0 loses its disk; the leader crashes as it starts the membership change that follows",
                 vec![
                     step(6.0, CrashLeaderOnMembershipChange { region: 0 }),
-                    step(8.0, WipeFollower { region: 0 }),
+                    step(8.0, WipeFollower { region: 0, who: Who::Follower }),
                     step(30.0, RestartAll),
                 ],
             ),
             "amnesia-voter" => scenario(
                 name,
                 "a voter of region 0 loses its disk and rejoins as a new member; the dead id is replaced",
-                vec![step(8.0, WipeFollower { region: 0 })],
+                vec![step(8.0, WipeFollower { region: 0, who: Who::Voter })],
             ),
             "unsynced-writes-at-crash" => scenario(
                 name,
@@ -228,13 +314,68 @@ impl Scenario {
             ),
             "fsync-failure" => scenario(
                 name,
-                "a follower of region 0 gets failing fsyncs for 10 s, then restarts",
-                vec![step(8.0, FailFsync { region: 0 }), step(18.0, Heal)],
+                "a voter of region 0 gets failing fsyncs for 10 s, then restarts",
+                vec![
+                    step(8.0, FailFsync { region: 0, who: Who::Voter, for_ms: None }),
+                    step(18.0, Heal),
+                ],
+            ),
+            "leader-fsync-failure" => scenario(
+                name,
+                "region 0's leader gets failing fsyncs for 300 ms (dirty pages dropped), which then work again without a restart; later the leader loses power",
+                vec![
+                    step(8.0, FailFsync { region: 0, who: Who::Leader, for_ms: Some(300) }),
+                    step(12.0, PowerLoss { region: 0, who: Who::Any }),
+                    step(14.0, RestartAll),
+                ],
+            ),
+            "leader-power-loss-quick-restart" => scenario(
+                name,
+                "region 0's leader loses power under load and is back 150 ms later, before anyone's election timeout",
+                vec![
+                    step(8.0, PowerLossLeader { region: 0 }),
+                    step(8.15, RestartAll),
+                    step(16.0, PowerLossLeader { region: 0 }),
+                    step(16.15, RestartAll),
+                ],
+            ),
+            "region-power-loss" => scenario(
+                name,
+                "every node of region 0 loses power at once under load, and all come back 200 ms later; twice",
+                vec![
+                    step(8.0, PowerLossRegion { region: 0 }),
+                    step(8.2, RestartAll),
+                    step(16.0, PowerLossRegion { region: 0 }),
+                    step(16.2, RestartAll),
+                ],
+            ),
+            "split-bootstrap" => scenario(
+                name,
+                "region 0 is bootstrapped twice at once with two overlapping voter sets; one group must come out",
+                vec![step(0.0, SplitBootstrap { region: 0 })],
+            ),
+            "snapshot-install-crash" => scenario(
+                name,
+                "a voter of region 0 is down past log compaction; it restarts, and dies at a write drawn from the seed while it installs the snapshot; then it restarts",
+                vec![
+                    step(6.0, CrashFollower { region: 0, who: Who::Voter }),
+                    step(
+                        26.0,
+                        RestartAndCrash {
+                            after_writes: 1 + seed % 12,
+                            power_loss: seed % 2 == 0,
+                        },
+                    ),
+                    step(28.0, RestartAll),
+                ],
             ),
             "lagging-learner-snapshot" => scenario(
                 name,
                 "a follower of region 0 is down for 20 s under load, past log compaction: it catches up from a snapshot",
-                vec![step(6.0, CrashFollower { region: 0 }), step(26.0, RestartAll)],
+                vec![
+                    step(6.0, CrashFollower { region: 0, who: Who::Follower }),
+                    step(26.0, RestartAll),
+                ],
             ),
             "clock-skew" => scenario(
                 name,
@@ -249,9 +390,9 @@ impl Scenario {
             ),
             "slow-node" => scenario(
                 name,
-                "messages to and from a follower of region 0 take 150 ms longer for 20 s",
+                "messages to and from a voter of region 0 take 150 ms longer for 20 s",
                 vec![
-                    step(8.0, SlowNode { region: 0, extra_ms: 150 }),
+                    step(8.0, SlowNode { region: 0, who: Who::Voter, extra_ms: 150 }),
                     step(28.0, Heal),
                 ],
             ),
@@ -275,53 +416,100 @@ impl Scenario {
         })
     }
 
-    /// Reads a scenario file; every problem names the file.
+    /// Reads a scenario file. Its steps are checked by [`Scenario::check`]
+    /// before a run, every problem at once.
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read scenario {}: {e}", path.display()))?;
-        let scenario: Scenario = toml::from_str(&text)
-            .map_err(|e| format!("scenario {} is not valid: {e}", path.display()))?;
-        for s in &scenario.steps {
+        toml::from_str(&text).map_err(|e| format!("scenario {} is not valid: {e}", path.display()))
+    }
+
+    /// Every problem with this scenario for a mesh of `regions` regions and
+    /// a run of `duration_s` simulated seconds, one per line; a step that
+    /// would fall after the end of the run is one (it would never be
+    /// injected).
+    pub fn check(&self, regions: usize, duration_s: f64) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for s in &self.steps {
             if !(s.at_s >= 0.0 && s.at_s.is_finite()) {
-                return Err(format!(
-                    "scenario {}: step at_s = {} must be a time ≥ 0",
-                    path.display(),
+                problems.push(format!("step at_s = {} must be a time ≥ 0", s.at_s));
+                continue;
+            }
+            if s.at_s >= duration_s {
+                problems.push(format!(
+                    "step at {} s ({}) falls after the end of the run at {duration_s} s: lengthen --duration to more than {} s, or move the step",
+                    s.at_s,
+                    s.fault.kind(),
                     s.at_s
                 ));
             }
-        }
-        Ok(scenario)
-    }
-
-    /// Problems with this scenario for a mesh of `regions` regions.
-    pub fn check(&self, regions: usize) -> Result<(), String> {
-        for s in &self.steps {
             let region = match &s.fault {
                 Fault::PartitionRegions { a, b } => Some((*a).max(*b)),
-                Fault::IsolateFollower { region }
+                Fault::IsolateFollower { region, .. }
                 | Fault::IsolateLeaderOneWay { region }
                 | Fault::CrashLeader { region }
-                | Fault::CrashFollower { region }
+                | Fault::CrashFollower { region, .. }
                 | Fault::PowerLossLeader { region }
-                | Fault::WipeFollower { region }
+                | Fault::PowerLoss { region, .. }
+                | Fault::PowerLossRegion { region }
+                | Fault::WipeFollower { region, .. }
                 | Fault::CrashLeaderOnMembershipChange { region }
-                | Fault::FailFsync { region }
+                | Fault::FailFsync { region, .. }
                 | Fault::SlowNode { region, .. }
                 | Fault::RollingRestart { region, .. } => Some(*region),
+                Fault::SplitBootstrap { region } => {
+                    if s.at_s != 0.0 {
+                        problems.push(format!(
+                            "step at {} s: split-bootstrap replaces the bootstrap, so it must be at_s = 0",
+                            s.at_s
+                        ));
+                    }
+                    Some(*region)
+                }
                 Fault::Loss { percent } | Fault::Duplicate { percent } if *percent > 100 => {
-                    return Err(format!("step at {} s: a percentage above 100", s.at_s))
+                    problems.push(format!("step at {} s: a percentage above 100", s.at_s));
+                    None
+                }
+                Fault::RestartAndCrash {
+                    after_writes: 0, ..
+                } => {
+                    problems.push(format!(
+                        "step at {} s: after_writes must be at least 1",
+                        s.at_s
+                    ));
+                    None
                 }
                 _ => None,
             };
             if let Some(r) = region.filter(|r| *r >= regions) {
-                return Err(format!(
+                problems.push(format!(
                     "step at {} s names region {r}, but the mesh has {regions} (0 to {})",
                     s.at_s,
                     regions - 1
                 ));
             }
         }
-        Ok(())
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "scenario {} cannot run as asked ({} problem{}):\n  {}",
+                self.name,
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" },
+                problems.join("\n  ")
+            ))
+        }
+    }
+}
+
+impl Fault {
+    /// The fault's kind, as scenario files name it.
+    pub fn kind(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "?".into())
     }
 }
 
@@ -330,10 +518,16 @@ fn random(seed: u64, regions: usize) -> Scenario {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5ce7_a410);
     let mut steps = Vec::new();
-    let mut t = 5.0;
+    // Every step within 35 s, so a run of 40 s or more injects them all.
+    let mut t = 3.0;
     for _ in 0..4 {
         let region = rng.gen_range(0..regions);
-        let fault = match rng.gen_range(0..11) {
+        let who = match rng.gen_range(0..4) {
+            0 => Who::Voter,
+            1 => Who::Learner,
+            _ => Who::Follower,
+        };
+        let fault = match rng.gen_range(0..13) {
             0 => Fault::PartitionRegions {
                 a: 0,
                 b: if regions > 1 {
@@ -342,29 +536,39 @@ fn random(seed: u64, regions: usize) -> Scenario {
                     0
                 },
             },
-            1 => Fault::IsolateFollower { region },
+            1 => Fault::IsolateFollower { region, who },
             2 => Fault::IsolateLeaderOneWay { region },
             3 => Fault::CrashLeader { region },
-            4 => Fault::CrashFollower { region },
+            4 => Fault::CrashFollower { region, who },
             5 => Fault::Loss {
                 percent: rng.gen_range(1..20),
             },
             6 => Fault::PowerLossLeader { region },
-            7 => Fault::WipeFollower { region },
-            8 => Fault::FailFsync { region },
+            7 => Fault::WipeFollower { region, who },
+            8 => Fault::FailFsync {
+                region,
+                who: if rng.gen_bool(0.3) { Who::Leader } else { who },
+                for_ms: rng.gen_bool(0.5).then(|| rng.gen_range(50..2000)),
+            },
             9 => Fault::SlowNode {
                 region,
+                who,
                 extra_ms: rng.gen_range(20..300),
             },
+            11 => Fault::PowerLoss {
+                region,
+                who: Who::Any,
+            },
+            12 => Fault::PowerLossRegion { region },
             _ => Fault::Delay {
                 min_ms: rng.gen_range(1..5),
                 jitter_ms: rng.gen_range(0..30),
             },
         };
         steps.push(step(t, fault));
-        t += rng.gen_range(3.0..10.0);
+        t += rng.gen_range(2.0..5.0);
         steps.push(step(t, Fault::Heal));
-        t += rng.gen_range(2.0..6.0);
+        t += rng.gen_range(1.0..3.0);
     }
     Scenario {
         name: "random".into(),
