@@ -13,7 +13,7 @@ use openraft::{ChangeMembers, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 
 use crate::batcher::{PolicyApplied, PolicyWrites};
-use crate::rpc::{Network, Transport};
+use crate::rpc::{BootstrapPromise, Network, RaftReply, RaftRequest, Transport};
 use crate::types::{node_id_of, NodeId, RegionNode, TypeConfig};
 use crate::{LogStore, LogSync, RegionState, RegionStateMachine};
 
@@ -97,6 +97,25 @@ pub mod planted {
     /// `consistent_state` answers from the local replica without confirming
     /// leadership: a partitioned or lagging node serves stale reads.
     pub static STALE_READS: AtomicBool = AtomicBool::new(false);
+
+    /// openraft's upstream start-up: a node whose saved vote is committed
+    /// and its own resumes leadership of that term from disk (issue 11,
+    /// bug 1), which our patch to openraft removed.
+    pub use openraft::PLANTED_RESUME_LEADERSHIP as RESUME_LEADERSHIP;
+
+    /// A bootstrap initializes without asking the voters to promise its
+    /// voter set (issue 11, bug 2): two bootstraps with two views of the
+    /// region make two groups.
+    pub static BOOTSTRAP_WITHOUT_PROMISES: AtomicBool = AtomicBool::new(false);
+
+    /// Installing a snapshot fails: the node's Raft stops, and it never
+    /// catches up with its leader.
+    pub static INSTALL_FAILS: AtomicBool = AtomicBool::new(false);
+
+    /// True when `bug` is switched on.
+    pub fn on(bug: &AtomicBool) -> bool {
+        bug.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Why a group operation failed. `retryable()` says whether to try again.
@@ -121,6 +140,9 @@ pub enum GroupError {
     /// already (two bootstraps with different views of the region).
     #[error("{0}")]
     BootstrapConflict(String),
+    /// A voter could not be reached.
+    #[error("{0}; retry when it is reachable")]
+    Unreachable(String),
     /// A membership change is still in progress.
     #[error("a membership change is in progress; retry when it has committed")]
     ChangeInProgress,
@@ -134,7 +156,11 @@ impl GroupError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Self::NotLeader { .. } | Self::Timeout(_) | Self::Busy(_) | Self::ChangeInProgress
+            Self::NotLeader { .. }
+                | Self::Timeout(_)
+                | Self::Busy(_)
+                | Self::ChangeInProgress
+                | Self::Unreachable(_)
         )
     }
 }
@@ -178,11 +204,23 @@ pub struct RegionStatus {
     pub members: Vec<MemberProgress>,
 }
 
+/// Where a bootstrap promise is kept (`Column::RaftMeta`).
+const BOOTSTRAP_PROMISE: &[u8] = b"bootstrap_promise";
+
+type BoxedCall =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>;
+/// The group's transport, type-erased: sends one request to a peer.
+type Caller = Arc<dyn Fn(String, Vec<u8>) -> BoxedCall + Send + Sync>;
+
 /// A region group of this node.
 #[derive(Clone)]
 pub struct RegionGroup {
     raft: Raft<TypeConfig>,
     state_machine: RegionStateMachine,
+    store: Arc<dyn Store>,
+    call: Caller,
+    /// Serializes bootstrap promises and the initialization that follows them.
+    bootstrap: Arc<tokio::sync::Mutex<()>>,
     node_id: NodeId,
     peer_id: String,
     write_timeout: Duration,
@@ -216,7 +254,14 @@ impl RegionGroup {
         let state_machine =
             RegionStateMachine::open(store.clone()).map_err(|e| GroupError::Raft(e.to_string()))?;
         let node_id = node_id_of(peer_id);
-        let log = LogStore::new(store, node_id, log_sync)
+        let call: Caller = {
+            let transport = transport.clone();
+            Arc::new(move |peer: String, request: Vec<u8>| {
+                let transport = transport.clone();
+                Box::pin(async move { transport.call(&peer, request).await }) as BoxedCall
+            })
+        };
+        let log = LogStore::new(store.clone(), node_id, log_sync)
             .map_err(|e| GroupError::Raft(format!("cannot start the log sync worker: {e}")))?;
         let raft = Raft::new(
             node_id,
@@ -232,6 +277,9 @@ impl RegionGroup {
             writes: PolicyWrites::start(raft.clone(), write_timeout),
             raft,
             state_machine,
+            store,
+            call,
+            bootstrap: Arc::new(tokio::sync::Mutex::new(())),
             node_id,
             peer_id: peer_id.to_owned(),
             write_timeout,
@@ -243,8 +291,67 @@ impl RegionGroup {
         &self.raft
     }
 
-    /// Starts the group with `voters` (peer ids). Refused if it has a membership already.
+    /// Starts the group with `voters` (peer ids), this node being the
+    /// proposer (the one that initializes). The set is exactly what the
+    /// caller computed (never recomputed here), and every voter must first
+    /// promise it: a voter promises one set only, durably, so two bootstraps
+    /// run with two views of the region cannot make two groups with a voter
+    /// in both (issue 11, bug 2). When a voter refuses or cannot be reached,
+    /// the proposer releases the promises it got and initializes nothing.
+    /// Refused if the group has a membership already.
     pub async fn initialize(&self, voters: &[String]) -> Result<(), GroupError> {
+        let mut sorted = voters.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        if !sorted.contains(&self.peer_id) {
+            return Err(GroupError::BootstrapConflict(format!(
+                "{} cannot propose a bootstrap it is not a voter of ({sorted:?})",
+                self.peer_id
+            )));
+        }
+        let promise = BootstrapPromise {
+            voters: sorted.clone(),
+            proposer: self.peer_id.clone(),
+        };
+        let _serial = self.bootstrap.lock().await;
+        if self.is_bootstrapped() {
+            return Err(GroupError::AlreadyInitialized);
+        }
+        #[cfg(feature = "planted-bugs")]
+        if planted::on(&planted::BOOTSTRAP_WITHOUT_PROMISES) {
+            return self.initialize_now(&sorted).await;
+        }
+        self.promise_locked(&promise)?;
+        let mut promised = Vec::new();
+        let mut refusal = None;
+        for voter in sorted.iter().filter(|v| **v != self.peer_id) {
+            match self
+                .ask(voter, RaftRequest::Bootstrap(promise.clone()))
+                .await
+            {
+                Ok(()) => promised.push(voter.clone()),
+                Err(e) => {
+                    refusal = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(refusal) = refusal {
+            for voter in &promised {
+                if let Err(e) = self
+                    .ask(voter, RaftRequest::BootstrapRelease(promise.clone()))
+                    .await
+                {
+                    tracing::warn!(%voter, error = %e, "could not release a bootstrap promise");
+                }
+            }
+            self.release_locked(&promise)?;
+            return Err(refusal);
+        }
+        self.initialize_now(&sorted).await
+    }
+
+    async fn initialize_now(&self, voters: &[String]) -> Result<(), GroupError> {
         let members: BTreeMap<NodeId, RegionNode> = voters
             .iter()
             .map(|p| (node_id_of(p), RegionNode { peer_id: p.clone() }))
@@ -256,6 +363,111 @@ impl RegionGroup {
             }
             Err(e) => Err(GroupError::Raft(e.to_string())),
         }
+    }
+
+    /// Sends a bootstrap request to `voter`; its refusal, or why it did not answer.
+    async fn ask(&self, voter: &str, request: RaftRequest) -> Result<(), GroupError> {
+        let bytes = crate::codec::encode(&request).map_err(|e| GroupError::Raft(e.to_string()))?;
+        let call = (self.call)(voter.to_owned(), bytes);
+        let answer = match tokio::time::timeout(self.write_timeout, call).await {
+            Err(_) => return Err(GroupError::Timeout(self.write_timeout)),
+            Ok(Err(e)) => {
+                return Err(GroupError::Unreachable(format!(
+                    "voter {voter} could not be asked to promise the bootstrap: {e}"
+                )))
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        match crate::codec::decode::<RaftReply>(&answer) {
+            Ok(RaftReply::Bootstrap(Ok(()))) => Ok(()),
+            Ok(RaftReply::Bootstrap(Err(reason))) => Err(GroupError::BootstrapConflict(reason)),
+            Ok(RaftReply::Refused(reason)) => Err(GroupError::Unreachable(format!(
+                "voter {voter} refused the bootstrap request: {reason}"
+            ))),
+            Ok(_) => Err(GroupError::Raft(format!(
+                "voter {voter} answered a bootstrap request with another kind of reply"
+            ))),
+            Err(e) => Err(GroupError::Raft(format!(
+                "voter {voter}'s answer does not decode: {e}"
+            ))),
+        }
+    }
+
+    /// A peer asks this node to promise `promise`'s voter set (see [`Self::initialize`]).
+    pub async fn promise_bootstrap(&self, promise: &BootstrapPromise) -> Result<(), GroupError> {
+        let _serial = self.bootstrap.lock().await;
+        self.promise_locked(promise)
+    }
+
+    /// The proposer of `promise` gave it up: forget it, if it is the one held.
+    pub async fn release_bootstrap(&self, promise: &BootstrapPromise) -> Result<(), GroupError> {
+        let _serial = self.bootstrap.lock().await;
+        self.release_locked(promise)
+    }
+
+    fn promised(&self) -> Result<Option<BootstrapPromise>, GroupError> {
+        match self
+            .store
+            .get(mesh_store::Column::RaftMeta, BOOTSTRAP_PROMISE)
+            .map_err(|e| GroupError::Raft(format!("cannot read the bootstrap promise: {e}")))?
+        {
+            Some(bytes) => crate::codec::decode(&bytes).map(Some).map_err(|e| {
+                GroupError::Raft(format!("the stored bootstrap promise does not decode: {e}"))
+            }),
+            None => Ok(None),
+        }
+    }
+
+    fn promise_locked(&self, promise: &BootstrapPromise) -> Result<(), GroupError> {
+        let voters: BTreeSet<&String> = promise.voters.iter().collect();
+        if !voters.contains(&self.peer_id) {
+            return Err(GroupError::BootstrapConflict(format!(
+                "{} is not among the voters {:?} it is asked to promise",
+                self.peer_id, promise.voters
+            )));
+        }
+        if self.is_bootstrapped() {
+            let (group, _) = self.members();
+            let group: BTreeSet<&String> = group.iter().collect();
+            return if group == voters {
+                Ok(())
+            } else {
+                Err(GroupError::BootstrapConflict(format!(
+                    "{} is already a voter of the region's group with voters {group:?}, not {:?}; nothing to bootstrap",
+                    self.peer_id, promise.voters
+                )))
+            };
+        }
+        match self.promised()? {
+            Some(held) if held == *promise => Ok(()),
+            Some(held) => Err(GroupError::BootstrapConflict(format!(
+                "{} promised to bootstrap the region with voters {:?} (proposed by {}), not {:?} (proposed by {}): two bootstraps ran with different views of the region; retry once every node of the region is up and sees the others alive",
+                self.peer_id, held.voters, held.proposer, promise.voters, promise.proposer
+            ))),
+            None => {
+                let op = mesh_store::WriteOp::Put {
+                    column: mesh_store::Column::RaftMeta,
+                    key: BOOTSTRAP_PROMISE.to_vec(),
+                    value: crate::codec::encode(promise).map_err(|e| GroupError::Raft(e.to_string()))?,
+                };
+                self.store
+                    .write(vec![op], mesh_store::Durability::Sync)
+                    .map_err(|e| GroupError::Raft(format!("cannot save the bootstrap promise: {e}")))
+            }
+        }
+    }
+
+    fn release_locked(&self, promise: &BootstrapPromise) -> Result<(), GroupError> {
+        if self.is_bootstrapped() || self.promised()?.as_ref() != Some(promise) {
+            return Ok(());
+        }
+        let op = mesh_store::WriteOp::Delete {
+            column: mesh_store::Column::RaftMeta,
+            key: BOOTSTRAP_PROMISE.to_vec(),
+        };
+        self.store
+            .write(vec![op], mesh_store::Durability::Sync)
+            .map_err(|e| GroupError::Raft(format!("cannot release the bootstrap promise: {e}")))
     }
 
     /// True once the group has a membership (bootstrapped, or joined as learner).

@@ -32,7 +32,7 @@ impl Transport for LocalTransport {
         }
         let group = self.groups.lock().expect("lock").get(peer_id).cloned();
         match group {
-            Some(g) => Ok(serve(g.raft(), &request).await),
+            Some(g) => Ok(serve(&g, &request).await),
             None => Err(format!("no route to {peer_id}")),
         }
     }

@@ -11,6 +11,14 @@
 //! toward the quorum only once the callback reports it durable. The queue runs
 //! the flushes in order, so callbacks complete in log order, and one sync
 //! covers every append queued behind it.
+//!
+//! The first failed sync stops the queue for good: every flush after it
+//! fails too. After a failed fsync Linux marks the dirty pages clean, so a
+//! later fsync that succeeds does not write what the failed one should have:
+//! reporting it as success would let the leader count entries that are not
+//! on its disk. Latching also makes the order in which openraft receives the
+//! reports harmless (each is awaited in a task of its own): a success can
+//! only be reported while no earlier sync has failed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,10 +83,11 @@ impl SyncQueue {
                 let thread = std::thread::Builder::new()
                     .name("raft-log-sync".into())
                     .spawn(move || {
+                        let mut failed = None;
                         while let Ok(first) = rx.recv() {
                             let mut batch = vec![first];
                             batch.extend(rx.try_iter());
-                            complete(batch, store.sync());
+                            complete(batch, sync_once(&*store, &mut failed));
                         }
                     })?;
                 Worker {
@@ -89,13 +98,14 @@ impl SyncQueue {
             LogSync::Task { latency } => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 tokio::spawn(async move {
+                    let mut failed = None;
                     while let Some(first) = rx.recv().await {
                         tokio::time::sleep(latency).await;
                         let mut batch = vec![first];
                         while let Ok(more) = rx.try_recv() {
                             batch.push(more);
                         }
-                        complete(batch, store.sync());
+                        complete(batch, sync_once(&*store, &mut failed));
                     }
                 });
                 Worker {
@@ -124,14 +134,24 @@ impl SyncQueue {
     }
 }
 
-fn complete(batch: Vec<Done>, result: Result<(), mesh_store::StoreError>) {
+/// One sync, unless an earlier one failed: then that failure, for good.
+fn sync_once(store: &dyn Store, failed: &mut Option<String>) -> Result<(), String> {
+    if let Some(first) = failed {
+        return Err(format!(
+            "an earlier fsync of the Raft log failed ({first}); nothing written since is durable: restart the node"
+        ));
+    }
+    store.sync().map_err(|e| {
+        let reason = e.to_string();
+        tracing::error!(error = %reason, "fsync of the Raft log failed; this node's Raft stops");
+        *failed = Some(reason.clone());
+        reason
+    })
+}
+
+fn complete(batch: Vec<Done>, result: Result<(), String>) {
     for callback in batch {
-        callback(
-            result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string())),
-        );
+        callback(result.clone().map_err(std::io::Error::other));
     }
 }
 

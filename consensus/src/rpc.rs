@@ -13,11 +13,11 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::Raft;
 use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::types::{NodeId, RegionNode, TypeConfig};
+use crate::RegionGroup;
 
 /// Sends one request to a peer and returns its answer. Implementations MUST
 /// time out (a dead peer must not hang Raft) and MUST NOT retry: Raft retries.
@@ -39,6 +39,22 @@ pub enum RaftRequest {
     Vote(VoteRequest<NodeId>),
     /// One chunk of a snapshot.
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A bootstrap's voter set, from the voter that will initialize the
+    /// group (the proposer), to every other voter before it does: each
+    /// voter promises one set only (see `RegionGroup::initialize`).
+    Bootstrap(BootstrapPromise),
+    /// The proposer gave a bootstrap up before initializing anything: the
+    /// voters it asked may promise another set.
+    BootstrapRelease(BootstrapPromise),
+}
+
+/// A voter set, sorted, and the voter that proposed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapPromise {
+    /// Peer ids of the voters, sorted, no repeats.
+    pub voters: Vec<String>,
+    /// The voter that will initialize the group with them.
+    pub proposer: String,
 }
 
 /// A Raft answer on the wire.
@@ -54,11 +70,15 @@ pub enum RaftReply {
     ),
     /// The receiver could not decode the request.
     Refused(String),
+    /// To [`RaftRequest::Bootstrap`] and [`RaftRequest::BootstrapRelease`]:
+    /// `Err` says why the voter refused.
+    Bootstrap(Result<(), String>),
 }
 
-/// Answers one encoded request with the local Raft; never fails (errors
+/// Answers one encoded request with the local group; never fails (errors
 /// travel back as [`RaftReply::Refused`] or inside the reply).
-pub async fn serve(raft: &Raft<TypeConfig>, request: &[u8]) -> Vec<u8> {
+pub async fn serve(group: &RegionGroup, request: &[u8]) -> Vec<u8> {
+    let raft = group.raft();
     let reply = match codec::decode::<RaftRequest>(request) {
         Ok(RaftRequest::AppendEntries(rpc)) => {
             RaftReply::AppendEntries(raft.append_entries(rpc).await)
@@ -67,6 +87,18 @@ pub async fn serve(raft: &Raft<TypeConfig>, request: &[u8]) -> Vec<u8> {
         Ok(RaftRequest::InstallSnapshot(rpc)) => {
             RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
         }
+        Ok(RaftRequest::Bootstrap(promise)) => RaftReply::Bootstrap(
+            group
+                .promise_bootstrap(&promise)
+                .await
+                .map_err(|e| e.to_string()),
+        ),
+        Ok(RaftRequest::BootstrapRelease(promise)) => RaftReply::Bootstrap(
+            group
+                .release_bootstrap(&promise)
+                .await
+                .map_err(|e| e.to_string()),
+        ),
         Err(e) => RaftReply::Refused(e.to_string()),
     };
     codec::encode(&reply).unwrap_or_else(|e| {

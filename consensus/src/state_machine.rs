@@ -64,15 +64,28 @@ pub struct RegionStateMachine {
 }
 
 impl RegionStateMachine {
-    /// Loads the state persisted in `store`, or starts empty.
+    /// Loads the state persisted in `store`, or starts empty. When the
+    /// durable snapshot is newer than the saved state (the state is written
+    /// unsynced, and a crash may land between the two), the snapshot's state
+    /// is the one to resume from: the log it covers may be purged already.
     pub fn open(store: Arc<dyn Store>) -> StorageResult<Self> {
-        let state = match store
+        let mut state = match store
             .get(Column::StateMachine, STATE)
             .map_err(sm_read_err)?
         {
             Some(bytes) => codec::decode(&bytes).map_err(sm_read_err)?,
             None => RegionState::default(),
         };
+        if let Some(bytes) = store.get(Column::Snapshot, SNAPSHOT).map_err(sm_read_err)? {
+            let stored: StoredSnapshot = codec::decode(&bytes).map_err(sm_read_err)?;
+            if stored.meta.last_log_id > state.last_applied {
+                let mut from_snapshot: RegionState =
+                    codec::decode(&stored.data).map_err(sm_read_err)?;
+                from_snapshot.last_applied = stored.meta.last_log_id;
+                from_snapshot.membership = stored.meta.last_membership;
+                state = from_snapshot;
+            }
+        }
         Ok(Self {
             store,
             state: Arc::new(std::sync::RwLock::new(state)),
@@ -85,18 +98,19 @@ impl RegionStateMachine {
         self.state.read().map(|s| s.clone()).unwrap_or_default()
     }
 
-    fn replace_state(&self, state: RegionState, extra: Vec<WriteOp>) -> StorageResult<()> {
+    fn replace_state(
+        &self,
+        state: RegionState,
+        extra: Vec<WriteOp>,
+        durability: Durability,
+    ) -> StorageResult<()> {
         let mut ops = vec![WriteOp::Put {
             column: Column::StateMachine,
             key: STATE.to_vec(),
             value: codec::encode(&state).map_err(sm_write_err)?,
         }];
         ops.extend(extra);
-        // Buffered is enough: after a crash the state may be older than the
-        // log, and openraft re-applies the committed entries after it.
-        self.store
-            .write(ops, Durability::Buffered)
-            .map_err(sm_write_err)?;
+        self.store.write(ops, durability).map_err(sm_write_err)?;
         let mut guard = self
             .state
             .write()
@@ -183,7 +197,11 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
             };
             responses.push(response);
         }
-        self.replace_state(state, Vec::new())?;
+        // Buffered is enough: after a crash the state may be older than the
+        // log, and openraft re-applies the committed entries after it (a
+        // follower purges its log only once an installed snapshot is durable:
+        // see install_snapshot and vendor/README.md).
+        self.replace_state(state, Vec::new(), Durability::Buffered)?;
         Ok(responses)
     }
 
@@ -202,6 +220,13 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
         let mut state: RegionState = codec::decode(&data).map_err(snapshot_err)?;
+        #[cfg(feature = "planted-bugs")]
+        {
+            use crate::group::planted::{on, INSTALL_FAILS};
+            if on(&INSTALL_FAILS) {
+                return Err(snapshot_err("planted bug: the install fails"));
+            }
+        }
         // The meta is authoritative for what the snapshot covers.
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
@@ -214,7 +239,11 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
             key: SNAPSHOT.to_vec(),
             value: codec::encode(&stored).map_err(snapshot_err)?,
         };
-        self.replace_state(state, vec![snapshot_op])
+        // Synced, state and snapshot in one batch: openraft answers the
+        // leader once this returns, and purges the log the snapshot covers;
+        // after a crash the node must resume from this snapshot, never from
+        // an older state with the log it needs purged (issue 11, bug 3).
+        self.replace_state(state, vec![snapshot_op], Durability::Sync)
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {

@@ -283,7 +283,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             runtime.block_on(region_cli::get_policy(&api, &region, consistent, json))
         }
-        Command::Sim(args) => sim_cli::run(args),
+        Command::Sim(args) => {
+            // Injected faults make the real code log errors by design: the
+            // simulator logs only when RUST_LOG asks (to debug a seed).
+            if std::env::var_os("RUST_LOG").is_some() {
+                init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            }
+            sim_cli::run(args)
+        }
         Command::Model(ModelCommand::List { api, json }) => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             runtime.block_on(model_cli::list(&api, json))

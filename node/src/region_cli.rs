@@ -43,6 +43,7 @@ pub async fn bootstrap(
     let body = BootstrapRequest {
         voters,
         allow_fewer,
+        voter_set: None,
     };
     let answer: BootstrapAnswer = ApiClient::new(api)?
         .send(

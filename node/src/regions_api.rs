@@ -47,6 +47,11 @@ pub struct BootstrapRequest {
     /// Start with fewer voters if fewer nodes are alive.
     #[serde(default)]
     pub allow_fewer: bool,
+    /// The voters, once a node of the region has picked them: carried as
+    /// they are to the node that initializes, never picked again on the
+    /// way (two views of the region must not make two voter sets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voter_set: Option<Vec<String>>,
 }
 
 /// Answer of a bootstrap.
@@ -278,8 +283,12 @@ pub async fn bootstrap(
         ));
     }
     let already_bootstrapped = match bootstrap_target(&state, &region, &body).await? {
-        BootstrapTarget::Forward(api) => {
+        BootstrapTarget::Forward(api, voter_set) => {
             let path = format!("/v1/regions/{region}/bootstrap");
+            let body = BootstrapRequest {
+                voter_set: voter_set.or(body.voter_set),
+                ..body
+            };
             let json = serde_json::to_value(&body).ok();
             let timeout = Some(BOOTSTRAP_FORWARD_TIMEOUT);
             return forward_with_timeout(
@@ -305,6 +314,9 @@ pub async fn bootstrap(
                 false
             }
             Err(GroupError::AlreadyInitialized) => true,
+            Err(GroupError::BootstrapConflict(e)) => {
+                return Err(error(StatusCode::CONFLICT, "bootstrap_conflict", e))
+            }
             Err(e) => return Err(group_error(&region, e)),
         },
     };
@@ -325,8 +337,8 @@ pub async fn bootstrap(
 
 /// Where a bootstrap request is carried out.
 enum BootstrapTarget {
-    /// On the node at this API address.
-    Forward(String),
+    /// On the node at this API address, with the voters picked here, if any.
+    Forward(String, Option<Vec<String>>),
     /// Nowhere: this node's group exists already.
     AlreadyHere,
     /// Here, with these voters.
@@ -341,10 +353,29 @@ async fn bootstrap_target(
     if region != &state.region {
         return Ok(BootstrapTarget::Forward(
             api_in_region(state, region, None).await?,
+            None,
         ));
     }
     if state.group.is_bootstrapped() {
         return Ok(BootstrapTarget::AlreadyHere);
+    }
+    // Picked already by the node that forwarded this: carry it out as it is.
+    if let Some(voters) = &body.voter_set {
+        let mut voters = voters.clone();
+        voters.sort();
+        voters.dedup();
+        return match voters.first() {
+            Some(first) if *first == state.peer_id => Ok(BootstrapTarget::Initialize(voters)),
+            Some(first) => Ok(BootstrapTarget::Forward(
+                api_in_region(state, region, Some(first)).await?,
+                Some(voters.clone()),
+            )),
+            None => Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "voter_set is empty".into(),
+            )),
+        };
     }
     let members = state.network.snapshot().await?.members;
     // This node may just not have been added yet: if any live node of the
@@ -356,9 +387,11 @@ async fn bootstrap_target(
     if let Some(member) = member_of_group {
         return Ok(BootstrapTarget::Forward(
             api_in_region(state, region, Some(&member.peer_id.0)).await?,
+            None,
         ));
     }
-    let voters = pick_voters(&members, region, body.voters);
+    let mut voters = pick_voters(&members, region, body.voters);
+    voters.sort();
     if voters.len() < body.voters && !body.allow_fewer {
         return Err(error(
             StatusCode::CONFLICT,
@@ -375,6 +408,7 @@ async fn bootstrap_target(
     if voters.first() != Some(&state.peer_id) {
         return Ok(BootstrapTarget::Forward(
             api_in_region(state, region, voters.first().map(String::as_str)).await?,
+            Some(voters),
         ));
     }
     Ok(BootstrapTarget::Initialize(voters))

@@ -230,6 +230,36 @@ impl AppliedLogs {
     }
 }
 
+/// State machine safety: every node whose state machine stands at index i
+/// holds the same state there (policy version and policy).
+#[derive(Debug, Default)]
+pub struct AppliedStates {
+    states: BTreeMap<(usize, u64), (u64, Option<u32>)>,
+    reported: std::collections::BTreeSet<(usize, u64, String)>,
+}
+
+impl AppliedStates {
+    /// `node` of `region` stands at `index` with `state` (policy version,
+    /// policy value); an error, once per node and index, if another node
+    /// held another state there.
+    pub fn observe(
+        &mut self,
+        region: usize,
+        index: u64,
+        state: (u64, Option<u32>),
+        node: &str,
+    ) -> Result<(), String> {
+        let seen = *self.states.entry((region, index)).or_insert(state);
+        if seen == state || !self.reported.insert((region, index, node.to_owned())) {
+            return Ok(());
+        }
+        Err(format!(
+            "region {region}: {node}'s state at index {index} is policy {:?} of version {}, where another node's was {:?} of version {}",
+            state.1, state.0, seen.1, seen.0
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +359,25 @@ mod tests {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(term, leader), index),
             payload,
         })
+    }
+
+    #[test]
+    fn two_states_at_one_index_are_caught_once() {
+        let mut states = AppliedStates::default();
+        states.observe(0, 9, (7, Some(1)), "a").expect("first");
+        states.observe(0, 9, (7, Some(1)), "b").expect("same state");
+        states
+            .observe(1, 9, (3, None), "c")
+            .expect("another region");
+        assert!(
+            states.observe(0, 9, (7, None), "c").is_err(),
+            "a lost policy"
+        );
+        assert!(
+            states.observe(0, 9, (8, Some(1)), "d").is_err(),
+            "another version"
+        );
+        states.observe(0, 9, (7, None), "c").expect("reported once");
     }
 
     #[test]

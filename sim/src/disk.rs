@@ -134,7 +134,7 @@ impl SimDisk {
         let what = self
             .killing_write
             .lock()
-            .map(|w| w.clone())
+            .map(|mut w| std::mem::take(&mut *w))
             .unwrap_or_default();
         (self.lost_at_write.swap(0, Ordering::SeqCst), what)
     }

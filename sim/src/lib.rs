@@ -28,8 +28,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 pub use check::{Op, OpKind};
-pub use report::{Invariant, Report};
-pub use scenario::{Fault, Scenario, Step, BUILT_IN};
+pub use report::{InjectedFault, Invariant, Report};
+pub use scenario::{Fault, Scenario, Step, Who, BUILT_IN};
 
 /// What to simulate.
 #[derive(Debug, Clone)]

@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use crate::check::{linearizable, AppliedLogs, Elections, EntryDigest, Op, OpKind};
+use crate::check::{linearizable, AppliedLogs, AppliedStates, Elections, EntryDigest, Op, OpKind};
 use crate::disk::{SimDisk, SimStore};
 use crate::report::{InjectedFault, Invariant, Report};
 use crate::scenario::{Fault, Scenario, Who};
@@ -124,10 +124,8 @@ struct State {
     unsynced_lost: u64,
     /// Every fault injected, with its time and target.
     injected: Vec<InjectedFault>,
-    /// (region, applied index) -> (policy version, policy value) seen there.
-    states: BTreeMap<(usize, u64), (u64, Option<u32>)>,
-    /// State-machine violations reported already: (region, index, node).
-    reported_states: BTreeSet<(usize, u64, usize)>,
+    /// The state each node's state machine held at each index it was seen at.
+    states: AppliedStates,
 }
 
 impl State {
@@ -244,9 +242,9 @@ impl Transport for SimTransport {
         let Some(group) = self.world.lock().group_of(peer_id) else {
             return Err(format!("{peer_id} is down"));
         };
-        let answer = serve(group.raft(), &request).await;
+        let answer = serve(&group, &request).await;
         if duplicate {
-            let _ = serve(group.raft(), &request).await;
+            let _ = serve(&group, &request).await;
         }
         let back = self.world.lock().send(peer_id, &self.me);
         match back {
@@ -366,10 +364,25 @@ async fn stop_node(world: &World, i: usize, power_loss: bool) {
 }
 
 /// A process that died at a write (`RestartAndCrash`): its tasks stop, as
-/// the OS would end them.
+/// the OS would end them. A process whose Raft stopped (a storage error)
+/// exits, as a node does (`agentmesh node start` exits non-zero when its
+/// Raft core is gone); a restart brings it back.
 async fn reap(world: &World) {
     let dead: Vec<(usize, RegionGroup)> = {
         let mut s = world.lock();
+        for i in 0..s.nodes.len() {
+            let stopped = s.nodes[i].up()
+                && s.nodes[i]
+                    .group
+                    .as_ref()
+                    .is_some_and(|g| g.raft().metrics().borrow().running_state.is_err());
+            if stopped {
+                let peer = s.nodes[i].peer.clone();
+                let lost = s.nodes[i].disk.crash(false);
+                s.unsynced_lost += lost;
+                s.log(format!("{peer} exits: its Raft stopped on a storage error"));
+            }
+        }
         let mut dead = Vec::new();
         for i in 0..s.nodes.len() {
             let n = &mut s.nodes[i];
@@ -385,9 +398,11 @@ async fn reap(world: &World) {
             let peer = s.nodes[*i].peer.clone();
             let (lost, write) = s.nodes[*i].disk.lost_at_crash_write();
             s.unsynced_lost += lost;
-            s.log(format!(
-                "{peer} died at a write ({write}), inside its Raft commands ({lost} unsynced Raft log entries lost)"
-            ));
+            if !write.is_empty() {
+                s.log(format!(
+                    "{peer} died at a write ({write}), inside its Raft commands ({lost} unsynced Raft log entries lost)"
+                ));
+            }
         }
         dead
     };
@@ -487,15 +502,8 @@ fn observe_once(world: &World) {
     for (i, at, version, value) in states {
         let (peer, region) = (s.nodes[i].peer.clone(), s.nodes[i].region);
         s.check("state-machine-safety");
-        let seen = *s.states.entry((region, at)).or_insert((version, value));
-        if seen != (version, value) && s.reported_states.insert((region, at, i)) {
-            s.violate(
-                "state-machine-safety",
-                format!(
-                    "region {region}: {peer}'s state at index {at} is policy {value:?} of version {version}, where another node's was {:?} of version {}",
-                    seen.1, seen.0
-                ),
-            );
+        if let Err(e) = s.states.observe(region, at, (version, value), &peer) {
+            s.violate("state-machine-safety", e);
         }
     }
     for (what, i, term, applied) in found {
@@ -1135,7 +1143,13 @@ async fn liveness(world: &World) {
                     let (v, l) = leader.members();
                     v.into_iter().chain(l).collect()
                 };
-                for n in s.nodes.iter().filter(|n| n.region == r && n.up()) {
+                for n in s.nodes.iter().filter(|n| n.region == r) {
+                    // After the heal every node runs: one that is down
+                    // again exited on its own (its Raft stopped).
+                    if !n.up() {
+                        behind.push(format!("{} (not running)", n.peer));
+                        continue;
+                    }
                     if !members.contains(&n.peer) {
                         continue;
                     }
@@ -1315,8 +1329,7 @@ pub(crate) async fn simulate(
         applied_values: BTreeSet::new(),
         unsynced_lost: 0,
         injected: Vec::new(),
-        states: BTreeMap::new(),
-        reported_states: BTreeSet::new(),
+        states: AppliedStates::default(),
     })));
     let start = Instant::now();
     for i in 0..config.nodes {

@@ -43,6 +43,9 @@ mod try_as_ref;
 mod vote;
 
 pub(crate) mod engine;
+/// agentmesh patch: the planted-bug switch of agentmesh's simulator test (never set in a node).
+#[doc(hidden)]
+pub use crate::engine::PLANTED_RESUME_LEADERSHIP;
 pub(crate) mod log_id_range;
 pub(crate) mod proposer;
 pub(crate) mod raft_state;

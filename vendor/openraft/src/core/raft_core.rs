@@ -1465,6 +1465,9 @@ where
                         }
                     }
                     sm::Response::InstallSnapshot(meta) => {
+                        // agentmesh patch: see `Command::PurgeLog` in `run_command`.
+                        self.command_state.snapshot_installs_in_flight =
+                            self.command_state.snapshot_installs_in_flight.saturating_sub(1);
                         tracing::info!(
                             "sm::StateMachine command done: InstallSnapshot: {}: {}",
                             meta.summary(),
@@ -1721,6 +1724,17 @@ where
                 });
             }
             Command::PurgeLog { upto } => {
+                // agentmesh patch: a purge waits until every snapshot install sent to the state
+                // machine worker is done. A follower that receives a snapshot queues the install
+                // for the worker and the purge of the log it covers right behind it, for the
+                // core; run at once, the purge could reach the disk before the install, and a
+                // crash in between left a purged log behind an older state machine: a node that
+                // could not start again ("log entries not found" while re-applying). The state
+                // machine MUST make the install durable before it reports it.
+                if self.command_state.snapshot_installs_in_flight > 0 {
+                    tracing::debug!("purge up to {} waits for a snapshot install", upto);
+                    return Ok(Some(Command::PurgeLog { upto }));
+                }
                 self.log_store.purge(upto.clone()).await?;
                 self.engine.state.io_state_mut().update_purged(Some(upto));
             }
@@ -1790,6 +1804,10 @@ where
                 }
             }
             Command::StateMachine { command } => {
+                // agentmesh patch: count installs in flight (see `Command::PurgeLog` above).
+                if matches!(command.payload, sm::CommandPayload::InstallFullSnapshot { .. }) {
+                    self.command_state.snapshot_installs_in_flight += 1;
+                }
                 // Just forward a state machine command to the worker.
                 self.sm_handle.send(command).map_err(|_e| {
                     StorageIOError::write_state_machine(AnyError::error("can not send to sm::Worker".to_string()))

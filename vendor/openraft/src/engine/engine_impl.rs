@@ -11,11 +11,11 @@ use crate::display_ext::DisplayOptionExt;
 use crate::display_ext::DisplaySlice;
 use crate::engine::engine_config::EngineConfig;
 use crate::engine::handler::establish_handler::EstablishHandler;
+use crate::engine::handler::replication_handler::SendNone;
 use crate::engine::handler::following_handler::FollowingHandler;
 use crate::engine::handler::leader_handler::LeaderHandler;
 use crate::engine::handler::log_handler::LogHandler;
 use crate::engine::handler::replication_handler::ReplicationHandler;
-use crate::engine::handler::replication_handler::SendNone;
 use crate::engine::handler::server_state_handler::ServerStateHandler;
 use crate::engine::handler::snapshot_handler::SnapshotHandler;
 use crate::engine::handler::vote_handler::VoteHandler;
@@ -94,6 +94,12 @@ where C: RaftTypeConfig
     pub(crate) output: EngineOutput<C>,
 }
 
+/// agentmesh patch: switches the upstream start-up behaviour (a node resumes leadership from
+/// disk) back on, so that agentmesh's simulator test can show its checkers catch it. Only that
+/// test sets it (through `consensus::group::planted`, feature `planted-bugs`); never a node.
+#[doc(hidden)]
+pub static PLANTED_RESUME_LEADERSHIP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 impl<C> Engine<C>
 where C: RaftTypeConfig
 {
@@ -145,6 +151,7 @@ where C: RaftTypeConfig
 
     #[tracing::instrument(level = "debug", skip_all)]
     pub(crate) fn startup(&mut self) {
+        // (agentmesh patch: see below.)
         // Allows starting up as a leader.
 
         tracing::info!(
@@ -154,18 +161,31 @@ where C: RaftTypeConfig
             self.state.membership_state.effective().is_voter(&self.config.id)
         );
 
-        // Previously it is a leader. restore it as leader at once
-        if self.state.is_leader(&self.config.id) {
+        // agentmesh patch: a node never resumes leadership from disk. Upstream restores a node
+        // whose saved vote is committed and its own as leader of that same term, counting its
+        // on-disk last log id as flushed. With our other change (a leader sends its entries
+        // before its own fsync, see `append_to_log_in_background`) a leader that lost power
+        // may come back with a shorter log than the one it sent; leading the same term again,
+        // it would write new entries under log ids its followers already hold with other
+        // content, and they would take an equal log id for an equal entry. So the vote is
+        // kept (it is still this node's vote for the term: it grants no other vote it would
+        // not have granted before) but no longer counts as committed, and the node starts as
+        // a follower: leading again takes an election, in a new term, as etcd/raft does.
+        if self.state.is_leader(&self.config.id) && PLANTED_RESUME_LEADERSHIP.load(std::sync::atomic::Ordering::SeqCst) {
+            // Upstream's behaviour, planted back on purpose by agentmesh's simulator test.
             self.vote_handler().update_internal_server_state();
-
             let mut rh = self.replication_handler();
-
-            // Restore the progress about the local log
             rh.update_local_progress(rh.state.last_log_id().cloned());
-
             rh.initiate_replication(SendNone::False);
-
             return;
+        }
+        if self.state.is_leader(&self.config.id) {
+            let term = self.state.vote_ref().leader_id().term;
+            tracing::info!(
+                "startup: the saved vote {} was this node's as leader; it must win a new term to lead again",
+                self.state.vote_ref()
+            );
+            self.state.vote.update(C::now(), Vote::new(term, self.config.id.clone()));
         }
 
         let server_state = if self.state.membership_state.effective().is_voter(&self.config.id) {

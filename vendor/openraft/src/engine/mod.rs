@@ -59,5 +59,7 @@ pub(crate) use command::ValueSender;
 pub(crate) use command_kind::CommandKind;
 pub(crate) use engine_config::EngineConfig;
 pub(crate) use engine_impl::Engine;
+/// agentmesh patch: see `engine_impl::PLANTED_RESUME_LEADERSHIP`.
+pub use engine_impl::PLANTED_RESUME_LEADERSHIP;
 pub(crate) use engine_output::EngineOutput;
 pub use log_id_list::LogIdList;
