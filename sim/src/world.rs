@@ -1063,12 +1063,21 @@ async fn bootstrap(world: &World, split: &BTreeSet<usize>) {
             peers
         };
         let mut sets = vec![peers.iter().take(3).cloned().collect::<Vec<_>>()];
-        if split.contains(&r) && peers.len() > 3 {
-            sets.push(peers.iter().skip(1).take(3).cloned().collect());
-            world.lock().record_fault(
-                &Fault::SplitBootstrap { region: r },
-                format!("two bootstraps of r{r} at once"),
-            );
+        if split.contains(&r) {
+            let mut s = world.lock();
+            if peers.len() >= 2 {
+                sets.push(peers.iter().skip(1).take(3).cloned().collect());
+                s.faults += 1;
+                s.check("faults-injected");
+                s.record_fault(
+                    &Fault::SplitBootstrap { region: r },
+                    format!("two bootstraps of r{r} at once"),
+                );
+            } else {
+                let what = format!("split-bootstrap needs two nodes in region {r}: not injected");
+                s.record_fault(&Fault::SplitBootstrap { region: r }, what.clone());
+                s.violate("faults-injected", what);
+            }
         }
         for set in sets {
             let voters: Vec<String> = set.iter().map(|p| p.0.clone()).collect();
