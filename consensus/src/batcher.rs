@@ -24,6 +24,7 @@
 //! (`superseded`). A lone writer never waits for a batch to fill: the
 //! proposer sends at once what is queued.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,10 +56,18 @@ pub struct PolicyApplied {
     pub superseded: bool,
 }
 
+/// Where a queued write stands; the writer and the proposer race for it.
+const QUEUED: u8 = 0;
+const PROPOSED: u8 = 1;
+const CANCELLED: u8 = 2;
+
 struct Pending {
     policy: Policy,
     bytes: usize,
     reply: oneshot::Sender<Result<PolicyApplied, GroupError>>,
+    /// QUEUED until the proposer takes it (PROPOSED) or its writer gives up
+    /// first (CANCELLED: never proposed, so "not applied" is the truth).
+    stage: Arc<AtomicU8>,
 }
 
 /// The sending side; the proposer task ends when every clone is dropped.
@@ -82,10 +91,12 @@ impl PolicyWrites {
             .map_err(|e| GroupError::Raft(format!("policy does not encode: {e}")))?
             .len();
         let (reply, answer) = oneshot::channel();
+        let stage = Arc::new(AtomicU8::new(QUEUED));
         let pending = Pending {
             policy,
             bytes,
             reply,
+            stage: stage.clone(),
         };
         self.tx.try_send(pending).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => GroupError::Busy(QUEUE),
@@ -94,7 +105,12 @@ impl PolicyWrites {
             }
         })?;
         match tokio::time::timeout(self.write_timeout, answer).await {
-            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
+            // Still queued: cancel it, and it was never applied. Proposed
+            // already: it may commit later.
+            Err(_) => match stage.compare_exchange(QUEUED, CANCELLED, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => Err(GroupError::Timeout(self.write_timeout)),
+                Err(_) => Err(GroupError::OutcomeUnknown(self.write_timeout)),
+            },
             Ok(Err(_)) => Err(GroupError::Raft("the group is shut down".into())),
             Ok(Ok(result)) => result,
         }
@@ -116,6 +132,16 @@ async fn propose(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, write_
                 None => return,
             },
         };
+        // A write whose writer gave up while it waited here is dropped:
+        // its writer was told it was not applied.
+        let take = |p: &Pending| {
+            p.stage
+                .compare_exchange(QUEUED, PROPOSED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        };
+        if !take(&first) {
+            continue;
+        }
         let mut bytes = first.bytes;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -125,8 +151,10 @@ async fn propose(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, write_
                     break;
                 }
                 Ok(p) => {
-                    bytes += p.bytes;
-                    batch.push(p);
+                    if take(&p) {
+                        bytes += p.bytes;
+                        batch.push(p);
+                    }
                 }
                 Err(_) => break,
             }
@@ -137,7 +165,8 @@ async fn propose(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, write_
                 batch.into_iter().map(|p| (p.policy, p.reply)).unzip();
             let write = raft.client_write(RegionCommand::SetPolicies(policies));
             let result = match tokio::time::timeout(write_timeout, write).await {
-                Err(_) => Err(GroupError::Timeout(write_timeout)),
+                // Proposed: it may still commit.
+                Err(_) => Err(GroupError::OutcomeUnknown(write_timeout)),
                 Ok(Ok(response)) => match response.data {
                     RegionResponse::PolicySet { version } => Ok(version),
                     RegionResponse::Applied => Err(GroupError::Raft(

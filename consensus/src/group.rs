@@ -127,9 +127,18 @@ pub enum GroupError {
         /// Peer id of the leader, if known.
         leader: Option<String>,
     },
-    /// No quorum answered in time.
-    #[error("the region did not commit within {0:?}: no quorum of voters is reachable; retry when the region has a leader")]
+    /// No quorum answered in time, and nothing was proposed (or it was a
+    /// read): safe to retry.
+    #[error("the region did not commit within {0:?}: no quorum of voters is reachable; nothing was applied; retry when the region has a leader")]
     Timeout(Duration),
+    /// A write was proposed but did not commit in time: it may still take
+    /// effect later (when missing voters come back), or never. Not safe to
+    /// retry blindly.
+    #[error("the write was proposed but did not commit within {0:?}: its outcome is unknown (it may still take effect when the missing voters come back); read the policy to see whether it did before writing again")]
+    OutcomeUnknown(Duration),
+    /// A consistent read could not confirm the leader with a quorum.
+    #[error("no quorum of voters confirmed the leader ({0}); retry when the region has a quorum")]
+    NoQuorum(String),
     /// The group was already started.
     #[error("the region group is already bootstrapped")]
     AlreadyInitialized,
@@ -158,6 +167,7 @@ impl GroupError {
             self,
             Self::NotLeader { .. }
                 | Self::Timeout(_)
+                | Self::NoQuorum(_)
                 | Self::Busy(_)
                 | Self::ChangeInProgress
                 | Self::Unreachable(_)
@@ -203,6 +213,9 @@ pub struct RegionStatus {
     /// Every member, voters first.
     pub members: Vec<MemberProgress>,
 }
+
+/// How long a bootstrap waits before asking an unreachable voter again.
+const BOOTSTRAP_RETRY: Duration = Duration::from_millis(200);
 
 /// Where a bootstrap promise is kept (`Column::RaftMeta`).
 const BOOTSTRAP_PROMISE: &[u8] = b"bootstrap_promise";
@@ -365,18 +378,27 @@ impl RegionGroup {
         }
     }
 
-    /// Sends a bootstrap request to `voter`; its refusal, or why it did not answer.
+    /// Sends a bootstrap request to `voter`; its refusal, or why it did not
+    /// answer. A voter this node cannot reach yet (a link not yet up, its
+    /// addresses not yet gossiped) is asked again until the write timeout.
     async fn ask(&self, voter: &str, request: RaftRequest) -> Result<(), GroupError> {
         let bytes = crate::codec::encode(&request).map_err(|e| GroupError::Raft(e.to_string()))?;
-        let call = (self.call)(voter.to_owned(), bytes);
-        let answer = match tokio::time::timeout(self.write_timeout, call).await {
-            Err(_) => return Err(GroupError::Timeout(self.write_timeout)),
-            Ok(Err(e)) => {
+        let deadline = tokio::time::Instant::now() + self.write_timeout;
+        let answer = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let call = (self.call)(voter.to_owned(), bytes.clone());
+            let failed = match tokio::time::timeout(left, call).await {
+                Err(_) => "no answer".to_owned(),
+                Ok(Err(e)) => e,
+                Ok(Ok(answer)) => break answer,
+            };
+            if tokio::time::Instant::now() + BOOTSTRAP_RETRY >= deadline {
                 return Err(GroupError::Unreachable(format!(
-                    "voter {voter} could not be asked to promise the bootstrap: {e}"
-                )))
+                    "voter {voter} could not be asked to promise the bootstrap within {:?}: {failed}",
+                    self.write_timeout
+                )));
             }
-            Ok(Ok(answer)) => answer,
+            tokio::time::sleep(BOOTSTRAP_RETRY).await;
         };
         match crate::codec::decode::<RaftReply>(&answer) {
             Ok(RaftReply::Bootstrap(Ok(()))) => Ok(()),
@@ -511,6 +533,12 @@ impl RegionGroup {
                 // here; the metrics may know it a little earlier.
                 leader: f.leader_node.map(|n| n.peer_id).or_else(|| self.leader()),
             }),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                Err(GroupError::NoQuorum(format!(
+                    "{} of the voters answered",
+                    q.got.len()
+                )))
+            }
             Ok(Err(e)) => Err(GroupError::Raft(e.to_string())),
         }
     }
@@ -577,6 +605,15 @@ impl RegionGroup {
             }
         }
         (v, l)
+    }
+
+    /// Why this node's Raft core stopped, if it did (a storage error, a
+    /// panic): the node must then exit rather than run on without it.
+    pub fn stopped(&self) -> Option<String> {
+        match &self.raft.metrics().borrow().running_state {
+            Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        }
     }
 
     /// True when this node leads the group.

@@ -122,6 +122,14 @@ struct Health<'a> {
 async fn health(State(state): State<ApiState>) -> Result<Response, ApiError> {
     // Answering through the actor proves the event loop is alive, not only the HTTP task.
     state.network.snapshot().await?;
+    // A node whose Raft stopped exits (start.rs); until it has, say so.
+    if let Some(reason) = state.group.stopped() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "raft_stopped",
+            format!("this node's region Raft stopped ({reason}); the node is exiting: fix the cause and restart it"),
+        ));
+    }
     Ok(Json(Health {
         status: "ok",
         peer_id: &state.peer_id,

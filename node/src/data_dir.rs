@@ -118,6 +118,107 @@ impl DataDir {
     }
 }
 
+/// Where the Raft store records whom it belongs to (`Column::RaftMeta`).
+const OWNER_KEY: &[u8] = b"owner";
+
+/// Whom a Raft store belongs to: written at the first start, checked at every one.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+struct Owner {
+    /// Format of this record.
+    format: u32,
+    /// Base58 peer id of the node.
+    peer_id: String,
+    /// Its region.
+    region: String,
+}
+
+/// Checks that the Raft store in `dir/raft` belongs to this peer id and this
+/// region, and records them at the first start. Refuses, naming what to do:
+/// a store of another region (a data dir restarted with another --region), a
+/// store of another peer id (an identity file copied or replaced), and an
+/// empty store under an identity that has run before (its `raft/` removed
+/// or replaced: the node would vote again with an empty log under an id the
+/// group knows, and could elect a leader without committed entries).
+pub fn check_owner(
+    store: &dyn mesh_store::Store,
+    dir: &Path,
+    peer_id: &str,
+    region: &str,
+    identity_created: bool,
+) -> Result<()> {
+    use mesh_store::{Column, Durability, WriteOp};
+    let raft = dir.join("raft");
+    if let Some(bytes) = store
+        .get(Column::RaftMeta, OWNER_KEY)
+        .map_err(|e| anyhow!("{e}"))?
+    {
+        let owner: Owner = serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow!(
+                "{} holds an unreadable owner record ({e}); restore the data dir from a backup, or remove the whole data dir {} to start as a new node",
+                raft.display(),
+                dir.display()
+            )
+        })?;
+        if owner.peer_id != peer_id {
+            bail!(
+                "the Raft store {} belongs to peer {}, but this data dir's identity is {peer_id}: the identity file was replaced; put the original identity.key back, or remove the whole data dir {} to start as a new node",
+                raft.display(),
+                owner.peer_id,
+                dir.display()
+            );
+        }
+        if owner.region != region {
+            bail!(
+                "data dir {} belongs to region {} (its Raft store holds that region's group), not {region}: start it with --region {}, or use another --data-dir for a node of {region}",
+                dir.display(),
+                owner.region,
+                owner.region
+            );
+        }
+        return Ok(());
+    }
+    let empty = store
+        .last(Column::RaftLog)
+        .map_err(|e| anyhow!("{e}"))?
+        .is_none()
+        && store
+            .get(Column::RaftMeta, b"vote")
+            .map_err(|e| anyhow!("{e}"))?
+            .is_none()
+        && store
+            .last(Column::StateMachine)
+            .map_err(|e| anyhow!("{e}"))?
+            .is_none();
+    if empty && !identity_created && dir.join(GENERATION_FILE).exists() && next_is_not_first(dir)? {
+        bail!(
+            "data dir {} has the identity of a node that ran before ({peer_id}) but an empty Raft store ({} was removed or replaced): under the same id it could vote again with an empty log. Remove the whole data dir {} so the node rejoins as a new member, or restore it from a backup",
+            dir.display(),
+            raft.display(),
+            dir.display()
+        );
+    }
+    let owner = Owner {
+        format: 1,
+        peer_id: peer_id.to_owned(),
+        region: region.to_owned(),
+    };
+    let op = WriteOp::Put {
+        column: Column::RaftMeta,
+        key: OWNER_KEY.to_vec(),
+        value: serde_json::to_vec(&owner).context("encode the owner record")?,
+    };
+    store
+        .write(vec![op], Durability::Sync)
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// True when the generation file says this is not the node's first start.
+fn next_is_not_first(dir: &Path) -> Result<bool> {
+    let text = fs::read_to_string(dir.join(GENERATION_FILE)).unwrap_or_default();
+    Ok(text.trim().parse::<u32>().map(|g| g > 1).unwrap_or(false))
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let result = (|| {
@@ -132,6 +233,30 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raft_store_belongs_to_one_peer_and_one_region() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(GENERATION_FILE), b"1\n").expect("write");
+        let store = mesh_store::MemStore::new();
+        check_owner(&store, dir.path(), "12D3A", "eu-west", true).expect("first start records");
+        check_owner(&store, dir.path(), "12D3A", "eu-west", false).expect("same owner");
+        let e = check_owner(&store, dir.path(), "12D3A", "us-east", false).expect_err("region");
+        assert!(e.to_string().contains("belongs to region eu-west") && e.to_string().contains("not us-east"), "{e}");
+        let e = check_owner(&store, dir.path(), "12D3B", "eu-west", false).expect_err("peer");
+        assert!(e.to_string().contains("belongs to peer 12D3A"), "{e}");
+    }
+
+    #[test]
+    fn a_known_identity_on_an_empty_raft_store_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(GENERATION_FILE), b"3\n").expect("write");
+        let empty = mesh_store::MemStore::new();
+        let e = check_owner(&empty, dir.path(), "12D3A", "eu-west", false).expect_err("amnesia");
+        assert!(e.to_string().contains("Remove the whole data dir"), "{e}");
+        // A new identity on an empty store is a new node: fine.
+        check_owner(&empty, dir.path(), "12D3A", "eu-west", true).expect("new node");
+    }
 
     #[test]
     fn generation_counts_starts() {

@@ -117,11 +117,20 @@ fn parse_region(name: &str) -> Result<Region, ApiError> {
 fn group_error(region: &Region, e: GroupError) -> ApiError {
     match e {
         GroupError::Timeout(_)
+        | GroupError::NoQuorum(_)
+        | GroupError::Unreachable(_)
         | GroupError::NotLeader { leader: None }
         | GroupError::ChangeInProgress => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_quorum",
             format!("region {region}: {e}; this is retryable"),
+        ),
+        // Not a refusal: the write may still take effect. Never retried or
+        // forwarded again here; the client decides after reading.
+        GroupError::OutcomeUnknown(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "outcome_unknown",
+            format!("region {region}: {e}"),
         ),
         GroupError::Busy(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,

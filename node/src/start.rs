@@ -35,6 +35,56 @@ const FORWARD_MARGIN: Duration = Duration::from_secs(3);
 /// How long the network gets to announce the leave and close after a signal.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Returns (only) once the group's Raft core has stopped, with why.
+async fn raft_stopped(group: &RegionGroup) -> String {
+    let mut metrics = group.raft().metrics();
+    loop {
+        if let Err(e) = &metrics.borrow().running_state {
+            return e.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "its task ended".to_owned();
+        }
+    }
+}
+
+/// Refuses a TCP or UDP listen address that another socket holds already.
+/// libp2p binds with port reuse, so two nodes could share one port and
+/// split the connections made to it; a plain bind here fails instead.
+fn check_listen_addresses_free(listen: &[libp2p::Multiaddr]) -> Result<()> {
+    use libp2p::multiaddr::Protocol;
+    for addr in listen {
+        let mut ip = None;
+        let mut socket = None;
+        for p in addr.iter() {
+            match p {
+                Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+                Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+                Protocol::Tcp(port) if port != 0 => socket = Some((port, true)),
+                Protocol::Udp(port) if port != 0 => socket = Some((port, false)),
+                _ => {}
+            }
+        }
+        let (Some(ip), Some((port, tcp))) = (ip, socket) else {
+            continue;
+        };
+        let at = std::net::SocketAddr::new(ip, port);
+        let bound = if tcp {
+            std::net::TcpListener::bind(at).map(drop)
+        } else {
+            std::net::UdpSocket::bind(at).map(drop)
+        };
+        if let Err(e) = bound {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                return Err(anyhow!(
+                    "cannot listen on {addr}: the address is in use (another node or program holds it); pass another --listen or stop what uses it"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs a node until SIGTERM or SIGINT.
 pub async fn run(config: CheckedConfig) -> Result<()> {
     let data_dir = DataDir::open(&config.data_dir)?;
@@ -80,9 +130,20 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
     };
 
     // Open the region store before joining the mesh: a corrupt store is
-    // reported with its path and the node does not start half-way.
+    // reported with its path and the node does not start half-way. It
+    // belongs to one peer id and one region: checked before anything runs.
     let raft_dir = data_dir.path().join("raft");
     let store: Arc<dyn Store> = Arc::new(RocksStore::open(&raft_dir)?);
+    crate::data_dir::check_owner(
+        &*store,
+        data_dir.path(),
+        &peer_id.to_base58(),
+        config.region.as_str(),
+        created,
+    )?;
+    // A listen address another process holds would be shared silently
+    // (libp2p reuses ports): refuse it here, as the API port is refused.
+    check_listen_addresses_free(&config.network.listen)?;
 
     let shutdown = CancellationToken::new();
     let mesh_net::Started {
@@ -159,11 +220,23 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM received: leaving the mesh"),
-        _ = sigint.recv() => info!("SIGINT received: leaving the mesh"),
-    }
+    let mut network_task = network_task;
+    // A node whose Raft core or network task is gone must not run on, still
+    // gossiping `alive` and counted as a voter: it exits non-zero.
+    let failed = tokio::select! {
+        _ = sigterm.recv() => { info!("SIGTERM received: leaving the mesh"); None }
+        _ = sigint.recv() => { info!("SIGINT received: leaving the mesh"); None }
+        reason = raft_stopped(&group) => Some(format!("the region's Raft stopped: {reason}")),
+        _ = &mut network_task => Some("the network task ended".to_owned()),
+    };
     shutdown.cancel();
+    if let Some(reason) = failed {
+        tracing::error!(%reason, "exiting");
+        let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, group.shutdown()).await;
+        return Err(anyhow!(
+            "{reason}; this node exits so that the region stops counting on it: fix the cause (see the log above; a disk error, for one) and start it again"
+        ));
+    }
 
     let stopped = async {
         group.shutdown().await;

@@ -621,7 +621,13 @@ async fn write(world: &World, region: usize, value: u32) -> Outcome {
                 Some(g) => group = g,
                 None => {
                     return match e {
-                        GroupError::NotLeader { .. } | GroupError::Busy(_) => Outcome::NotApplied,
+                        // Refused before it was proposed, or truncated
+                        // (openraft answers NotLeader for a write whose
+                        // entry a new leader replaced): never applied.
+                        GroupError::NotLeader { .. }
+                        | GroupError::Busy(_)
+                        | GroupError::Timeout(_) => Outcome::NotApplied,
+                        // Proposed, and may still commit at any later time.
                         _ => Outcome::Unknown,
                     }
                 }

@@ -97,7 +97,7 @@ pub enum Durability {
 pub enum StoreError {
     /// The store could not be opened (missing permissions, corruption, a
     /// lock held by another process).
-    #[error("cannot open the store at {path}: {reason}; if the directory is corrupt, restore it from a backup or move it away so the node rejoins as a new member")]
+    #[error("cannot open the store at {path}: {reason}; if it is corrupt, restore the whole data dir from a backup, or remove the whole data dir (not only this store: its identity must go with it) so the node rejoins as a new member")]
     Open {
         /// The directory.
         path: String,
