@@ -124,8 +124,14 @@ fn region_of_three(tmp: &Path) -> Vec<Node> {
         "--api",
         &nodes[0].api,
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_until("the region has a leader", WITHIN, || leader_of(&nodes[0]).is_some());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("the region has a leader", WITHIN, || {
+        leader_of(&nodes[0]).is_some()
+    });
     nodes
 }
 
@@ -187,7 +193,10 @@ fn sigkill_of_every_voter_under_load_loses_no_acknowledged_write() {
     assert!(acknowledged.len() > 10, "the load ran: {acknowledged:?}");
     let (highest, _) = *acknowledged.last().expect("some");
     let seed = nodes[0].listen[0].clone();
-    let restarted: Vec<Node> = nodes.iter().map(|n| restart(tmp.path(), n, &seed)).collect();
+    let restarted: Vec<Node> = nodes
+        .iter()
+        .map(|n| restart(tmp.path(), n, &seed))
+        .collect();
     for node in &restarted {
         wait_until(
             &format!("{} serves version {highest} or later", node.name),
@@ -203,7 +212,10 @@ fn sigkill_of_every_voter_under_load_loses_no_acknowledged_write() {
                 node.name
             );
         } else {
-            assert!(version > highest, "version {version} was never acknowledged");
+            assert!(
+                version > highest,
+                "version {version} was never acknowledged"
+            );
             assert!(
                 burst.is_some_and(|b| b > acknowledged.last().map(|a| a.1).unwrap_or(0)),
                 "{} serves at version {version} a policy no later write made: {burst:?}",
@@ -238,7 +250,13 @@ fn a_data_dir_started_under_another_region_is_refused() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
     // The eu-west group is as it was: c is still one of its voters, and the policy holds.
     let out = cli(&[
-        "region", "status", "--region", "eu-west", "--json", "--api", &nodes[0].api,
+        "region",
+        "status",
+        "--region",
+        "eu-west",
+        "--json",
+        "--api",
+        &nodes[0].api,
     ]);
     let status: Value = serde_json::from_slice(&out.stdout).expect("status");
     let voters: Vec<&str> = status["members"]
@@ -312,5 +330,115 @@ fn without_quorum_reads_are_retryable_and_a_proposed_write_is_outcome_unknown() 
     let back = restart(tmp.path(), &nodes[others[0]], &nodes[l].listen[0]);
     wait_until("the unknown write took effect", WITHIN, || {
         local_policy(&back).and_then(|p| p.1) == Some(9)
+    });
+}
+
+/// Issue 11, bug 10: a stopped learner leaves the group once gone past
+/// `remove_gone_learner_after_ms`; `region remove-node` removes a member at
+/// once; `region status` shows each member's liveness.
+#[test]
+fn gone_learners_leave_the_group_and_remove_node_removes_one_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut nodes = region_of_three(tmp.path());
+    // Later nodes read a config with a short learner timeout.
+    std::fs::write(
+        tmp.path().join("node.toml"),
+        format!("{CONFIG}remove_gone_learner_after_ms = 2000\n"),
+    )
+    .expect("config");
+    let first = nodes[0].listen[0].clone();
+    for name in ["d", "e"] {
+        nodes.push(start_on(tmp.path(), name, "eu-west", Some(&first)));
+    }
+    let members = |node: &Node| -> Vec<(String, String, String)> {
+        let out = cli(&[
+            "region", "status", "--region", "eu-west", "--json", "--api", &node.api,
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["members"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .map(|m| {
+                        (
+                            m["peer_id"].as_str().unwrap_or_default().to_owned(),
+                            m["role"].as_str().unwrap_or_default().to_owned(),
+                            m["state"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (d, e) = (nodes[3].peer_id.clone(), nodes[4].peer_id.clone());
+    wait_until("d and e are learners, alive", WITHIN, || {
+        let m = members(&nodes[0]);
+        [&d, &e].iter().all(|p| {
+            m.iter()
+                .any(|(id, role, state)| id == *p && role == "learner" && state == "alive")
+        })
+    });
+    // The leader's timeout applies to learners whatever its own config: the
+    // three voters run the default (10 min), so d's removal is by hand...
+    nodes[4].kill();
+    let out = cli(&[
+        "region",
+        "remove-node",
+        "--region",
+        "eu-west",
+        &e,
+        "--api",
+        &nodes[1].api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !members(&nodes[0]).iter().any(|(id, _, _)| *id == e),
+        "removed at once"
+    );
+    let out = cli(&[
+        "region",
+        "remove-node",
+        "--region",
+        "eu-west",
+        &e,
+        "--api",
+        &nodes[0].api,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not a member"),
+        "{stderr}"
+    );
+    // ... and after a restart of the voters with the short timeout, d, once
+    // stopped, leaves on its own.
+    for i in 0..3 {
+        let n = std::mem::replace(
+            &mut nodes[i],
+            Node {
+                child: None,
+                name: String::new(),
+                data_dir: Default::default(),
+                log: Default::default(),
+                api: String::new(),
+                peer_id: String::new(),
+                listen: Vec::new(),
+                netns: None,
+            },
+        );
+        let mut n = n;
+        n.terminate(Duration::from_secs(10));
+        nodes[i] = restart(tmp.path(), &n, &nodes[3].listen[0]);
+    }
+    wait_until("the region has a leader again", WITHIN, || {
+        leader_of(&nodes[0]).is_some()
+    });
+    nodes[3].kill();
+    wait_until("d left the group on its own", WITHIN, || {
+        let m = members(&nodes[0]);
+        !m.is_empty() && !m.iter().any(|(id, _, _)| *id == d)
     });
 }

@@ -107,10 +107,13 @@ impl PolicyWrites {
         match tokio::time::timeout(self.write_timeout, answer).await {
             // Still queued: cancel it, and it was never applied. Proposed
             // already: it may commit later.
-            Err(_) => match stage.compare_exchange(QUEUED, CANCELLED, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => Err(GroupError::Timeout(self.write_timeout)),
-                Err(_) => Err(GroupError::OutcomeUnknown(self.write_timeout)),
-            },
+            Err(_) => {
+                match stage.compare_exchange(QUEUED, CANCELLED, Ordering::SeqCst, Ordering::SeqCst)
+                {
+                    Ok(_) => Err(GroupError::Timeout(self.write_timeout)),
+                    Err(_) => Err(GroupError::OutcomeUnknown(self.write_timeout)),
+                }
+            }
             Ok(Err(_)) => Err(GroupError::Raft("the group is shut down".into())),
             Ok(Ok(result)) => result,
         }

@@ -36,6 +36,10 @@ pub struct RaftSettings {
     /// A voter the membership view shows dead for this long is replaced by a
     /// live learner. Default 60000.
     pub replace_dead_voter_after_ms: u64,
+    /// A learner the membership view shows dead (or has forgotten) for this
+    /// long leaves the group; it joins again if it comes back. Default
+    /// 600000 (ten minutes: a restart or a short maintenance keeps it).
+    pub remove_gone_learner_after_ms: u64,
     /// Log entries kept behind a snapshot, so a slightly lagging member catches
     /// up from the log rather than a snapshot (openraft#1706). Default 1000.
     pub logs_kept_after_snapshot: u64,
@@ -50,6 +54,7 @@ impl Default for RaftSettings {
             write_timeout_ms: 5000,
             snapshot_after_entries: 5000,
             replace_dead_voter_after_ms: 60_000,
+            remove_gone_learner_after_ms: 600_000,
             logs_kept_after_snapshot: 1000,
         }
     }
@@ -149,6 +154,9 @@ pub enum GroupError {
     /// already (two bootstraps with different views of the region).
     #[error("{0}")]
     BootstrapConflict(String),
+    /// The peer is not a member of the region's group.
+    #[error("{0} is not a member of the region's group")]
+    NotAMember(String),
     /// A voter could not be reached.
     #[error("{0}; retry when it is reachable")]
     Unreachable(String),
@@ -186,6 +194,10 @@ pub struct MemberProgress {
     pub matched: Option<u64>,
     /// Entries behind the leader's last log index (leader only).
     pub lag: Option<u64>,
+    /// alive, suspect or dead in the answering node's membership view
+    /// (`unknown` when the view no longer lists it); filled in by the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 /// `region status` as this node sees it.
@@ -533,12 +545,12 @@ impl RegionGroup {
                 // here; the metrics may know it a little earlier.
                 leader: f.leader_node.map(|n| n.peer_id).or_else(|| self.leader()),
             }),
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(q)))) => {
-                Err(GroupError::NoQuorum(format!(
-                    "{} of the voters answered",
-                    q.got.len()
-                )))
-            }
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(
+                q,
+            )))) => Err(GroupError::NoQuorum(format!(
+                "{} of the voters answered",
+                q.got.len()
+            ))),
             Ok(Err(e)) => Err(GroupError::Raft(e.to_string())),
         }
     }
@@ -576,10 +588,41 @@ impl RegionGroup {
         }
     }
 
-    /// Removes learner `peer_id` from the group (leader only): a learner that
-    /// is gone for good would otherwise be replicated to forever.
-    pub async fn remove_learner(&self, peer_id: &str) -> Result<(), GroupError> {
-        let gone: BTreeSet<NodeId> = [node_id_of(peer_id)].into();
+    /// Removes `peer_id` from the group (leader only), a learner or a voter
+    /// (`region remove-node`; housekeeping for learners gone past their
+    /// timeout): a member gone for good would otherwise be replicated to
+    /// forever. Removing a voter shrinks the quorum; the last voter, and
+    /// this leader itself, cannot be removed.
+    pub async fn remove_member(&self, peer_id: &str) -> Result<(), GroupError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let id = node_id_of(peer_id);
+        if membership.get_node(&id).is_none() {
+            return Err(GroupError::NotAMember(peer_id.to_owned()));
+        }
+        let mut voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if voters.contains(&id) {
+            if id == self.node_id {
+                return Err(GroupError::Raft(format!(
+                    "{peer_id} leads the region and cannot remove itself; stop it (another voter takes over) and remove it there"
+                )));
+            }
+            if voters.len() == 1 {
+                return Err(GroupError::Raft(format!(
+                    "{peer_id} is the region's last voter and cannot be removed"
+                )));
+            }
+            voters.remove(&id);
+            let change = self
+                .raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(voters), false);
+            return match tokio::time::timeout(self.write_timeout, change).await {
+                Err(_) => Err(GroupError::OutcomeUnknown(self.write_timeout)),
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(write_error(&self.raft, e)),
+            };
+        }
+        let gone: BTreeSet<NodeId> = [id].into();
         let change = self
             .raft
             .change_membership(ChangeMembers::RemoveNodes(gone), false);
@@ -650,6 +693,7 @@ impl RegionGroup {
                     .into(),
                     matched,
                     lag: matched.map(|m| last_log.unwrap_or(0).saturating_sub(m)),
+                    state: None,
                 }
             })
             .collect();

@@ -4,7 +4,10 @@
 //! 1. every live member of the region that is not in the group is added as a
 //!    learner, so each node holds the region state (one change at a time);
 //! 2. a voter that the membership view shows dead (or no longer shows) for
-//!    `replace_after` is replaced by a live learner, in one membership change.
+//!    `replace_after` is replaced by a live learner, in one membership change;
+//! 3. a learner that the view shows dead (or no longer shows) for
+//!    `remove_learner_after` leaves the group: the leader stops replicating
+//!    to it (it joins again as a learner if it comes back).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,6 +29,8 @@ pub enum Action {
     },
     /// A voter is overdue but no learner is alive to replace it.
     NoReplacement(String),
+    /// Remove this learner: it has been gone for `remove_learner_after`.
+    RemoveLearner(String),
 }
 
 /// The leader's memory between two rounds: since when each voter looks dead.
@@ -33,14 +38,19 @@ pub enum Action {
 pub struct Housekeeper {
     replace_after: Duration,
     dead_since: BTreeMap<String, Instant>,
+    remove_learner_after: Duration,
+    learner_gone_since: BTreeMap<String, Instant>,
 }
 
 impl Housekeeper {
-    /// Replaces voters dead for `replace_after`.
-    pub fn new(replace_after: Duration) -> Self {
+    /// Replaces voters dead for `replace_after`; removes learners gone for
+    /// `remove_learner_after`.
+    pub fn new(replace_after: Duration, remove_learner_after: Duration) -> Self {
         Self {
             replace_after,
             dead_since: BTreeMap::new(),
+            remove_learner_after,
+            learner_gone_since: BTreeMap::new(),
         }
     }
 
@@ -57,6 +67,7 @@ impl Housekeeper {
     ) -> Option<Action> {
         if !is_leader {
             self.dead_since.clear();
+            self.learner_gone_since.clear();
             return None;
         }
         let state_of = |peer: &str| region.iter().find(|(p, _)| p == peer).map(|(_, s)| *s);
@@ -78,10 +89,31 @@ impl Housekeeper {
                 }
             }
         }
-        let (dead, _) = self
+        self.learner_gone_since
+            .retain(|peer, _| learners.contains(peer));
+        for learner in learners {
+            match state_of(learner) {
+                Some(MemberState::Alive) | Some(MemberState::Suspect) => {
+                    self.learner_gone_since.remove(learner);
+                }
+                _ => {
+                    self.learner_gone_since
+                        .entry(learner.clone())
+                        .or_insert(now);
+                }
+            }
+        }
+        let overdue_voter = self
             .dead_since
             .iter()
-            .find(|(_, since)| now.duration_since(**since) >= self.replace_after)?;
+            .find(|(_, since)| now.duration_since(**since) >= self.replace_after);
+        let Some((dead, _)) = overdue_voter else {
+            return self
+                .learner_gone_since
+                .iter()
+                .find(|(_, since)| now.duration_since(**since) >= self.remove_learner_after)
+                .map(|(gone, _)| Action::RemoveLearner(gone.clone()));
+        };
         Some(
             match learners
                 .iter()
@@ -99,6 +131,7 @@ impl Housekeeper {
     /// `dead` left the group.
     pub fn replaced(&mut self, dead: &str) {
         self.dead_since.remove(dead);
+        self.learner_gone_since.remove(dead);
     }
 }
 
@@ -117,7 +150,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_newcomer_becomes_a_learner_and_a_dead_voter_is_replaced_in_time() {
         use MemberState::*;
-        let mut k = Housekeeper::new(Duration::from_secs(60));
+        let mut k = Housekeeper::new(Duration::from_secs(60), Duration::from_secs(600));
         let voters = s(&["a", "b", "c"]);
         let t0 = Instant::now();
         let region = view(&[("a", Alive), ("b", Alive), ("c", Alive), ("d", Alive)]);
@@ -155,5 +188,30 @@ mod tests {
             ),
             Some(Action::NoReplacement("c".into()))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_learner_gone_past_the_timeout_is_removed_and_one_back_in_time_is_not() {
+        use MemberState::*;
+        let mut k = Housekeeper::new(Duration::from_secs(60), Duration::from_secs(300));
+        let voters = s(&["a", "b", "c"]);
+        let learners = s(&["d", "e"]);
+        let t0 = Instant::now();
+        // e is no longer in the view at all (forgotten), d is dead.
+        let region = view(&[("a", Alive), ("b", Alive), ("c", Alive), ("d", Dead)]);
+        assert_eq!(k.plan("a", true, &voters, &learners, &region, t0), None);
+        let t1 = t0 + Duration::from_secs(299);
+        assert_eq!(k.plan("a", true, &voters, &learners, &region, t1), None);
+        let t2 = t0 + Duration::from_secs(300);
+        let first = k.plan("a", true, &voters, &learners, &region, t2);
+        assert_eq!(first, Some(Action::RemoveLearner("d".into())));
+        // d came back in time: only e is removed.
+        let region = view(&[("a", Alive), ("b", Alive), ("c", Alive), ("d", Alive)]);
+        assert_eq!(
+            k.plan("a", true, &voters, &learners, &region, t2),
+            Some(Action::RemoveLearner("e".into()))
+        );
+        // A follower forgets what it tracked.
+        assert_eq!(k.plan("b", false, &voters, &learners, &region, t2), None);
     }
 }

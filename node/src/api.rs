@@ -98,6 +98,10 @@ pub fn router(state: ApiState) -> Router {
             "/v1/regions/{region}/status",
             get(crate::regions_api::status),
         )
+        .route(
+            "/v1/regions/{region}/members/{peer}",
+            axum::routing::delete(crate::regions_api::remove_member),
+        )
         .route("/v1/models", get(crate::models::list))
         .route("/v1/models/{name}/run", post(crate::models::run))
         .route(

@@ -242,7 +242,11 @@ mod tests {
         check_owner(&store, dir.path(), "12D3A", "eu-west", true).expect("first start records");
         check_owner(&store, dir.path(), "12D3A", "eu-west", false).expect("same owner");
         let e = check_owner(&store, dir.path(), "12D3A", "us-east", false).expect_err("region");
-        assert!(e.to_string().contains("belongs to region eu-west") && e.to_string().contains("not us-east"), "{e}");
+        assert!(
+            e.to_string().contains("belongs to region eu-west")
+                && e.to_string().contains("not us-east"),
+            "{e}"
+        );
         let e = check_owner(&store, dir.path(), "12D3B", "eu-west", false).expect_err("peer");
         assert!(e.to_string().contains("belongs to peer 12D3A"), "{e}");
     }

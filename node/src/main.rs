@@ -87,7 +87,22 @@ enum RegionCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Leader, term, voters, learners and how far each member lags.
+    /// Remove a member (a learner, or a voter) from the region's group at
+    /// once, like Consul's force-leave or etcd's member remove: for a node
+    /// gone for good. Learners gone past `raft.remove_gone_learner_after_ms`
+    /// are removed on their own; a removed node that comes back joins again
+    /// as a learner.
+    RemoveNode {
+        /// The region.
+        #[arg(long)]
+        region: String,
+        /// The peer id of the member to remove.
+        peer: String,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+    },
+    /// Leader, term, voters, learners, how far each member lags, and whether it is alive.
     Status {
         /// The region.
         #[arg(long)]
@@ -266,6 +281,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             ))
         }
+        Command::Region(RegionCommand::RemoveNode { region, peer, api }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(region_cli::remove_node(&api, &region, &peer))
+        }
         Command::Region(RegionCommand::Status { region, api, json }) => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             runtime.block_on(region_cli::status(&api, &region, json))
@@ -316,7 +335,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// Logs go to stderr; stdout is for results (and the ready line).
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("warn,agentmesh=info,mesh_net=info,mesh_membership=info")
+        // openraft logs every failed replication attempt (many a second to
+        // a gone member); the node logs each peer's link once per change of
+        // state instead (region::MeshTransport). RUST_LOG shows them all.
+        EnvFilter::new(
+            "warn,agentmesh=info,mesh_net=info,mesh_membership=info,openraft::replication=off,openraft::network=off,openraft::engine::handler::replication_handler=off",
+        )
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

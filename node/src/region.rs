@@ -27,16 +27,53 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Inbound Raft RPCs answered at once; more wait in mesh-net's bounded queue.
 const RPC_CONCURRENCY: usize = 64;
 
-/// Raft RPCs over the mesh's libp2p connections.
+/// Raft RPCs over the mesh's libp2p connections. Logs a peer's link once
+/// when it starts failing and once when it works again, never once per
+/// retry (the leader retries a gone member many times a second).
 #[derive(Debug, Clone)]
-pub struct MeshTransport(pub Network);
+pub struct MeshTransport {
+    network: Network,
+    /// Peers whose last call failed.
+    failing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl MeshTransport {
+    /// Raft RPCs over `network`.
+    pub fn new(network: Network) -> Self {
+        Self {
+            network,
+            failing: Arc::default(),
+        }
+    }
+
+    fn note(&self, peer_id: &str, result: &Result<Vec<u8>, String>) {
+        let Ok(mut failing) = self.failing.lock() else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                if failing.remove(peer_id) {
+                    info!(peer = %peer_id, "Raft calls to this peer work again");
+                }
+            }
+            Err(e) => {
+                // Bounded: one entry per peer of the region group.
+                if failing.insert(peer_id.to_owned()) {
+                    warn!(peer = %peer_id, error = %e, "Raft calls to this peer fail; logged again only once they work");
+                }
+            }
+        }
+    }
+}
 
 impl Transport for MeshTransport {
     async fn call(&self, peer_id: &str, request: Vec<u8>) -> Result<Vec<u8>, String> {
         let peer: PeerId = peer_id
             .parse()
             .map_err(|e| format!("bad peer id {peer_id}: {e}"))?;
-        self.0.rpc(peer, request).await
+        let result = self.network.rpc(peer, request).await;
+        self.note(peer_id, &result);
+        result
     }
 }
 
@@ -64,7 +101,10 @@ pub async fn housekeeping(
     settings: RaftSettings,
     shutdown: CancellationToken,
 ) {
-    let mut keeper = Housekeeper::new(Duration::from_millis(settings.replace_dead_voter_after_ms));
+    let mut keeper = Housekeeper::new(
+        Duration::from_millis(settings.replace_dead_voter_after_ms),
+        Duration::from_millis(settings.remove_gone_learner_after_ms),
+    );
     let mut interval = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     loop {
         tokio::select! {
@@ -122,6 +162,11 @@ pub async fn housekeeping(
             Some(Action::NoReplacement(dead)) => {
                 warn!(voter = %dead, "a voter is dead but no live learner can replace it")
             }
+            Some(Action::RemoveLearner(peer)) => match group.remove_member(&peer).await {
+                Ok(()) => info!(%peer, %region, "removed a learner gone past its timeout"),
+                Err(GroupError::ChangeInProgress) => {}
+                Err(e) => warn!(%peer, error = %e, "cannot remove the gone learner yet"),
+            },
         }
     }
 }

@@ -110,8 +110,8 @@ pub async fn status(api: &str, region: &str, json: bool) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:<10}  {:<8}  {:>8}  {:>5}",
-        "PEER", "ROLE", "MATCHED", "LAG"
+        "{:<10}  {:<8}  {:<7}  {:>8}  {:>5}",
+        "PEER", "ROLE", "STATE", "MATCHED", "LAG"
     )?;
     for m in &s.members {
         let leader_mark = if Some(&m.peer_id) == s.leader.as_ref() {
@@ -121,9 +121,10 @@ pub async fn status(api: &str, region: &str, json: bool) -> Result<()> {
         };
         writeln!(
             out,
-            "{:<10}  {:<8}  {:>8}  {:>5}",
+            "{:<10}  {:<8}  {:<7}  {:>8}  {:>5}",
             format!("{}{leader_mark}", short(&m.peer_id)),
             m.role,
+            m.state.as_deref().unwrap_or("-"),
             opt(m.matched),
             opt(m.lag)
         )?;
@@ -164,6 +165,33 @@ pub async fn apply_policy(api: &str, region: &str, file: &Path) -> Result<()> {
         } else {
             ""
         }
+    )?;
+    Ok(())
+}
+
+/// `region remove-node`
+pub async fn remove_node(api: &str, region: &str, peer: &str) -> Result<()> {
+    check_region(region)?;
+    if peer.is_empty() || peer.len() > 128 || !peer.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(anyhow!(
+            "{peer:?} is not a peer id (base58, as `agentmesh region status` lists them)"
+        ));
+    }
+    let removed: crate::regions_api::MemberRemoved = ApiClient::new(api)?
+        .send(
+            Method::DELETE,
+            &format!("/v1/regions/{region}/members/{peer}"),
+            None::<&()>,
+        )
+        .await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "removed {} from region {}; voters {}, learners {}",
+        removed.removed,
+        removed.region,
+        removed.voters.len(),
+        removed.learners.len()
     )?;
     Ok(())
 }

@@ -455,9 +455,20 @@ pub async fn status(
             }
         }
     }
+    let mut status = state.group.status();
+    // Liveness as this node's membership view sees each member.
+    if let Ok(snapshot) = state.network.snapshot().await {
+        for m in status.members.iter_mut() {
+            let seen = snapshot.members.iter().find(|v| v.peer_id.0 == m.peer_id);
+            m.state = Some(match seen {
+                Some(v) => format!("{:?}", v.state).to_lowercase(),
+                None => "unknown".to_owned(),
+            });
+        }
+    }
     Ok(Json(StatusAnswer {
         region: region.to_string(),
-        status: state.group.status(),
+        status,
     })
     .into_response())
 }
@@ -470,6 +481,72 @@ pub struct StatusAnswer {
     /// The status, as the answering node (the leader when reachable) sees it.
     #[serde(flatten)]
     pub status: RegionStatus,
+}
+
+/// Answer of `DELETE /v1/regions/{region}/members/{peer}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MemberRemoved {
+    /// The region.
+    pub region: String,
+    /// The peer removed.
+    pub removed: String,
+    /// The voters after the change.
+    pub voters: Vec<String>,
+    /// The learners after the change.
+    pub learners: Vec<String>,
+}
+
+/// `DELETE /v1/regions/{region}/members/{peer}` (`region remove-node`): on
+/// the leader, forwarded there from any node of the region.
+pub async fn remove_member(
+    State(state): State<ApiState>,
+    Path((name, peer)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let region = parse_region(&name)?;
+    let path = format!("/v1/regions/{region}/members/{peer}");
+    if region != state.region {
+        return forward_to_region(&state, &headers, &region, Method::DELETE, &path, None).await;
+    }
+    if !state.group.is_bootstrapped() {
+        return Err(not_bootstrapped(&region));
+    }
+    if !state.group.is_leader() {
+        return match state.group.leader() {
+            Some(leader) if hops(&headers) < FORWARD_HOPS_MAX => {
+                forward_to_leader(
+                    &state,
+                    &headers,
+                    &region,
+                    &leader,
+                    Method::DELETE,
+                    &path,
+                    None,
+                )
+                .await
+            }
+            _ => Err(group_error(&region, GroupError::NotLeader { leader: None })),
+        };
+    }
+    match state.group.remove_member(&peer).await {
+        Ok(()) => {
+            tracing::info!(%peer, %region, "removed a member on request");
+            let (voters, learners) = state.group.members();
+            Ok(Json(MemberRemoved {
+                region: region.to_string(),
+                removed: peer,
+                voters,
+                learners,
+            })
+            .into_response())
+        }
+        Err(GroupError::NotAMember(p)) => Err(error(
+            StatusCode::NOT_FOUND,
+            "not_a_member",
+            format!("{p} is not a member of region {region}'s group; `agentmesh region status --region {region}` lists them"),
+        )),
+        Err(e) => Err(group_error(&region, e)),
+    }
 }
 
 /// `PUT /v1/regions/{region}/policy`

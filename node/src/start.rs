@@ -157,7 +157,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         store,
         LogSync::Thread,
         &peer_id.to_base58(),
-        MeshTransport(network.clone()),
+        MeshTransport::new(network.clone()),
     )
     .await?;
     tokio::spawn(region::serve_rpcs(group.clone(), inbound_rpcs));

@@ -261,11 +261,12 @@ impl Transport for SimTransport {
 }
 
 /// The node's defaults, except: dead voters are replaced after 10 s (not
-/// 60) and snapshots come every 300 entries (not 5000), so both happen
-/// within a short run.
+/// 60), gone learners removed after 15 s (not 10 min), and snapshots come
+/// every 300 entries (not 5000), so all happen within a short run.
 fn settings() -> RaftSettings {
     RaftSettings {
         replace_dead_voter_after_ms: 10_000,
+        remove_gone_learner_after_ms: 15_000,
         snapshot_after_entries: 300,
         logs_kept_after_snapshot: 50,
         ..RaftSettings::default()
@@ -629,7 +630,7 @@ async fn write(world: &World, region: usize, value: u32) -> Outcome {
                         | GroupError::Timeout(_) => Outcome::NotApplied,
                         // Proposed, and may still commit at any later time.
                         _ => Outcome::Unknown,
-                    }
+                    };
                 }
             },
         }
@@ -1044,6 +1045,9 @@ async fn housekeeping(world: World, stop: Arc<AtomicBool>) {
                     }
                 }
                 Action::NoReplacement(_) => {}
+                Action::RemoveLearner(peer) => {
+                    let _ = group.remove_member(&peer).await;
+                }
             }
         }
     }
@@ -1314,9 +1318,10 @@ pub(crate) async fn simulate(
             store: None,
             group: None,
             membership: None,
-            keeper: Housekeeper::new(Duration::from_millis(
-                settings().replace_dead_voter_after_ms,
-            )),
+            keeper: Housekeeper::new(
+                Duration::from_millis(settings().replace_dead_voter_after_ms),
+                Duration::from_millis(settings().remove_gone_learner_after_ms),
+            ),
             generation: 0,
             next_check: 0,
             wipes: 0,
