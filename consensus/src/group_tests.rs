@@ -39,12 +39,16 @@ impl Transport for LocalTransport {
 }
 
 async fn start(transport: &LocalTransport, peer: &str) -> RegionGroup {
+    start_with(transport, peer, LogSync::Thread).await
+}
+
+async fn start_with(transport: &LocalTransport, peer: &str, sync: LogSync) -> RegionGroup {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let own = LocalTransport {
         me: peer.to_owned(),
         ..transport.clone()
     };
-    let group = RegionGroup::open(&RaftSettings::default(), store, LogSync::Thread, peer, own)
+    let group = RegionGroup::open(&RaftSettings::default(), store, sync, peer, own)
         .await
         .expect("open group");
     transport
@@ -103,11 +107,15 @@ async fn leader_of(groups: &[RegionGroup]) -> RegionGroup {
 
 /// Three groups on one in-process transport, started with all three as voters.
 async fn three_voters() -> (LocalTransport, [String; 3], Vec<RegionGroup>) {
+    three_voters_with(LogSync::Thread).await
+}
+
+async fn three_voters_with(sync: LogSync) -> (LocalTransport, [String; 3], Vec<RegionGroup>) {
     let transport = LocalTransport::default();
     let peers = ["peer-a", "peer-b", "peer-c"].map(String::from);
     let mut groups = Vec::new();
     for p in &peers {
-        groups.push(start(&transport, p).await);
+        groups.push(start_with(&transport, p, sync).await);
     }
     groups[0].initialize(&peers).await.expect("initialize");
     (transport, peers, groups)
@@ -272,9 +280,17 @@ async fn a_dead_voter_is_replaced_by_a_learner_and_a_minority_cannot_commit() {
 /// Concurrent writes are committed together: each writer learns its version,
 /// exactly one write per version is the one in force, and the policy every
 /// replica ends with is that of the highest version.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///
+/// On one thread with a paused clock (time moves only when every task
+/// waits) and the log syncs as tasks: a loaded machine cannot starve the
+/// heartbeats into an election, so every write must succeed (it used to run
+/// on real time and pass with half of them failed).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn concurrent_policy_writes_commit_in_batches() {
-    let (_, _, groups) = three_voters().await;
+    let (_, _, groups) = three_voters_with(LogSync::Task {
+        latency: Duration::from_micros(200),
+    })
+    .await;
     // Settle on a leader that stays: one write through it first.
     on_leader(&groups, "first write", |l| async move {
         l.set_policy(policy(1)).await.map(|a| a.version)
@@ -295,13 +311,11 @@ async fn concurrent_policy_writes_commit_in_batches() {
         let (burst, result) = joined.expect("task");
         let applied = match result {
             Ok(applied) => applied,
-            // An election under load is legitimate; the outcome of such a
-            // write is unknown (it may still commit).
-            Err(e) if e.retryable() => {
+            Err(e) => {
+                eprintln!("write {burst}: {e}");
                 failed += 1;
                 continue;
             }
-            Err(e) => panic!("write {burst}: {e}"),
         };
         if applied.superseded {
             superseded += 1;
@@ -311,34 +325,19 @@ async fn concurrent_policy_writes_commit_in_batches() {
     }
     // One write in force per version, and the others of its batch superseded.
     assert!(in_force.values().all(|w| w.len() == 1), "{in_force:?}");
-    assert_eq!(in_force.len() + superseded + failed, writes as usize);
+    assert_eq!(failed, 0, "{failed} of {writes} writes failed");
+    assert_eq!(in_force.len() + superseded, writes as usize);
     assert!(
-        failed < writes as usize / 2,
-        "{failed} of {writes} writes failed"
-    );
-    assert!(
-        in_force.len() < writes as usize - failed,
+        in_force.len() < writes as usize,
         "200 concurrent writes were never batched"
     );
     let (&last_version, last_write) = in_force.iter().next_back().expect("a version");
-    if failed == 0 {
-        let expected = policy(last_write[0]);
-        wait_for("every replica has the last write", || {
-            groups.iter().all(|g| {
-                let s = g.local_state();
-                s.policy_version == last_version && s.policy.as_ref() == Some(&expected)
-            })
+    let expected = policy(last_write[0]);
+    wait_for("every replica has the last write", || {
+        groups.iter().all(|g| {
+            let s = g.local_state();
+            s.policy_version == last_version && s.policy.as_ref() == Some(&expected)
         })
-        .await;
-    } else {
-        wait_for("every replica has the same policy", || {
-            let states: Vec<_> = groups.iter().map(|g| g.local_state()).collect();
-            states.iter().all(|s| {
-                s.policy_version >= last_version
-                    && s.policy_version == states[0].policy_version
-                    && s.policy == states[0].policy
-            })
-        })
-        .await;
-    }
+    })
+    .await;
 }

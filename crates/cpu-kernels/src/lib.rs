@@ -443,7 +443,7 @@ mod tests {
     #[test]
     fn the_avx512_kernel_equals_the_portable_one() {
         if !avx512() {
-            eprintln!("no AVX-512 here: only the portable kernel runs");
+            println!("SKIPPED: cpu_kernels::the_avx512_kernel_equals_the_portable_one: this CPU has no AVX-512 (only the portable kernel runs, tested elsewhere)");
             return;
         }
         let (k, rows) = (384, MR);
