@@ -229,6 +229,9 @@ pub struct RegionStatus {
 /// How long a bootstrap waits before asking an unreachable voter again.
 const BOOTSTRAP_RETRY: Duration = Duration::from_millis(200);
 
+/// How a voter busy with its own bootstrap says so (a retryable answer).
+const BUSY_PROPOSING: &str = "is proposing a bootstrap of its own right now";
+
 /// Where a bootstrap promise is kept (`Column::RaftMeta`).
 const BOOTSTRAP_PROMISE: &[u8] = b"bootstrap_promise";
 
@@ -396,13 +399,37 @@ impl RegionGroup {
     async fn ask(&self, voter: &str, request: RaftRequest) -> Result<(), GroupError> {
         let bytes = crate::codec::encode(&request).map_err(|e| GroupError::Raft(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + self.write_timeout;
-        let answer = loop {
+        loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let call = (self.call)(voter.to_owned(), bytes.clone());
             let failed = match tokio::time::timeout(left, call).await {
                 Err(_) => "no answer".to_owned(),
                 Ok(Err(e)) => e,
-                Ok(Ok(answer)) => break answer,
+                Ok(Ok(answer)) => match crate::codec::decode::<RaftReply>(&answer) {
+                    Ok(RaftReply::Bootstrap(Ok(()))) => return Ok(()),
+                    // Busy with a bootstrap of its own: ask again.
+                    Ok(RaftReply::Bootstrap(Err(reason))) if reason.contains(BUSY_PROPOSING) => {
+                        reason
+                    }
+                    Ok(RaftReply::Bootstrap(Err(reason))) => {
+                        return Err(GroupError::BootstrapConflict(reason))
+                    }
+                    Ok(RaftReply::Refused(reason)) => {
+                        return Err(GroupError::Unreachable(format!(
+                            "voter {voter} refused the bootstrap request: {reason}"
+                        )))
+                    }
+                    Ok(_) => {
+                        return Err(GroupError::Raft(format!(
+                            "voter {voter} answered a bootstrap request with another kind of reply"
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(GroupError::Raft(format!(
+                            "voter {voter}'s answer does not decode: {e}"
+                        )))
+                    }
+                },
             };
             if tokio::time::Instant::now() + BOOTSTRAP_RETRY >= deadline {
                 return Err(GroupError::Unreachable(format!(
@@ -411,25 +438,20 @@ impl RegionGroup {
                 )));
             }
             tokio::time::sleep(BOOTSTRAP_RETRY).await;
-        };
-        match crate::codec::decode::<RaftReply>(&answer) {
-            Ok(RaftReply::Bootstrap(Ok(()))) => Ok(()),
-            Ok(RaftReply::Bootstrap(Err(reason))) => Err(GroupError::BootstrapConflict(reason)),
-            Ok(RaftReply::Refused(reason)) => Err(GroupError::Unreachable(format!(
-                "voter {voter} refused the bootstrap request: {reason}"
-            ))),
-            Ok(_) => Err(GroupError::Raft(format!(
-                "voter {voter} answered a bootstrap request with another kind of reply"
-            ))),
-            Err(e) => Err(GroupError::Raft(format!(
-                "voter {voter}'s answer does not decode: {e}"
-            ))),
         }
     }
 
     /// A peer asks this node to promise `promise`'s voter set (see [`Self::initialize`]).
+    /// A node busy proposing a bootstrap of its own answers at once rather
+    /// than after it (two proposers asking each other would each wait out
+    /// the other's timeout): the asker tries again until its deadline.
     pub async fn promise_bootstrap(&self, promise: &BootstrapPromise) -> Result<(), GroupError> {
-        let _serial = self.bootstrap.lock().await;
+        let Ok(_serial) = tokio::time::timeout(BOOTSTRAP_RETRY, self.bootstrap.lock()).await else {
+            return Err(GroupError::Unreachable(format!(
+                "{} {BUSY_PROPOSING}",
+                self.peer_id
+            )));
+        };
         self.promise_locked(promise)
     }
 
