@@ -331,15 +331,18 @@ impl RegionGroup {
         let mut sorted = voters.to_vec();
         sorted.sort();
         sorted.dedup();
-        if !sorted.contains(&self.peer_id) {
+        // The proposer is the smallest voter: proposers then only ask larger
+        // ids, so two of them never wait on each other in a cycle.
+        if sorted.first() != Some(&self.peer_id) {
             return Err(GroupError::BootstrapConflict(format!(
-                "{} cannot propose a bootstrap it is not a voter of ({sorted:?})",
+                "{} cannot propose a bootstrap of {sorted:?}: the proposer must be its first (smallest) voter",
                 self.peer_id
             )));
         }
         let promise = BootstrapPromise {
             voters: sorted.clone(),
             proposer: self.peer_id.clone(),
+            attempt: crate::runtime::next_seed(),
         };
         let _serial = self.bootstrap.lock().await;
         if self.is_bootstrapped() {
@@ -350,22 +353,22 @@ impl RegionGroup {
             return self.initialize_now(&sorted).await;
         }
         self.promise_locked(&promise)?;
-        let mut promised = Vec::new();
+        let mut asked = Vec::new();
         let mut refusal = None;
         for voter in sorted.iter().filter(|v| **v != self.peer_id) {
-            match self
+            // Asked, whatever the answer: a promise whose answer was lost
+            // must be released too.
+            asked.push(voter.clone());
+            if let Err(e) = self
                 .ask(voter, RaftRequest::Bootstrap(promise.clone()))
                 .await
             {
-                Ok(()) => promised.push(voter.clone()),
-                Err(e) => {
-                    refusal = Some(e);
-                    break;
-                }
+                refusal = Some(e);
+                break;
             }
         }
         if let Some(refusal) = refusal {
-            for voter in &promised {
+            for voter in &asked {
                 if let Err(e) = self
                     .ask(voter, RaftRequest::BootstrapRelease(promise.clone()))
                     .await
@@ -455,9 +458,15 @@ impl RegionGroup {
         self.promise_locked(promise)
     }
 
-    /// The proposer of `promise` gave it up: forget it, if it is the one held.
+    /// The proposer of `promise` gave it up: forget it, if it is the one held
+    /// (the same attempt).
     pub async fn release_bootstrap(&self, promise: &BootstrapPromise) -> Result<(), GroupError> {
-        let _serial = self.bootstrap.lock().await;
+        let Ok(_serial) = tokio::time::timeout(BOOTSTRAP_RETRY, self.bootstrap.lock()).await else {
+            return Err(GroupError::Unreachable(format!(
+                "{} {BUSY_PROPOSING}",
+                self.peer_id
+            )));
+        };
         self.release_locked(promise)
     }
 
@@ -496,21 +505,28 @@ impl RegionGroup {
         }
         match self.promised()? {
             Some(held) if held == *promise => Ok(()),
+            // A later attempt of the same proposal takes the promise over,
+            // so a late release of the earlier attempt cannot undo it.
+            Some(held) if held.voters == promise.voters && held.proposer == promise.proposer => {
+                self.save_promise(promise)
+            }
             Some(held) => Err(GroupError::BootstrapConflict(format!(
                 "{} promised to bootstrap the region with voters {:?} (proposed by {}), not {:?} (proposed by {}): two bootstraps ran with different views of the region; retry once every node of the region is up and sees the others alive",
                 self.peer_id, held.voters, held.proposer, promise.voters, promise.proposer
             ))),
-            None => {
-                let op = mesh_store::WriteOp::Put {
-                    column: mesh_store::Column::RaftMeta,
-                    key: BOOTSTRAP_PROMISE.to_vec(),
-                    value: crate::codec::encode(promise).map_err(|e| GroupError::Raft(e.to_string()))?,
-                };
-                self.store
-                    .write(vec![op], mesh_store::Durability::Sync)
-                    .map_err(|e| GroupError::Raft(format!("cannot save the bootstrap promise: {e}")))
-            }
+            None => self.save_promise(promise),
         }
+    }
+
+    fn save_promise(&self, promise: &BootstrapPromise) -> Result<(), GroupError> {
+        let op = mesh_store::WriteOp::Put {
+            column: mesh_store::Column::RaftMeta,
+            key: BOOTSTRAP_PROMISE.to_vec(),
+            value: crate::codec::encode(promise).map_err(|e| GroupError::Raft(e.to_string()))?,
+        };
+        self.store
+            .write(vec![op], mesh_store::Durability::Sync)
+            .map_err(|e| GroupError::Raft(format!("cannot save the bootstrap promise: {e}")))
     }
 
     fn release_locked(&self, promise: &BootstrapPromise) -> Result<(), GroupError> {
@@ -584,7 +600,7 @@ impl RegionGroup {
         };
         let add = self.raft.add_learner(node_id_of(peer_id), node, false);
         match tokio::time::timeout(self.write_timeout, add).await {
-            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
+            Err(_) => Err(GroupError::OutcomeUnknown(self.write_timeout)),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(write_error(&self.raft, e)),
         }
@@ -604,10 +620,22 @@ impl RegionGroup {
             .raft
             .change_membership(ChangeMembers::ReplaceAllVoters(voters), false);
         match tokio::time::timeout(self.write_timeout, change).await {
-            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
+            Err(_) => Err(GroupError::OutcomeUnknown(self.write_timeout)),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(write_error(&self.raft, e)),
         }
+    }
+
+    /// Removes learner `peer_id` (leader only; housekeeping's gone learners).
+    /// Refused if it became a voter meanwhile.
+    pub async fn remove_learner(&self, peer_id: &str) -> Result<(), GroupError> {
+        let (voters, _) = self.members();
+        if voters.iter().any(|v| v == peer_id) {
+            return Err(GroupError::Raft(format!(
+                "{peer_id} is a voter now, not a learner: not removed"
+            )));
+        }
+        self.remove_member(peer_id).await
     }
 
     /// Removes `peer_id` from the group (leader only), a learner or a voter
@@ -649,10 +677,27 @@ impl RegionGroup {
             .raft
             .change_membership(ChangeMembers::RemoveNodes(gone), false);
         match tokio::time::timeout(self.write_timeout, change).await {
-            Err(_) => Err(GroupError::Timeout(self.write_timeout)),
+            Err(_) => Err(GroupError::OutcomeUnknown(self.write_timeout)),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(write_error(&self.raft, e)),
         }
+    }
+
+    /// Peer ids of the voters of the newest configuration: during a joint
+    /// change, the one it moves to (a committed entry is on a majority of
+    /// each configuration of a joint one).
+    pub fn latest_voters(&self) -> Vec<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        membership
+            .get_joint_config()
+            .last()
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| membership.get_node(id).map(|n| n.peer_id.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Peer ids of the voters and of the learners.

@@ -106,26 +106,24 @@ impl Housekeeper {
         let overdue_voter = self
             .dead_since
             .iter()
-            .find(|(_, since)| now.duration_since(**since) >= self.replace_after);
-        let Some((dead, _)) = overdue_voter else {
-            return self
-                .learner_gone_since
-                .iter()
-                .find(|(_, since)| now.duration_since(**since) >= self.remove_learner_after)
-                .map(|(gone, _)| Action::RemoveLearner(gone.clone()));
-        };
-        Some(
-            match learners
-                .iter()
-                .find(|l| state_of(l) == Some(MemberState::Alive))
-            {
-                Some(learner) => Action::ReplaceVoter {
-                    dead: dead.clone(),
-                    learner: learner.clone(),
-                },
-                None => Action::NoReplacement(dead.clone()),
-            },
-        )
+            .find(|(_, since)| now.duration_since(**since) >= self.replace_after)
+            .map(|(dead, _)| dead.clone());
+        let live_learner = learners
+            .iter()
+            .find(|l| state_of(l) == Some(MemberState::Alive));
+        if let (Some(dead), Some(learner)) = (&overdue_voter, live_learner) {
+            return Some(Action::ReplaceVoter {
+                dead: dead.clone(),
+                learner: learner.clone(),
+            });
+        }
+        // A voter with no replacement must not keep gone learners forever.
+        let gone_learner = self
+            .learner_gone_since
+            .iter()
+            .find(|(_, since)| now.duration_since(**since) >= self.remove_learner_after)
+            .map(|(gone, _)| Action::RemoveLearner(gone.clone()));
+        gone_learner.or(overdue_voter.map(Action::NoReplacement))
     }
 
     /// `dead` left the group.

@@ -48,13 +48,17 @@ pub enum RaftRequest {
     BootstrapRelease(BootstrapPromise),
 }
 
-/// A voter set, sorted, and the voter that proposed it.
+/// A voter set, sorted, the voter that proposed it, and which attempt of
+/// that proposer's this is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapPromise {
     /// Peer ids of the voters, sorted, no repeats.
     pub voters: Vec<String>,
-    /// The voter that will initialize the group with them.
+    /// The voter that will initialize the group with them (the smallest).
     pub proposer: String,
+    /// Drawn anew by each attempt: a late release of a failed attempt must
+    /// not undo the promise a later attempt of the same set got.
+    pub attempt: u64,
 }
 
 /// A Raft answer on the wire.

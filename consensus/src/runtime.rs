@@ -25,7 +25,8 @@ pub fn seed_thread_rng(seed: u64) {
     RNG.with(|r| *r.borrow_mut() = Some(StdRng::seed_from_u64(seed)));
 }
 
-fn next_seed() -> u64 {
+/// The next number of this thread's RNG (seeded in the simulator).
+pub(crate) fn next_seed() -> u64 {
     RNG.with(|r| {
         r.borrow_mut()
             .get_or_insert_with(StdRng::from_entropy)

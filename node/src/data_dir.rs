@@ -189,7 +189,7 @@ pub fn check_owner(
             .last(Column::StateMachine)
             .map_err(|e| anyhow!("{e}"))?
             .is_none();
-    if empty && !identity_created && dir.join(GENERATION_FILE).exists() && next_is_not_first(dir)? {
+    if empty && !identity_created && started_before(dir) {
         bail!(
             "data dir {} has the identity of a node that ran before ({peer_id}) but an empty Raft store ({} was removed or replaced): under the same id it could vote again with an empty log. Remove the whole data dir {} so the node rejoins as a new member, or restore it from a backup",
             dir.display(),
@@ -213,10 +213,11 @@ pub fn check_owner(
     Ok(())
 }
 
-/// True when the generation file says this is not the node's first start.
-fn next_is_not_first(dir: &Path) -> Result<bool> {
+/// True when the generation file says the node started before (it is
+/// counted after the owner check, so a first start finds none).
+fn started_before(dir: &Path) -> bool {
     let text = fs::read_to_string(dir.join(GENERATION_FILE)).unwrap_or_default();
-    Ok(text.trim().parse::<u32>().map(|g| g > 1).unwrap_or(false))
+    text.trim().parse::<u32>().is_ok_and(|g| g >= 1)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -237,7 +238,6 @@ mod tests {
     #[test]
     fn a_raft_store_belongs_to_one_peer_and_one_region() {
         let dir = tempfile::tempdir().expect("tempdir");
-        fs::write(dir.path().join(GENERATION_FILE), b"1\n").expect("write");
         let store = mesh_store::MemStore::new();
         check_owner(&store, dir.path(), "12D3A", "eu-west", true).expect("first start records");
         check_owner(&store, dir.path(), "12D3A", "eu-west", false).expect("same owner");

@@ -162,7 +162,7 @@ pub async fn housekeeping(
             Some(Action::NoReplacement(dead)) => {
                 warn!(voter = %dead, "a voter is dead but no live learner can replace it")
             }
-            Some(Action::RemoveLearner(peer)) => match group.remove_member(&peer).await {
+            Some(Action::RemoveLearner(peer)) => match group.remove_learner(&peer).await {
                 Ok(()) => info!(%peer, %region, "removed a learner gone past its timeout"),
                 Err(GroupError::ChangeInProgress) => {}
                 Err(e) => warn!(%peer, error = %e, "cannot remove the gone learner yet"),

@@ -368,11 +368,35 @@ async fn bootstrap_target(
     if state.group.is_bootstrapped() {
         return Ok(BootstrapTarget::AlreadyHere);
     }
+    let members = state.network.snapshot().await?.members;
+    // This node may just not have been added yet: if any live node of the
+    // region gossips a Raft role, the group exists; ask that node, never
+    // start a second group (also when the set was picked elsewhere).
+    let member_of_group = members.iter().find(|m| {
+        !m.is_self && &m.region == region && m.state == MemberState::Alive && m.raft.is_some()
+    });
+    if let Some(member) = member_of_group {
+        return Ok(BootstrapTarget::Forward(
+            api_in_region(state, region, Some(&member.peer_id.0)).await?,
+            None,
+        ));
+    }
     // Picked already by the node that forwarded this: carry it out as it is.
     if let Some(voters) = &body.voter_set {
         let mut voters = voters.clone();
         voters.sort();
         voters.dedup();
+        if let Some(stranger) = voters.iter().find(|v| {
+            !members
+                .iter()
+                .any(|m| m.peer_id.0 == **v && &m.region == region)
+        }) {
+            return Err(error(
+                StatusCode::CONFLICT,
+                "unknown_voter",
+                format!("voter {stranger} is not a member of region {region} as this node sees it; retry the bootstrap once the region's nodes see each other"),
+            ));
+        }
         return match voters.first() {
             Some(first) if *first == state.peer_id => Ok(BootstrapTarget::Initialize(voters)),
             Some(first) => Ok(BootstrapTarget::Forward(
@@ -385,19 +409,6 @@ async fn bootstrap_target(
                 "voter_set is empty".into(),
             )),
         };
-    }
-    let members = state.network.snapshot().await?.members;
-    // This node may just not have been added yet: if any live node of the
-    // region gossips a Raft role, the group exists; ask that node, never
-    // start a second group.
-    let member_of_group = members.iter().find(|m| {
-        !m.is_self && &m.region == region && m.state == MemberState::Alive && m.raft.is_some()
-    });
-    if let Some(member) = member_of_group {
-        return Ok(BootstrapTarget::Forward(
-            api_in_region(state, region, Some(&member.peer_id.0)).await?,
-            None,
-        ));
     }
     let mut voters = pick_voters(&members, region, body.voters);
     voters.sort();

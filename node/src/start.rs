@@ -93,6 +93,20 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
     if created {
         info!(%peer_id, dir = %data_dir.path().display(), "created a new node identity");
     }
+    // Open the region store before anything else can fail: a corrupt store
+    // is reported with its path and the node does not start half-way. It
+    // belongs to one peer id and one region, checked (and recorded at the
+    // first start) right after the identity is made, so that no failure in
+    // between can leave an identity without its owner record.
+    let raft_dir = data_dir.path().join("raft");
+    let store: Arc<dyn Store> = Arc::new(RocksStore::open(&raft_dir)?);
+    crate::data_dir::check_owner(
+        &*store,
+        data_dir.path(),
+        &peer_id.to_base58(),
+        config.region.as_str(),
+        created,
+    )?;
     let generation = data_dir.next_generation()?;
 
     let api_listener = TcpListener::bind(config.api).await.map_err(|e| {
@@ -129,18 +143,6 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         raft: None,
     };
 
-    // Open the region store before joining the mesh: a corrupt store is
-    // reported with its path and the node does not start half-way. It
-    // belongs to one peer id and one region: checked before anything runs.
-    let raft_dir = data_dir.path().join("raft");
-    let store: Arc<dyn Store> = Arc::new(RocksStore::open(&raft_dir)?);
-    crate::data_dir::check_owner(
-        &*store,
-        data_dir.path(),
-        &peer_id.to_base58(),
-        config.region.as_str(),
-        created,
-    )?;
     // A listen address another process holds would be shared silently
     // (libp2p reuses ports): refuse it here, as the API port is refused.
     check_listen_addresses_free(&config.network.listen)?;

@@ -128,6 +128,13 @@ impl SimDisk {
         }
     }
 
+    /// Forgets an armed `crash_at_write` that has not fired.
+    pub fn disarm(&self) {
+        if let Ok(mut c) = self.crash_at.lock() {
+            *c = None;
+        }
+    }
+
     /// The Raft log entries lost when the process died at a write, and
     /// what that write was (its columns and keys).
     pub fn lost_at_crash_write(&self) -> (u64, String) {

@@ -343,25 +343,28 @@ async fn start_node(world: &World, i: usize) {
 /// commands as well as between two: nothing it does after this point
 /// reaches the disk. Then its tasks are stopped.
 async fn stop_node(world: &World, i: usize, power_loss: bool) {
-    let group = {
-        let mut s = world.lock();
-        let peer = s.nodes[i].peer.clone();
-        s.log(format!(
-            "crash {peer}{}",
-            if power_loss { " (power loss)" } else { "" }
-        ));
-        let lost = s.nodes[i].disk.crash(power_loss);
-        s.unsynced_lost += lost;
-        if lost > 0 {
-            s.log(format!("{peer} lost {lost} unsynced Raft log entries"));
-        }
-        s.nodes[i].membership = None;
-        s.nodes[i].store = None;
-        s.nodes[i].group.take()
-    };
+    let group = kill_process(&mut world.lock(), i, power_loss);
     if let Some(g) = group {
         g.shutdown().await;
     }
+}
+
+/// Node `i`'s disk dies (a power loss or a process crash) and the process
+/// is gone from the world; returns its group, for the caller to stop.
+fn kill_process(s: &mut State, i: usize, power_loss: bool) -> Option<RegionGroup> {
+    let peer = s.nodes[i].peer.clone();
+    s.log(format!(
+        "crash {peer}{}",
+        if power_loss { " (power loss)" } else { "" }
+    ));
+    let lost = s.nodes[i].disk.crash(power_loss);
+    s.unsynced_lost += lost;
+    if lost > 0 {
+        s.log(format!("{peer} lost {lost} unsynced Raft log entries"));
+    }
+    s.nodes[i].membership = None;
+    s.nodes[i].store = None;
+    s.nodes[i].group.take()
 }
 
 /// A process that died at a write (`RestartAndCrash`): its tasks stop, as
@@ -790,8 +793,15 @@ async fn apply_fault(world: &World, fault: &Fault) {
     // A power loss lands, if it can, while the leader it hits (or its
     // region's leader) holds log entries it has sent but not synced: the
     // window the leader's own fsync leaves open (LEADER_LOG_SYNC).
+    // (Followers sync every write before they answer: only a leader has
+    // such a window.)
     let power_loss_in = match fault {
-        Fault::PowerLossLeader { .. } | Fault::PowerLoss { .. } => aimed,
+        Fault::PowerLossLeader { .. } | Fault::PowerLoss { .. } => aimed.filter(|i| {
+            world.lock().nodes[*i]
+                .group
+                .as_ref()
+                .is_some_and(|g| g.is_leader())
+        }),
         Fault::PowerLossRegion { region } => world.lock().leader_of(*region).map(|(i, _)| i),
         _ => None,
     };
@@ -888,7 +898,7 @@ async fn apply_fault(world: &World, fault: &Fault) {
                 Then::Nothing
             }
             (Fault::SlowNode { extra_ms, .. }, Some(i)) => {
-                s.links.slow_us.insert(i, extra_ms * 1000);
+                s.links.slow_us.insert(i, extra_ms.saturating_mul(1000));
                 Then::Nothing
             }
             (Fault::RestartAll, _) => Then::Restart(down(&s)),
@@ -900,6 +910,10 @@ async fn apply_fault(world: &World, fault: &Fault) {
                 _,
             ) => {
                 let stopped = down(&s);
+                if stopped.is_empty() {
+                    let what = "restart-and-crash found no stopped node: not injected".to_owned();
+                    s.violate("faults-injected", what);
+                }
                 for i in &stopped {
                     s.nodes[*i].disk.crash_at_write(*after_writes, *power_loss);
                 }
@@ -920,13 +934,17 @@ async fn apply_fault(world: &World, fault: &Fault) {
                 Then::Nothing
             }
             (Fault::Delay { min_ms, jitter_ms }, _) => {
-                s.links.min_delay_us = min_ms * 1000;
-                s.links.jitter_us = jitter_ms * 1000;
+                s.links.min_delay_us = min_ms.saturating_mul(1000);
+                s.links.jitter_us = jitter_ms.saturating_mul(1000);
                 Then::Nothing
             }
             (Fault::Heal, _) => {
                 s.links = Links::default();
                 s.crash_on_change.clear();
+                // A crash armed for a write that never came is off.
+                for n in &s.nodes {
+                    n.disk.disarm();
+                }
                 let mut restart = down(&s);
                 for i in 0..s.nodes.len() {
                     if s.nodes[i].disk.failing() {
@@ -947,8 +965,17 @@ async fn apply_fault(world: &World, fault: &Fault) {
     match then {
         Then::Nothing => {}
         Then::Stop(nodes, power_loss) => {
-            for i in nodes {
-                stop_node(world, i, power_loss).await;
+            // Every disk dies at the same instant (a region-wide outage is
+            // one moment), then the processes are stopped.
+            let groups: Vec<RegionGroup> = {
+                let mut s = world.lock();
+                nodes
+                    .iter()
+                    .filter_map(|&i| kill_process(&mut s, i, power_loss))
+                    .collect()
+            };
+            for g in groups {
+                g.shutdown().await;
             }
         }
         Then::Wipe(i) => wipe_node(world, i).await,
@@ -1046,7 +1073,7 @@ async fn housekeeping(world: World, stop: Arc<AtomicBool>) {
                 }
                 Action::NoReplacement(_) => {}
                 Action::RemoveLearner(peer) => {
-                    let _ = group.remove_member(&peer).await;
+                    let _ = group.remove_learner(&peer).await;
                 }
             }
         }
@@ -1425,12 +1452,12 @@ pub(crate) async fn simulate(
         (0..config.regions)
             .map(|r| {
                 s.leader_of(r)
-                    .map(|(_, g)| g.members().0)
+                    .map(|(_, g)| g.latest_voters())
                     .or_else(|| {
                         s.nodes
                             .iter()
                             .filter(|n| n.region == r)
-                            .find_map(|n| n.group.as_ref().map(|g| g.members().0))
+                            .find_map(|n| n.group.as_ref().map(|g| g.latest_voters()))
                     })
                     .unwrap_or_default()
             })

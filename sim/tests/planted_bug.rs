@@ -59,11 +59,18 @@ fn stale_reads_are_caught_by_linearizability() {
 /// Issue 11, bug 1, planted back: a restarted leader resumes leadership of
 /// its term and reuses log ids it had sent before the power loss.
 #[test]
-fn a_leader_resumed_from_disk_is_caught_by_election_safety_log_matching_and_durability() {
-    let report = with_bug(&planted::RESUME_LEADERSHIP, "region-power-loss", 1, 8);
+fn a_leader_resumed_from_disk_is_caught_by_five_checkers() {
+    let report = with_bug(
+        &planted::RESUME_LEADERSHIP,
+        "leader-power-loss-quick-restart",
+        2,
+        8,
+    );
     for invariant in [
         "election-safety",
         "log-matching",
+        "state-machine-safety",
+        "linearizability",
         "acknowledged-writes-durable",
     ] {
         assert!(
