@@ -34,14 +34,22 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
-/// Checks the version byte, then decodes.
+/// Most bytes one decode may claim (strings, vectors): bincode allocates a
+/// container from its length prefix before it reads the bytes, so without a
+/// limit a 40-byte frame claiming a 2^46-byte string aborted the process
+/// (issue 12). The largest legitimate value is a Raft RPC (mesh-net frames
+/// are at most 16 MiB) or a stored snapshot of the region state, far below.
+pub const DECODE_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Checks the version byte, then decodes, claiming at most [`DECODE_LIMIT`] bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     match bytes.split_first() {
-        Some((&FORMAT_VERSION, body)) => {
-            bincode::serde::decode_from_slice(body, bincode::config::standard())
-                .map(|(v, _)| v)
-                .map_err(|e| CodecError::Decode(e.to_string()))
-        }
+        Some((&FORMAT_VERSION, body)) => bincode::serde::decode_from_slice(
+            body,
+            bincode::config::standard().with_limit::<DECODE_LIMIT>(),
+        )
+        .map(|(v, _)| v)
+        .map_err(|e| CodecError::Decode(e.to_string())),
         other => Err(CodecError::Version {
             found: other.map(|(v, _)| *v),
         }),
@@ -51,6 +59,25 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 12, finding 1): a frame of a few dozen bytes whose
+    /// string length prefix claims 2^46 bytes is an error, not an abort
+    /// ("memory allocation of 70368744177664 bytes failed").
+    #[test]
+    fn a_huge_length_prefix_is_an_error_not_an_abort() {
+        let mut bytes = encode(&(7u64, "QQQQ".to_string())).expect("encode");
+        let at = bytes
+            .windows(5)
+            .position(|w| w == b"\x04QQQQ")
+            .expect("the string's length prefix");
+        // bincode's varint: 0xFD then a u64, little-endian.
+        let mut huge = vec![0xFD];
+        huge.extend_from_slice(&(1u64 << 46).to_le_bytes());
+        bytes.splice(at..at + 5, huge);
+        assert!(bytes.len() < 40);
+        let decoded = decode::<(u64, String)>(&bytes);
+        assert!(matches!(decoded, Err(CodecError::Decode(_))), "{decoded:?}");
+    }
 
     #[test]
     fn round_trips_and_refuses_other_versions() {

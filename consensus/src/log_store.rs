@@ -86,13 +86,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        // Indexes may come from a peer (issue 12): checked, never wrapped.
         let from = match range.start_bound() {
             Bound::Included(&i) => i,
-            Bound::Excluded(&i) => i + 1,
+            Bound::Excluded(&i) => match i.checked_add(1) {
+                Some(next) => next,
+                None => return Ok(Vec::new()),
+            },
             Bound::Unbounded => 0,
         };
         let to = match range.end_bound() {
-            Bound::Included(&i) => Some(i + 1),
+            // Past u64::MAX: no upper bound (the key of u64::MAX is included).
+            Bound::Included(&i) => i.checked_add(1),
             Bound::Excluded(&i) => Some(i),
             Bound::Unbounded => None,
         };
@@ -216,9 +221,43 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             WriteOp::DeleteRange {
                 column: Column::RaftLog,
                 from: index_key(0),
-                to: index_key(log_id.index + 1),
+                to: index_key(log_id.index.saturating_add(1)),
             },
         ];
         self.store.write(ops, Durability::Sync).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Bound;
+
+    use mesh_store::MemStore;
+
+    use super::*;
+
+    /// Regression (issue 12, finding 12): ranges at the ends of u64, as a
+    /// peer's AppendEntries or a crafted request may name them, neither
+    /// wrap nor panic.
+    #[tokio::test]
+    async fn ranges_at_the_end_of_u64_neither_wrap_nor_panic() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let mut log = LogStore::new(store, 1, LogSync::Thread).expect("log");
+        let after_max = (Bound::Excluded(u64::MAX), Bound::Unbounded);
+        assert!(log
+            .try_get_log_entries(after_max)
+            .await
+            .expect("read")
+            .is_empty());
+        assert!(log
+            .try_get_log_entries(0..=u64::MAX)
+            .await
+            .expect("read")
+            .is_empty());
+        assert!(log
+            .try_get_log_entries(u64::MAX..)
+            .await
+            .expect("read")
+            .is_empty());
     }
 }

@@ -53,6 +53,12 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// Most bytes decoding one envelope may claim: a signed node record (a few
+/// hundred bytes; many addresses and models stay far below this). bincode
+/// allocates from a length prefix before it reads; the limit stops a
+/// crafted record from claiming terabytes (issue 12).
+pub const ENVELOPE_DECODE_LIMIT: usize = 256 * 1024;
+
 /// Signs `record` with `keypair`. The caller MUST only seal its own record.
 pub fn seal(keypair: &Keypair, record: &NodeRecord) -> Result<Vec<u8>, EnvelopeError> {
     let record_bytes = bincode::serde::encode_to_vec(record, config())
@@ -72,8 +78,9 @@ pub fn seal(keypair: &Keypair, record: &NodeRecord) -> Result<Vec<u8>, EnvelopeE
 
 /// Decodes and checks an envelope; returns the record and the signer.
 pub fn open(bytes: &[u8]) -> Result<(NodeRecord, PeerId), EnvelopeError> {
-    let (envelope, _): (Envelope, usize) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    let (envelope, _): (Envelope, usize) =
+        bincode::serde::decode_from_slice(bytes, config().with_limit::<ENVELOPE_DECODE_LIMIT>())
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
     if envelope.format != FORMAT_VERSION {
         return Err(EnvelopeError::UnknownFormat(envelope.format));
     }
@@ -85,9 +92,12 @@ pub fn open(bytes: &[u8]) -> Result<(NodeRecord, PeerId), EnvelopeError> {
     ) {
         return Err(EnvelopeError::BadSignature);
     }
-    let (record, _): (NodeRecord, usize) =
-        bincode::serde::decode_from_slice(&envelope.record, config())
-            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    // Signed by a key made on the spot is enough to get here: still bounded.
+    let (record, _): (NodeRecord, usize) = bincode::serde::decode_from_slice(
+        &envelope.record,
+        config().with_limit::<ENVELOPE_DECODE_LIMIT>(),
+    )
+    .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
     let signer = public_key.to_peer_id();
     if record.node_id.0 != signer.to_base58() {
         return Err(EnvelopeError::WrongSigner {
@@ -120,6 +130,35 @@ mod tests {
             api: None,
             raft: None,
         }
+    }
+
+    /// Regression (issue 12, finding 1): a record signed by a key made on
+    /// the spot, whose version string claims 2^46 bytes, is refused as
+    /// malformed instead of aborting the process.
+    #[test]
+    fn a_signed_record_with_a_huge_length_prefix_is_refused_not_an_abort() {
+        let keypair = Keypair::generate_ed25519();
+        let mut record = record_of(&keypair);
+        record.version = "QQQQ".into();
+        let mut bytes = bincode::serde::encode_to_vec(&record, config()).expect("encode");
+        let at = bytes
+            .windows(5)
+            .position(|w| w == b"\x04QQQQ")
+            .expect("the version's length prefix");
+        let mut huge = vec![0xFD];
+        huge.extend_from_slice(&(1u64 << 46).to_le_bytes());
+        bytes.splice(at..at + 5, huge);
+        let signature = keypair
+            .sign(&[SIGNING_DOMAIN, &bytes].concat())
+            .expect("sign");
+        let envelope = Envelope {
+            format: FORMAT_VERSION,
+            record: bytes,
+            public_key: keypair.public().encode_protobuf(),
+            signature,
+        };
+        let wire = bincode::serde::encode_to_vec(&envelope, config()).expect("encode");
+        assert!(matches!(open(&wire), Err(EnvelopeError::Malformed(_))));
     }
 
     #[test]

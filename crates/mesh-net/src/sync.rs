@@ -49,11 +49,14 @@ impl SyncMessage {
         bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap_or_default()
     }
 
-    /// Decodes and checks the format.
+    /// Decodes and checks the format, claiming at most a frame's worth of
+    /// bytes (bincode allocates from a length prefix before it reads).
     pub fn decode(bytes: &[u8]) -> Result<Self, SyncError> {
-        let (message, _): (Self, usize) =
-            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-                .map_err(|e| SyncError::Malformed(e.to_string()))?;
+        let (message, _): (Self, usize) = bincode::serde::decode_from_slice(
+            bytes,
+            bincode::config::standard().with_limit::<{ crate::codec::FRAME_LEN_MAX }>(),
+        )
+        .map_err(|e| SyncError::Malformed(e.to_string()))?;
         if message.format != FORMAT_VERSION {
             return Err(SyncError::UnknownFormat(message.format));
         }
