@@ -226,6 +226,10 @@ pub struct RegionStatus {
     pub members: Vec<MemberProgress>,
 }
 
+/// Most bytes of one snapshot a follower receives: the region state is a
+/// few KiB today; this bounds what a peer's chunks can make it hold.
+pub const SNAPSHOT_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
 /// How long a bootstrap waits before asking an unreachable voter again.
 const BOOTSTRAP_RETRY: Duration = Duration::from_millis(200);
 
@@ -249,6 +253,8 @@ pub struct RegionGroup {
     call: Caller,
     /// Serializes bootstrap promises and the initialization that follows them.
     bootstrap: Arc<tokio::sync::Mutex<()>>,
+    /// The snapshot being received, if any: its id and the bytes accepted so far.
+    snapshot_stream: Arc<std::sync::Mutex<Option<(String, u64)>>>,
     node_id: NodeId,
     peer_id: String,
     write_timeout: Duration,
@@ -308,6 +314,7 @@ impl RegionGroup {
             store,
             call,
             bootstrap: Arc::new(tokio::sync::Mutex::new(())),
+            snapshot_stream: Arc::default(),
             node_id,
             peer_id: peer_id.to_owned(),
             write_timeout,
@@ -715,6 +722,66 @@ impl RegionGroup {
             }
         }
         (v, l)
+    }
+
+    /// Checks a snapshot chunk before openraft writes it (issue 12, finding
+    /// 3): openraft seeks to any offset a chunk names, so a chunk at 2^46
+    /// grew the buffer to that size, and endless chunks grew it without
+    /// bound. A chunk must start a snapshot (offset 0), or continue the one
+    /// being received at most where it ended (a resent chunk rewrites what
+    /// was written), and no snapshot may pass [`SNAPSHOT_BYTES_MAX`].
+    pub fn admit_snapshot_chunk(
+        &self,
+        rpc: &openraft::raft::InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<(), String> {
+        rpc.offset
+            .checked_add(rpc.data.len() as u64)
+            .filter(|end| *end <= SNAPSHOT_BYTES_MAX)
+            .ok_or_else(|| {
+                format!(
+                    "snapshot chunk at offset {} of {} bytes passes the limit of {SNAPSHOT_BYTES_MAX} bytes",
+                    rpc.offset,
+                    rpc.data.len()
+                )
+            })?;
+        if rpc.offset == 0 {
+            return Ok(());
+        }
+        let stream = self
+            .snapshot_stream
+            .lock()
+            .map_err(|_| "snapshot stream lock poisoned".to_owned())?;
+        match stream.as_ref() {
+            Some((id, received)) if *id == rpc.meta.snapshot_id && rpc.offset <= *received => {
+                Ok(())
+            }
+            Some((id, received)) if *id == rpc.meta.snapshot_id => Err(format!(
+                "snapshot chunk at offset {} leaves a gap: {received} bytes received so far",
+                rpc.offset
+            )),
+            _ => Err(format!(
+                "snapshot chunk at offset {} of a snapshot that did not start at offset 0",
+                rpc.offset
+            )),
+        }
+    }
+
+    /// Records a chunk openraft took (`accepted`) or refused.
+    pub fn snapshot_chunk_done(&self, chunk: (String, u64, usize, bool), accepted: bool) {
+        let (id, offset, len, done) = chunk;
+        let Ok(mut stream) = self.snapshot_stream.lock() else {
+            return;
+        };
+        if !accepted || done {
+            *stream = None;
+            return;
+        }
+        let end = offset.saturating_add(len as u64);
+        let received = match stream.as_ref() {
+            Some((current, received)) if *current == id => (*received).max(end),
+            _ => end,
+        };
+        *stream = Some((id, received));
     }
 
     /// Why this node's Raft core stopped, if it did (a storage error, a

@@ -346,3 +346,50 @@ async fn concurrent_policy_writes_commit_in_batches() {
     })
     .await;
 }
+
+/// Regression (issue 12, finding 3): after a first chunk at offset 0, a
+/// chunk at offset 2^46 made openraft grow the snapshot buffer to that size
+/// (the process aborted); it is refused now, and so is a snapshot past
+/// SNAPSHOT_BYTES_MAX.
+#[tokio::test]
+async fn a_snapshot_chunk_at_a_huge_offset_is_refused_not_an_abort() {
+    use openraft::raft::InstallSnapshotRequest;
+    use openraft::{SnapshotMeta, Vote};
+
+    use crate::rpc::{RaftReply, RaftRequest};
+
+    let (_, _, groups) = three_voters().await;
+    let follower = groups[1].clone();
+    let chunk = |offset: u64, data: Vec<u8>| {
+        let rpc = InstallSnapshotRequest::<crate::TypeConfig> {
+            vote: Vote::new_committed(1_000, 9),
+            meta: SnapshotMeta {
+                snapshot_id: "forged".into(),
+                ..Default::default()
+            },
+            offset,
+            data,
+            done: false,
+        };
+        crate::codec::encode(&RaftRequest::InstallSnapshot(rpc)).expect("encode")
+    };
+    let first = serve(&follower, &chunk(0, vec![1, 2, 3])).await;
+    assert!(!matches!(
+        crate::codec::decode::<RaftReply>(&first),
+        Ok(RaftReply::Refused(_))
+    ));
+    for (offset, data) in [(1u64 << 46, vec![1]), (4, vec![1]), (3, vec![0; 16])] {
+        let answer = serve(&follower, &chunk(offset, data.clone())).await;
+        let refused = matches!(
+            crate::codec::decode::<RaftReply>(&answer),
+            Ok(RaftReply::Refused(_))
+        );
+        // A gap (offset 4 after 3 bytes) is refused; continuing at 3 is not.
+        assert_eq!(refused, offset != 3, "offset {offset}");
+    }
+    let past = serve(&follower, &chunk(crate::group::SNAPSHOT_BYTES_MAX, vec![1])).await;
+    assert!(matches!(
+        crate::codec::decode::<RaftReply>(&past),
+        Ok(RaftReply::Refused(_))
+    ));
+}

@@ -88,9 +88,20 @@ pub async fn serve(group: &RegionGroup, request: &[u8]) -> Vec<u8> {
             RaftReply::AppendEntries(raft.append_entries(rpc).await)
         }
         Ok(RaftRequest::Vote(rpc)) => RaftReply::Vote(raft.vote(rpc).await),
-        Ok(RaftRequest::InstallSnapshot(rpc)) => {
-            RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
-        }
+        Ok(RaftRequest::InstallSnapshot(rpc)) => match group.admit_snapshot_chunk(&rpc) {
+            Err(refusal) => RaftReply::Refused(refusal),
+            Ok(()) => {
+                let chunk = (
+                    rpc.meta.snapshot_id.clone(),
+                    rpc.offset,
+                    rpc.data.len(),
+                    rpc.done,
+                );
+                let result = raft.install_snapshot(rpc).await;
+                group.snapshot_chunk_done(chunk, result.is_ok());
+                RaftReply::InstallSnapshot(result)
+            }
+        },
         Ok(RaftRequest::Bootstrap(promise)) => RaftReply::Bootstrap(
             group
                 .promise_bootstrap(&promise)
