@@ -107,6 +107,10 @@ impl DataDir {
                 path.display()
             )
         })?;
+        // Never below the wall clock in seconds: a data dir restored from a
+        // backup (an older count) still outranks the records its node sent
+        // since, which peers remember (issue 12, finding 11).
+        let next = next.max(unix_seconds());
         write_atomically(&path, format!("{next}\n").as_bytes())?;
         Ok(next)
     }
@@ -220,13 +224,27 @@ fn started_before(dir: &Path) -> bool {
     text.trim().parse::<u32>().is_ok_and(|g| g >= 1)
 }
 
+/// Seconds since the Unix epoch, as a u32 (until 2106); 0 if the clock is
+/// before 1970.
+fn unix_seconds() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let result = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory is.
+        match path.parent() {
+            Some(dir) => File::open(dir)?.sync_all(),
+            None => Ok(()),
+        }
     })();
     result.map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
 }
@@ -263,11 +281,18 @@ mod tests {
     }
 
     #[test]
-    fn generation_counts_starts() {
+    fn generation_counts_starts_and_never_goes_back_after_a_restored_backup() {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = DataDir::open(dir.path()).expect("open");
-        assert_eq!(data.next_generation().expect("first"), 1);
-        assert_eq!(data.next_generation().expect("second"), 2);
+        let first = data.next_generation().expect("first");
+        let second = data.next_generation().expect("second");
+        assert!(second > first && first >= unix_seconds() - 5, "{first} {second}");
+        // A backup with an old count is restored: the next start is still
+        // counted from the clock, above anything sent before the backup's
+        // time (starts are seconds apart, not within one second).
+        fs::write(dir.path().join(GENERATION_FILE), b"1\n").expect("restore");
+        let after = data.next_generation().expect("after restore");
+        assert!(after >= unix_seconds() - 5, "{after}");
     }
 
     #[test]

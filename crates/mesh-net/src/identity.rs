@@ -93,6 +93,11 @@ fn write_new(path: &Path, keypair: &Keypair) -> std::io::Result<()> {
     file.write_all(&encoded)?;
     file.sync_all()?;
     fs::rename(&tmp, path)?;
+    // The rename is durable only once the directory is (issue 12, finding
+    // 11): a power loss could otherwise leave no key, and a new identity.
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }
 
