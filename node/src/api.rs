@@ -19,8 +19,14 @@ use mesh_net::{Network, Snapshot};
 use mesh_types::MemberView;
 use serde::Serialize;
 
-/// Largest request body accepted (a policy is a few KiB).
+/// Largest request body accepted (a policy is a few KiB), on every route.
 pub const REQUEST_BODY_MAX: usize = 64 * 1024;
+/// Requests served at once; one more is answered 503 at once rather than
+/// queued, so a flood cannot pile up memory or tasks.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
+/// A request, its body included, is answered within this or cut off: the
+/// longest legitimate one is a bootstrap forwarded twice (40 s).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What handlers share.
 #[derive(Debug, Clone)]
@@ -112,7 +118,101 @@ pub fn router(state: ApiState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_MAX))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+            guard,
+        ))
         .with_state(state)
+}
+
+/// Every request: its Host header names this node by address (a web page a
+/// browser shows cannot reach a loopback API through DNS rebinding, which
+/// needs a name), at most [`REQUESTS_IN_FLIGHT_MAX`] at once, each answered
+/// within [`REQUEST_TIMEOUT`].
+async fn guard(
+    State(in_flight): State<std::sync::Arc<tokio::sync::Semaphore>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(host) = request.headers().get(header::HOST) {
+        if !host.to_str().is_ok_and(host_is_an_address) {
+            return ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "foreign_host",
+                format!(
+                    "Host {:?} is not this node's address: address the API by IP (or localhost), as the CLI does",
+                    host
+                ),
+            )
+            .into_response();
+        }
+    }
+    let Ok(_permit) = in_flight.try_acquire() else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{REQUESTS_IN_FLIGHT_MAX} requests are in flight on this node; retry shortly"),
+        )
+        .into_response();
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request was not answered within {REQUEST_TIMEOUT:?} (a slow client, or a stuck forward); retry"),
+        )
+        .into_response(),
+    }
+}
+
+/// True for `IP`, `IP:port`, `[IPv6]:port` and `localhost[:port]`.
+fn host_is_an_address(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((v6, port)) if port.is_empty() || port[1..].parse::<u16>().is_ok() => {
+                return v6.parse::<std::net::Ipv6Addr>().is_ok();
+            }
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() => name,
+            _ => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::host_is_an_address;
+
+    #[test]
+    fn only_addresses_and_localhost_are_hosts_of_this_api() {
+        for ok in [
+            "127.0.0.1:7070",
+            "127.0.0.1",
+            "[::1]:7070",
+            "[::1]",
+            "localhost:7070",
+            "LOCALHOST",
+            "10.1.2.3:80",
+        ] {
+            assert!(host_is_an_address(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:7070",
+            "evil.example",
+            "127.0.0.1.evil.example",
+            "[::1",
+            "[::1]x",
+            "",
+            "localhost.evil:1",
+        ] {
+            assert!(!host_is_an_address(bad), "{bad}");
+        }
+    }
 }
 
 #[derive(Serialize)]

@@ -286,7 +286,10 @@ mod tests {
         let data = DataDir::open(dir.path()).expect("open");
         let first = data.next_generation().expect("first");
         let second = data.next_generation().expect("second");
-        assert!(second > first && first >= unix_seconds() - 5, "{first} {second}");
+        assert!(
+            second > first && first >= unix_seconds() - 5,
+            "{first} {second}"
+        );
         // A backup with an old count is restored: the next start is still
         // counted from the clock, above anything sent before the backup's
         // time (starts are seconds apart, not within one second).

@@ -35,15 +35,18 @@ const FORWARD_MARGIN: Duration = Duration::from_secs(3);
 /// How long the network gets to announce the leave and close after a signal.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
+/// How often the node checks that its Raft core still runs. Polled, not
+/// watched: openraft publishes its metrics on nearly every write, and a
+/// watcher would be woken (and read them) each time.
+const RAFT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Returns (only) once the group's Raft core has stopped, with why.
 async fn raft_stopped(group: &RegionGroup) -> String {
-    let mut metrics = group.raft().metrics();
+    let mut interval = tokio::time::interval(RAFT_CHECK_INTERVAL);
     loop {
-        if let Err(e) = &metrics.borrow().running_state {
-            return e.to_string();
-        }
-        if metrics.changed().await.is_err() {
-            return "its task ended".to_owned();
+        interval.tick().await;
+        if let Some(reason) = group.stopped() {
+            return reason;
         }
     }
 }
