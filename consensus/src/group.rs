@@ -227,8 +227,10 @@ pub struct RegionStatus {
 }
 
 /// Most bytes of one snapshot a follower receives: the region state is a
-/// few KiB today; this bounds what a peer's chunks can make it hold.
-pub const SNAPSHOT_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// few KiB today; this bounds what a peer's chunks can make it hold, and
+/// stays well below the codec's decode limit (the stored snapshot must
+/// decode again).
+pub const SNAPSHOT_BYTES_MAX: u64 = 32 * 1024 * 1024;
 
 /// How long a bootstrap waits before asking an unreachable voter again.
 const BOOTSTRAP_RETRY: Duration = Duration::from_millis(200);
@@ -766,14 +768,25 @@ impl RegionGroup {
         }
     }
 
-    /// Records a chunk openraft took (`accepted`) or refused.
+    /// Records a chunk openraft took (`accepted`: it answered without an
+    /// error and under the chunk's own vote) or refused. Only a chunk of the
+    /// snapshot being received changes or ends its record.
     pub fn snapshot_chunk_done(&self, chunk: (String, u64, usize, bool), accepted: bool) {
         let (id, offset, len, done) = chunk;
         let Ok(mut stream) = self.snapshot_stream.lock() else {
             return;
         };
-        if !accepted || done {
-            *stream = None;
+        let same = stream.as_ref().is_some_and(|(current, _)| *current == id);
+        if !accepted {
+            if same {
+                *stream = None;
+            }
+            return;
+        }
+        if done {
+            if same || offset == 0 {
+                *stream = None;
+            }
             return;
         }
         let end = offset.saturating_add(len as u64);
@@ -787,10 +800,14 @@ impl RegionGroup {
     /// Why this node's Raft core stopped, if it did (a storage error, a
     /// panic): the node must then exit rather than run on without it.
     pub fn stopped(&self) -> Option<String> {
-        match &self.raft.metrics().borrow().running_state {
-            Ok(()) => None,
-            Err(e) => Some(e.to_string()),
+        let metrics = self.raft.metrics();
+        // A core that panicked never sets its running state: its metrics
+        // sender is gone instead.
+        if metrics.has_changed().is_err() {
+            return Some("its core task ended (a panic)".to_owned());
         }
+        let running = metrics.borrow().running_state.clone();
+        running.err().map(|e| e.to_string())
     }
 
     /// True when this node leads the group.

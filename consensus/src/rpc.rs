@@ -89,7 +89,24 @@ pub async fn serve(group: &RegionGroup, request: &[u8]) -> Vec<u8> {
         }
         Ok(RaftRequest::Vote(rpc)) => RaftReply::Vote(raft.vote(rpc).await),
         Ok(RaftRequest::InstallSnapshot(rpc)) => match group.admit_snapshot_chunk(&rpc) {
-            Err(refusal) => RaftReply::Refused(refusal),
+            // As openraft answers a chunk out of order: the sender starts
+            // the snapshot again from offset 0 at once.
+            Err(refusal) => {
+                tracing::debug!(%refusal, "snapshot chunk refused");
+                let id = rpc.meta.snapshot_id.clone();
+                RaftReply::InstallSnapshot(Err(RaftError::APIError(
+                    InstallSnapshotError::SnapshotMismatch(openraft::error::SnapshotMismatch {
+                        expect: openraft::SnapshotSegmentId {
+                            id: id.clone(),
+                            offset: 0,
+                        },
+                        got: openraft::SnapshotSegmentId {
+                            id,
+                            offset: rpc.offset,
+                        },
+                    }),
+                )))
+            }
             Ok(()) => {
                 let chunk = (
                     rpc.meta.snapshot_id.clone(),
@@ -97,8 +114,12 @@ pub async fn serve(group: &RegionGroup, request: &[u8]) -> Vec<u8> {
                     rpc.data.len(),
                     rpc.done,
                 );
+                let vote = rpc.vote;
                 let result = raft.install_snapshot(rpc).await;
-                group.snapshot_chunk_done(chunk, result.is_ok());
+                // openraft answers Ok, with its own vote, a chunk whose vote
+                // is below it: that one it ignored.
+                let taken = result.as_ref().is_ok_and(|r| vote >= r.vote);
+                group.snapshot_chunk_done(chunk, taken);
                 RaftReply::InstallSnapshot(result)
             }
         },

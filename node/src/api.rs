@@ -24,9 +24,10 @@ pub const REQUEST_BODY_MAX: usize = 64 * 1024;
 /// Requests served at once; one more is answered 503 at once rather than
 /// queued, so a flood cannot pile up memory or tasks.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
-/// A request, its body included, is answered within this or cut off: the
-/// longest legitimate one is a bootstrap forwarded twice (40 s).
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// A request, its body included, is answered within this or cut off (504:
+/// for a write, its outcome is then unknown). Long: a model run may wait
+/// behind a full queue of others, and a bootstrap forwarded twice takes 40 s.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What handlers share.
 #[derive(Debug, Clone)]
@@ -43,6 +44,8 @@ pub struct ApiState {
     pub http: reqwest::Client,
     /// The models this node runs.
     pub models: crate::models::Models,
+    /// The API listens on a loopback address (its Host header is checked).
+    pub api_is_loopback: bool,
 }
 
 /// An API error: a status and a JSON body.
@@ -119,22 +122,40 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
-            std::sync::Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+            Guard {
+                in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+                local_only: state.api_is_loopback,
+            },
             guard,
         ))
         .with_state(state)
 }
 
-/// Every request: its Host header names this node by address (a web page a
-/// browser shows cannot reach a loopback API through DNS rebinding, which
-/// needs a name), at most [`REQUESTS_IN_FLIGHT_MAX`] at once, each answered
-/// within [`REQUEST_TIMEOUT`].
+/// What every request passes (see [`guard`]).
+#[derive(Debug, Clone)]
+struct Guard {
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The API listens on a loopback address: only this machine's clients
+    /// reach it, and a browser's page is the one that must be kept out.
+    local_only: bool,
+}
+
+/// Every request: on an API bound to loopback, its Host header names the
+/// node by address or `localhost` (a web page a browser shows cannot reach
+/// it through DNS rebinding, which needs a name of the attacker's; an API
+/// bound to another address is reached by name legitimately); at most
+/// [`REQUESTS_IN_FLIGHT_MAX`] at once; each answered within
+/// [`REQUEST_TIMEOUT`].
 async fn guard(
-    State(in_flight): State<std::sync::Arc<tokio::sync::Semaphore>>,
+    State(guard): State<Guard>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let Some(host) = request.headers().get(header::HOST) {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .filter(|_| guard.local_only);
+    if let Some(host) = host {
         if !host.to_str().is_ok_and(host_is_an_address) {
             return ApiError::new(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -147,7 +168,7 @@ async fn guard(
             .into_response();
         }
     }
-    let Ok(_permit) = in_flight.try_acquire() else {
+    let Ok(_permit) = guard.in_flight.try_acquire() else {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy",
@@ -158,9 +179,9 @@ async fn guard(
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
+            StatusCode::GATEWAY_TIMEOUT,
             "timeout",
-            format!("the request was not answered within {REQUEST_TIMEOUT:?} (a slow client, or a stuck forward); retry"),
+            format!("the request was not answered within {REQUEST_TIMEOUT:?} (a slow client, or a stuck forward); a write's outcome is unknown: read before writing again"),
         )
         .into_response(),
     }

@@ -203,6 +203,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
             .build()
             .context("build the HTTP client")?,
         models,
+        api_is_loopback: api_addr.ip().is_loopback(),
     };
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {

@@ -128,10 +128,11 @@ impl SimDisk {
         }
     }
 
-    /// Forgets an armed `crash_at_write` that has not fired.
-    pub fn disarm(&self) {
-        if let Ok(mut c) = self.crash_at.lock() {
-            *c = None;
+    /// Forgets an armed `crash_at_write` that has not fired; true if there was one.
+    pub fn disarm(&self) -> bool {
+        match self.crash_at.lock() {
+            Ok(mut c) => c.take().is_some(),
+            Err(_) => false,
         }
     }
 

@@ -941,9 +941,21 @@ async fn apply_fault(world: &World, fault: &Fault) {
             (Fault::Heal, _) => {
                 s.links = Links::default();
                 s.crash_on_change.clear();
-                // A crash armed for a write that never came is off.
-                for n in &s.nodes {
-                    n.disk.disarm();
+                // A crash armed for a write that never came is off, and
+                // the run says so: the fault was not injected.
+                let unfired: Vec<String> = s
+                    .nodes
+                    .iter()
+                    .filter(|n| n.disk.disarm())
+                    .map(|n| n.peer.clone())
+                    .collect();
+                for peer in unfired {
+                    s.violate(
+                        "faults-injected",
+                        format!(
+                            "restart-and-crash: {peer} never reached the write that was to kill it"
+                        ),
+                    );
                 }
                 let mut restart = down(&s);
                 for i in 0..s.nodes.len() {
