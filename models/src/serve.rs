@@ -2,7 +2,9 @@
 //! thread and a bounded queue. Embedding requests that wait together are
 //! run as one batch (up to `max_batch` inputs, waiting at most `max_wait`
 //! for more after the first). A full queue refuses the request at once with
-//! a retryable error; nothing queues without bound.
+//! a retryable error; nothing queues without bound. A request whose caller
+//! went away while it waited is skipped, and a model that panics on an
+//! input fails that request only: the worker catches it and goes on.
 //!
 //! ```text
 //!   async caller ──try_send──> bounded queue ──> worker thread (owns the model)
@@ -138,6 +140,15 @@ impl EmbedService {
     }
 }
 
+/// What a model's panic payload says, for the error its request gets.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
 fn embed_worker(
     name: &str,
     model: impl EmbedBatch,
@@ -159,11 +170,28 @@ fn embed_worker(
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
             }
         }
+        // Callers that went away while they waited: nothing to run for them.
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
         let inputs: Vec<&str> = jobs
             .iter()
             .flat_map(|j| j.inputs.iter().map(String::as_str))
             .collect();
-        let result = model.embed_batch(&inputs);
+        // A panic fails this batch, not the worker (which would leave the
+        // model advertised and every later request "not running").
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.embed_batch(&inputs)
+        }))
+        .unwrap_or_else(|payload| {
+            let reason = panic_message(&*payload);
+            tracing::error!(model = %name, %reason, "the model panicked on a batch; its requests fail, the worker goes on");
+            Err(ModelError::Invalid {
+                model: name.to_owned(),
+                reason: format!("the model panicked on this input: {reason}"),
+            })
+        });
         if let Ok(mut s) = stats.lock() {
             s.batches += 1;
             s.inputs += inputs.len() as u64;
@@ -251,11 +279,25 @@ impl GenerateService {
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
                     let out = job.out;
+                    // Its caller went away while it waited: skip it.
+                    if out.is_closed() {
+                        continue;
+                    }
                     let mut on_text =
                         |piece: &str| out.blocking_send(Piece::Text(piece.into())).is_ok();
-                    let last = match model.generate_text(&job.prompt, &job.params, &mut on_text) {
-                        Ok((text, tokens)) => Piece::Done { text, tokens },
-                        Err(e) => Piece::Failed(e.to_string()),
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        model.generate_text(&job.prompt, &job.params, &mut on_text)
+                    }));
+                    let last = match run {
+                        Ok(Ok((text, tokens))) => Piece::Done { text, tokens },
+                        Ok(Err(e)) => Piece::Failed(e.to_string()),
+                        // The request fails; the worker goes on (a
+                        // generation's state lives in the call).
+                        Err(payload) => {
+                            let reason = panic_message(&*payload);
+                            tracing::error!(%reason, "the model panicked on a request; it fails, the worker goes on");
+                            Piece::Failed(format!("the model panicked on this input: {reason}"))
+                        }
                     };
                     let _ = out.blocking_send(last);
                 }

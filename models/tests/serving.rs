@@ -239,3 +239,100 @@ async fn answers_stream_piece_by_piece_and_a_dropped_stream_cancels() {
     let n = produced.load(Ordering::SeqCst);
     assert!(n < 100, "the cancelled request went on: {n} pieces");
 }
+
+/// Issue 12, finding 9: a model that panics on an input fails that request
+/// only; the worker goes on and serves the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_model_fails_one_request_and_keeps_serving() {
+    struct Fragile;
+    impl EmbedBatch for Fragile {
+        fn embed_batch(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+            if inputs.contains(&"boom") {
+                panic!("planted: the model panics on boom");
+            }
+            Ok(inputs.iter().map(|_| vec![1.0]).collect())
+        }
+    }
+    let embed = EmbedService::start("fragile", Fragile, ServeConfig::default());
+    let e = embed
+        .embed(vec!["boom".into()])
+        .await
+        .expect_err("the panicking input fails");
+    assert!(e.to_string().contains("panicked"), "{e}");
+    assert_eq!(
+        embed.embed(vec!["fine".into()]).await.expect("next works"),
+        vec![vec![1.0]]
+    );
+
+    struct FragileWriter;
+    impl GenerateText for FragileWriter {
+        fn generate_text(
+            &mut self,
+            prompt: &str,
+            _: &Params,
+            _: &mut dyn FnMut(&str) -> bool,
+        ) -> Result<(String, usize), ModelError> {
+            if prompt == "boom" {
+                panic!("planted: the model panics on boom");
+            }
+            Ok(("ok".into(), 1))
+        }
+    }
+    let generate = GenerateService::start("fragile", FragileWriter, ServeConfig::default());
+    let mut pieces = generate
+        .generate("boom".into(), Params::default())
+        .expect("queued");
+    assert!(matches!(pieces.recv().await, Some(Piece::Failed(r)) if r.contains("panicked")));
+    let mut pieces = generate
+        .generate("fine".into(), Params::default())
+        .expect("queued");
+    assert!(matches!(pieces.recv().await, Some(Piece::Done { .. })));
+}
+
+/// Issue 12, finding 9: a queued request whose caller went away is skipped,
+/// not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_whose_caller_left_is_not_run() {
+    struct Slow(Arc<AtomicUsize>, std::sync::mpsc::Receiver<()>);
+    impl GenerateText for Slow {
+        fn generate_text(
+            &mut self,
+            _: &str,
+            _: &Params,
+            _: &mut dyn FnMut(&str) -> bool,
+        ) -> Result<(String, usize), ModelError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            // The first request holds the worker until the test lets it go.
+            let _ = self.1.recv_timeout(Duration::from_secs(10));
+            Ok(("done".into(), 1))
+        }
+    }
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (release, gate) = std::sync::mpsc::channel();
+    let generate = GenerateService::start("slow", Slow(runs.clone(), gate), ServeConfig::default());
+    let mut first = generate
+        .generate("a".into(), Params::default())
+        .expect("queued");
+    for _ in 0..100 {
+        if runs.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let abandoned = generate
+        .generate("b".into(), Params::default())
+        .expect("queued");
+    drop(abandoned);
+    let mut third = generate
+        .generate("c".into(), Params::default())
+        .expect("queued");
+    release.send(()).expect("release the first");
+    release.send(()).expect("release the third");
+    assert!(matches!(first.recv().await, Some(Piece::Done { .. })));
+    assert!(matches!(third.recv().await, Some(Piece::Done { .. })));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the abandoned request did not run"
+    );
+}
