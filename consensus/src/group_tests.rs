@@ -32,7 +32,7 @@ impl Transport for LocalTransport {
         }
         let group = self.groups.lock().expect("lock").get(peer_id).cloned();
         match group {
-            Some(g) => Ok(serve(&g, &request).await),
+            Some(g) => Ok(serve(&g, &self.me, &request).await),
             None => Err(format!("no route to {peer_id}")),
         }
     }
@@ -362,7 +362,7 @@ async fn a_snapshot_chunk_at_a_huge_offset_is_refused_not_an_abort() {
     let follower = groups[1].clone();
     let chunk = |offset: u64, data: Vec<u8>| {
         let rpc = InstallSnapshotRequest::<crate::TypeConfig> {
-            vote: Vote::new_committed(1_000, 9),
+            vote: Vote::new_committed(1_000, crate::types::node_id_of("peer-x")),
             meta: SnapshotMeta {
                 snapshot_id: "forged".into(),
                 ..Default::default()
@@ -383,13 +383,76 @@ async fn a_snapshot_chunk_at_a_huge_offset_is_refused_not_an_abort() {
             )))
         )
     };
-    let first = serve(&follower, &chunk(0, vec![1, 2, 3])).await;
+    let first = serve(&follower, "peer-x", &chunk(0, vec![1, 2, 3])).await;
     assert!(!refused(&first));
     for (offset, data) in [(1u64 << 46, vec![1]), (4, vec![1]), (3, vec![0; 16])] {
-        let answer = serve(&follower, &chunk(offset, data.clone())).await;
+        let answer = serve(&follower, "peer-x", &chunk(offset, data.clone())).await;
         // A gap (offset 4 after 3 bytes) is refused; continuing at 3 is not.
         assert_eq!(refused(&answer), offset != 3, "offset {offset}");
     }
-    let past = serve(&follower, &chunk(crate::group::SNAPSHOT_BYTES_MAX, vec![1])).await;
+    let past = serve(
+        &follower,
+        "peer-x",
+        &chunk(crate::group::SNAPSHOT_BYTES_MAX, vec![1]),
+    )
+    .await;
     assert!(refused(&past));
+}
+
+/// Regression (issue 12, finding 2, in part): an AppendEntries that speaks
+/// for another node than its sender (here: the real leader's id, sent by a
+/// follower) is refused before openraft sees it; so is a Vote for someone
+/// else and a bootstrap request of another proposer.
+#[tokio::test]
+async fn a_request_that_speaks_for_another_node_is_refused() {
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use openraft::Vote;
+
+    use crate::rpc::{BootstrapPromise, RaftReply, RaftRequest};
+
+    let (_, peers, groups) = three_voters().await;
+    let leader = leader_of(&groups).await;
+    let leader_peer = leader.status().node;
+    let follower = groups
+        .iter()
+        .find(|g| !g.is_leader())
+        .cloned()
+        .expect("a follower");
+    let stranger = peers
+        .iter()
+        .find(|p| **p != leader_peer && **p != follower.status().node)
+        .cloned()
+        .expect("a third peer");
+    let refused = |answer: Vec<u8>| {
+        matches!(
+            crate::codec::decode::<RaftReply>(&answer),
+            Ok(RaftReply::Refused(_))
+        )
+    };
+    let forged = RaftRequest::AppendEntries(AppendEntriesRequest {
+        vote: Vote::new_committed(1_000, crate::types::node_id_of(&leader_peer)),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    });
+    let bytes = crate::codec::encode(&forged).expect("encode");
+    assert!(refused(serve(&follower, &stranger, &bytes).await));
+    let vote = RaftRequest::Vote(VoteRequest::new(
+        Vote::new(1_000, crate::types::node_id_of(&leader_peer)),
+        None,
+    ));
+    let bytes = crate::codec::encode(&vote).expect("encode");
+    assert!(refused(serve(&follower, &stranger, &bytes).await));
+    let promise = RaftRequest::Bootstrap(BootstrapPromise {
+        voters: peers.to_vec(),
+        proposer: leader_peer.clone(),
+        attempt: 1,
+    });
+    let bytes = crate::codec::encode(&promise).expect("encode");
+    assert!(refused(serve(&follower, &stranger, &bytes).await));
+    // The group still has its leader and commits.
+    on_leader(&groups, "a write after the forgeries", |l| async move {
+        l.set_policy(policy(77)).await.map(|a| a.version)
+    })
+    .await;
 }

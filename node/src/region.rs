@@ -86,7 +86,7 @@ pub async fn serve_rpcs(group: RegionGroup, mut inbound: mpsc::Receiver<InboundR
         };
         let group = group.clone();
         tokio::spawn(async move {
-            let answer = serve(&group, &rpc.request).await;
+            let answer = serve(&group, &rpc.from.to_base58(), &rpc.request).await;
             rpc.reply.send(answer);
             drop(permit);
         });

@@ -242,9 +242,9 @@ impl Transport for SimTransport {
         let Some(group) = self.world.lock().group_of(peer_id) else {
             return Err(format!("{peer_id} is down"));
         };
-        let answer = serve(&group, &request).await;
+        let answer = serve(&group, &self.me, &request).await;
         if duplicate {
-            let _ = serve(&group, &request).await;
+            let _ = serve(&group, &self.me, &request).await;
         }
         let back = self.world.lock().send(peer_id, &self.me);
         match back {
