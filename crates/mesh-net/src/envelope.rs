@@ -59,6 +59,57 @@ fn config() -> bincode::config::Configuration {
 /// crafted record from claiming terabytes (issue 12).
 pub const ENVELOPE_DECODE_LIMIT: usize = 256 * 1024;
 
+/// Most addresses one record may list: a node on 0.0.0.0 lists every
+/// interface's address, twice (TCP and QUIC); a host with many bridges
+/// stays well below this.
+pub const RECORD_ADDRS_MAX: usize = 128;
+/// Most models, and most datasets, one record may list.
+pub const RECORD_ITEMS_MAX: usize = 256;
+/// Longest string in a record (an address, a name, a hash, a version).
+pub const RECORD_STRING_MAX: usize = 256;
+
+/// Refuses a record past its limits (issue 12, finding 5): every member
+/// keeps every record, so one inflated record costs every node.
+fn check_limits(record: &NodeRecord) -> Result<(), EnvelopeError> {
+    let too_long = |what: &str, s: &str| -> Result<(), EnvelopeError> {
+        if s.len() > RECORD_STRING_MAX {
+            return Err(EnvelopeError::Malformed(format!(
+                "record's {what} is {} bytes, over the limit of {RECORD_STRING_MAX}",
+                s.len()
+            )));
+        }
+        Ok(())
+    };
+    if record.addrs.len() > RECORD_ADDRS_MAX {
+        return Err(EnvelopeError::Malformed(format!(
+            "record lists {} addresses, over the limit of {RECORD_ADDRS_MAX}",
+            record.addrs.len()
+        )));
+    }
+    if record.models.len() > RECORD_ITEMS_MAX || record.datasets.len() > RECORD_ITEMS_MAX {
+        return Err(EnvelopeError::Malformed(format!(
+            "record lists {} models and {} datasets, over the limit of {RECORD_ITEMS_MAX} each",
+            record.models.len(),
+            record.datasets.len()
+        )));
+    }
+    too_long("version", &record.version)?;
+    for a in &record.addrs {
+        too_long("address", a)?;
+    }
+    for m in &record.models {
+        too_long("model name", &m.name)?;
+        too_long("model hash", &m.sha256)?;
+    }
+    for d in &record.datasets {
+        too_long("dataset name", d)?;
+    }
+    if let Some(api) = &record.api {
+        too_long("API address", api)?;
+    }
+    Ok(())
+}
+
 /// Signs `record` with `keypair`. The caller MUST only seal its own record.
 pub fn seal(keypair: &Keypair, record: &NodeRecord) -> Result<Vec<u8>, EnvelopeError> {
     let record_bytes = bincode::serde::encode_to_vec(record, config())
@@ -98,6 +149,7 @@ pub fn open(bytes: &[u8]) -> Result<(NodeRecord, PeerId), EnvelopeError> {
         config().with_limit::<ENVELOPE_DECODE_LIMIT>(),
     )
     .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    check_limits(&record)?;
     let signer = public_key.to_peer_id();
     if record.node_id.0 != signer.to_base58() {
         return Err(EnvelopeError::WrongSigner {
@@ -159,6 +211,33 @@ mod tests {
         };
         let wire = bincode::serde::encode_to_vec(&envelope, config()).expect("encode");
         assert!(matches!(open(&wire), Err(EnvelopeError::Malformed(_))));
+    }
+
+    /// Issue 12, finding 5 (part): a signed record past its limits (here
+    /// 1,000 or 10,000 addresses, or one 1 KiB address) is refused.
+    #[test]
+    fn an_inflated_record_is_refused() {
+        let keypair = Keypair::generate_ed25519();
+        let mut record = record_of(&keypair);
+        record.addrs = vec!["/ip4/127.0.0.1/tcp/1".into(); 1_000];
+        let sealed = seal(&keypair, &record).expect("seal");
+        assert!(
+            matches!(open(&sealed), Err(EnvelopeError::Malformed(e)) if e.contains("1000 addresses"))
+        );
+        // Ten times more does not even decode (the decode limit).
+        record.addrs = vec!["/ip4/127.0.0.1/tcp/1".into(); 10_000];
+        let sealed = seal(&keypair, &record).expect("seal");
+        assert!(matches!(open(&sealed), Err(EnvelopeError::Malformed(_))));
+        let mut record = record_of(&keypair);
+        record.addrs = vec!["x".repeat(1024)];
+        let sealed = seal(&keypair, &record).expect("seal");
+        assert!(
+            matches!(open(&sealed), Err(EnvelopeError::Malformed(e)) if e.contains("address is 1024 bytes"))
+        );
+        // At the limits: fine.
+        let mut record = record_of(&keypair);
+        record.addrs = vec!["/ip4/127.0.0.1/tcp/1".into(); RECORD_ADDRS_MAX];
+        open(&seal(&keypair, &record).expect("seal")).expect("at the limit");
     }
 
     #[test]
