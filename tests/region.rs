@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{bin, start, wait_until, Node, NodeSpec};
+use common::{bin, cli, start, wait_until, write_policy, Node, NodeSpec};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -22,13 +22,6 @@ replace_dead_voter_after_ms = 1000
 "#;
 /// Elections, joins and replacements on a loaded 2-core machine.
 const WITHIN: Duration = Duration::from_secs(30);
-
-fn cli(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run agentmesh")
-}
 
 fn cli_json(args: &[&str]) -> Value {
     let out = cli(args);
@@ -74,18 +67,6 @@ fn apply(node: &Node, file: &Path) -> Output {
         "--api",
         &node.api,
     ])
-}
-
-fn write_policy(dir: &Path, burst: u32) -> std::path::PathBuf {
-    let path = dir.join(format!("policy-{burst}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "[[residency]]\ntag = \"pii-eu\"\nregions = [\"eu-west\"]\n\n[rate_limits.per_agent]\nper_second = 10\nburst = {burst}\n\n[rate_limits.per_client]\nper_second = 5\nburst = 5\n"
-        ),
-    )
-    .expect("write policy");
-    path
 }
 
 fn start_in(tmp: &Path, name: &str, region: &str, bootstrap: Option<&Node>) -> Node {

@@ -7,10 +7,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{bin, start, wait_until, Node, NodeSpec};
+use common::{bin, cli, start, wait_until, write_policy, Node, NodeSpec};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -25,28 +25,9 @@ write_timeout_ms = 3000
 /// Elections and joins on a loaded 2-core machine.
 const WITHIN: Duration = Duration::from_secs(30);
 
-fn cli(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run agentmesh")
-}
-
-fn policy_file(dir: &Path, burst: u32) -> std::path::PathBuf {
-    let path = dir.join(format!("policy-{burst}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "[rate_limits.per_agent]\nper_second = 10\nburst = {burst}\n\n[rate_limits.per_client]\nper_second = 5\nburst = 5\n"
-        ),
-    )
-    .expect("write policy");
-    path
-}
-
 /// `policy apply` of a policy whose burst is `burst`; the version on success.
 fn apply(node: &Node, dir: &Path, burst: u32) -> Result<u64, String> {
-    let file = policy_file(dir, burst);
+    let file = write_policy(dir, burst);
     let out = cli(&[
         "policy",
         "apply",

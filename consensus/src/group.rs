@@ -235,6 +235,11 @@ pub const SNAPSHOT_BYTES_MAX: u64 = 32 * 1024 * 1024;
 /// How long a bootstrap waits before asking an unreachable voter again.
 const BOOTSTRAP_RETRY: Duration = Duration::from_millis(200);
 
+/// Most voters a bootstrap may name (a region votes with a handful).
+const BOOTSTRAP_VOTERS_MAX: usize = 64;
+/// Longest peer id text accepted in a bootstrap (base58 ids are ~52 bytes).
+const PEER_ID_LEN_MAX: usize = 128;
+
 /// How a voter busy with its own bootstrap says so (a retryable answer).
 const BUSY_PROPOSING: &str = "is proposing a bootstrap of its own right now";
 
@@ -493,6 +498,18 @@ impl RegionGroup {
     }
 
     fn promise_locked(&self, promise: &BootstrapPromise) -> Result<(), GroupError> {
+        // A promise comes from a peer and is stored: bounded.
+        if promise.voters.len() > BOOTSTRAP_VOTERS_MAX
+            || promise
+                .voters
+                .iter()
+                .chain([&promise.proposer])
+                .any(|v| v.len() > PEER_ID_LEN_MAX)
+        {
+            return Err(GroupError::BootstrapConflict(format!(
+                "a bootstrap names at most {BOOTSTRAP_VOTERS_MAX} voters of at most {PEER_ID_LEN_MAX} bytes each"
+            )));
+        }
         let voters: BTreeSet<&String> = promise.voters.iter().collect();
         if !voters.contains(&self.peer_id) {
             return Err(GroupError::BootstrapConflict(format!(

@@ -229,20 +229,6 @@ impl SimStore {
 
     /// fsync: the pending writes become durable, in order.
     fn sync_pending(&self) -> Result<(), StoreError> {
-        if self.disk.failing.load(Ordering::SeqCst) {
-            // The kernel drops the dirty pages of a failed fsync.
-            let dropped: Vec<Vec<WriteOp>> = self
-                .disk
-                .pending
-                .lock()
-                .map_err(|_| io("poisoned"))?
-                .drain(..)
-                .collect();
-            self.disk
-                .dropped_entries
-                .fetch_add(log_entries(&dropped), Ordering::SeqCst);
-            return Err(io("fsync failed (injected fault)"));
-        }
         let pending: Vec<Vec<WriteOp>> = self
             .disk
             .pending
@@ -250,6 +236,13 @@ impl SimStore {
             .map_err(|_| io("poisoned"))?
             .drain(..)
             .collect();
+        if self.disk.failing.load(Ordering::SeqCst) {
+            // The kernel drops the dirty pages of a failed fsync.
+            self.disk
+                .dropped_entries
+                .fetch_add(log_entries(&pending), Ordering::SeqCst);
+            return Err(io("fsync failed (injected fault)"));
+        }
         for p in pending {
             self.disk.durable.write(p, Durability::Sync)?;
         }

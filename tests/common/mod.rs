@@ -271,3 +271,25 @@ pub fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Runs the binary under test with `args` and returns what it did.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run agentmesh")
+}
+
+/// A valid eu-west policy file in `dir` whose per-agent burst is `burst`
+/// (each value makes a distinguishable write).
+pub fn write_policy(dir: &Path, burst: u32) -> PathBuf {
+    let path = dir.join(format!("policy-{burst}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[[residency]]\ntag = \"pii-eu\"\nregions = [\"eu-west\"]\n\n[rate_limits.per_agent]\nper_second = 10\nburst = {burst}\n\n[rate_limits.per_client]\nper_second = 5\nburst = 5\n"
+        ),
+    )
+    .expect("write policy");
+    path
+}
