@@ -476,3 +476,59 @@ fn a_late_learner_installs_a_snapshot_when_the_log_is_compacted() {
         policy_version(&late) == Some(version)
     });
 }
+
+/// Issue 12, finding 4: a request for another region goes to a node of
+/// that region over libp2p, by peer id. The API address a node advertises
+/// is for people; no node ever connects to it (it used to: any peer could
+/// point forwarded requests, and their answers, at an address it chose).
+#[test]
+fn forwarding_goes_over_libp2p_never_to_an_advertised_address() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("node.toml"), CONFIG).expect("config");
+    let a = start_in(tmp.path(), "a", "eu-west", None);
+    // The address the us-east node advertises: a listener of this test's.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    trap.set_nonblocking(true).expect("nonblocking");
+    let trap_addr = trap.local_addr().expect("addr").to_string();
+    let config = tmp.path().join("node.toml");
+    let us_dir = tmp.path().join("u");
+    let mut spec = NodeSpec::new("u", &us_dir, "us-east");
+    spec.bootstrap = vec![a.listen[0].clone()];
+    spec.config = Some(&config);
+    spec.extra = vec!["--advertise-api".into(), trap_addr.clone()];
+    let us = start(&spec);
+    wait_until("a sees the us-east node", WITHIN, || {
+        a.state_of(&us.peer_id).as_deref() == Some("alive")
+    });
+    let seen = a
+        .members()
+        .into_iter()
+        .find(|m| m["peer_id"] == us.peer_id.as_str())
+        .expect("listed");
+    assert_eq!(
+        seen["api"],
+        trap_addr.as_str(),
+        "shown to people as advertised"
+    );
+
+    // Served by the us-east node: its own answer (it has no group yet).
+    let out = cli(&["policy", "get", "--region", "us-east", "--api", &a.api]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("region us-east has no Raft group yet"),
+        "{stderr}"
+    );
+    // The node's own listing shows no advertised address by default.
+    let me = a
+        .members()
+        .into_iter()
+        .find(|m| m["is_self"] == true)
+        .expect("self");
+    assert!(me["api"].is_null(), "{me}");
+    match trap.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Ok((_, from)) => panic!("a node connected to the advertised API address (from {from})"),
+        Err(e) => panic!("accept: {e}"),
+    }
+}

@@ -180,6 +180,12 @@ fn speaks_for_itself(request: &RaftRequest, from: &str) -> Result<(), String> {
     }
 }
 
+/// The encoded answer that refuses a request, with why (for a node that
+/// refuses a sender before decoding its request).
+pub fn refusal(reason: &str) -> Vec<u8> {
+    encode_reply(RaftReply::Refused(reason.to_owned()))
+}
+
 fn encode_reply(reply: RaftReply) -> Vec<u8> {
     codec::encode(&reply).unwrap_or_else(|e| {
         // A reply that does not encode is a bug; tell the caller rather than hang it.

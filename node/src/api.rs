@@ -40,8 +40,9 @@ pub struct ApiState {
     pub region: mesh_types::Region,
     /// This node's region group.
     pub group: consensus::RegionGroup,
-    /// For forwarding requests to other nodes.
-    pub http: reqwest::Client,
+    /// How long a request forwarded to another node may take (a Raft write
+    /// there, plus a margin).
+    pub forward_timeout: std::time::Duration,
     /// The models this node runs.
     pub models: crate::models::Models,
     /// The API listens on a loopback address (its Host header is checked).
@@ -341,6 +342,12 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "Records ignored: stale sequence number or from the future.",
         &one(s.records_ignored),
     );
+    family(
+        "agentmesh_connections_refused_total",
+        "counter",
+        "Connections refused by a limit (total, per peer, per IP, pending, memory).",
+        &one(s.connections_refused),
+    );
     out
 }
 
@@ -383,6 +390,7 @@ mod tests {
             publish_failures: 1,
             records_rejected: 0,
             records_ignored: 2,
+            connections_refused: 7,
         };
         let text = render_metrics(&snapshot);
         assert!(
@@ -393,6 +401,7 @@ mod tests {
         assert!(text.contains("agentmesh_connections_open 5\n"));
         assert!(text.contains("agentmesh_gossip_messages_received_total 10\n"));
         assert!(text.contains("agentmesh_gossip_messages_published_total 3\n"));
+        assert!(text.contains("agentmesh_connections_refused_total 7\n"));
         assert_eq!(
             text.matches("# TYPE").count(),
             text.matches("# HELP").count()

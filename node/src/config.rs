@@ -44,6 +44,10 @@ pub struct NodeConfig {
     pub bootstrap: Option<Vec<String>>,
     /// HTTP API address, IP:PORT. Default 127.0.0.1:7070.
     pub api: Option<String>,
+    /// The API address other people may use to reach this node, shown in
+    /// `members` (IP:PORT or NAME:PORT, never 0.0.0.0). Default: none. Nodes
+    /// never use it: node-to-node requests go over libp2p.
+    pub advertise_api: Option<String>,
     /// Discover peers on the local network by mDNS. Default false.
     pub mdns: Option<bool>,
     /// `text` for people or `json` for machines. Default text.
@@ -79,16 +83,39 @@ pub struct NetworkSection {
     pub target_peers: usize,
     /// How often membership timers run; bounds detection precision. Default 100.
     pub tick_interval_ms: u64,
+    /// Established connections in all. Default 256.
+    pub max_connections: u32,
+    /// Established connections with one peer. Default 4.
+    pub max_connections_per_peer: u32,
+    /// Inbound connections from one IP address. Default 64.
+    pub max_inbound_per_ip: u32,
+    /// Inbound connections still in their handshake. Default 64.
+    pub max_pending_inbound: u32,
+    /// Above this resident memory (MiB) new inbound connections are refused. Default 4096.
+    pub max_memory_mb: u64,
+    /// Dial private (10/8, 172.16/12, 192.168/16, fc00::/7, link-local)
+    /// addresses that other nodes announce. Default true: edge nodes live on
+    /// private networks; set false on a node that faces the internet.
+    /// Loopback addresses learned from others are dialled only by a node that
+    /// itself listens on a loopback address.
+    pub dial_private_addrs: bool,
 }
 
 impl Default for NetworkSection {
     fn default() -> Self {
+        let limits = mesh_net::admission::Limits::default();
         Self {
             idle_connection_timeout_ms: 300_000,
             bootstrap_backoff_initial_ms: 500,
             bootstrap_backoff_max_ms: 30_000,
             target_peers: 8,
             tick_interval_ms: 100,
+            max_connections: limits.max_connections,
+            max_connections_per_peer: limits.max_connections_per_peer,
+            max_inbound_per_ip: limits.max_inbound_per_ip,
+            max_pending_inbound: limits.max_pending_inbound,
+            max_memory_mb: limits.max_memory_mb,
+            dial_private_addrs: true,
         }
     }
 }
@@ -111,6 +138,8 @@ pub struct CheckedConfig {
     pub region: Region,
     /// HTTP API address.
     pub api: SocketAddr,
+    /// The API address this node advertises to people, if any.
+    pub advertise_api: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
     /// Network settings.
@@ -134,6 +163,8 @@ pub struct Overrides {
     pub bootstrap: Vec<String>,
     /// `--api`
     pub api: Option<String>,
+    /// `--advertise-api`
+    pub advertise_api: Option<String>,
     /// `--mdns`
     pub mdns: bool,
     /// `--log-format`
@@ -196,6 +227,13 @@ impl NodeConfig {
             .map_err(|_| problems.push(format!("invalid --api address {api_text:?}: expected IP:PORT, for example 127.0.0.1:7070")))
             .ok();
 
+        let advertise_api = flags.advertise_api.or(self.advertise_api);
+        if let Some(text) = &advertise_api {
+            if let Err(e) = check_advertise_api(text) {
+                problems.push(e);
+            }
+        }
+
         let log_format = match (flags.log_format, self.log_format.as_deref()) {
             (Some(f), _) => f,
             (None, None | Some("text")) => LogFormat::Text,
@@ -236,6 +274,22 @@ impl NodeConfig {
                     .to_owned(),
             );
         }
+        for (name, value) in [
+            ("max_connections", u64::from(net.max_connections)),
+            (
+                "max_connections_per_peer",
+                u64::from(net.max_connections_per_peer),
+            ),
+            ("max_inbound_per_ip", u64::from(net.max_inbound_per_ip)),
+            ("max_pending_inbound", u64::from(net.max_pending_inbound)),
+            ("max_memory_mb", net.max_memory_mb),
+        ] {
+            if value == 0 {
+                problems.push(format!(
+                    "network.{name} must be greater than 0, or the node accepts no connection"
+                ));
+            }
+        }
         if net.idle_connection_timeout_ms < self.membership.announce_interval_ms {
             problems.push("network.idle_connection_timeout_ms must be at least membership.announce_interval_ms".to_owned());
         }
@@ -253,6 +307,7 @@ impl NodeConfig {
                 data_dir,
                 region,
                 api,
+                advertise_api,
                 log_format,
                 network: mesh_net::Config {
                     listen,
@@ -267,6 +322,14 @@ impl NodeConfig {
                     tick_interval: Duration::from_millis(net.tick_interval_ms),
                     gossip: self.gossip,
                     membership: self.membership,
+                    limits: mesh_net::admission::Limits {
+                        max_connections: net.max_connections,
+                        max_connections_per_peer: net.max_connections_per_peer,
+                        max_inbound_per_ip: net.max_inbound_per_ip,
+                        max_pending_inbound: net.max_pending_inbound,
+                        max_memory_mb: net.max_memory_mb,
+                    },
+                    dial_private_addrs: Some(net.dial_private_addrs),
                 },
                 raft: self.raft,
                 models_dir,
@@ -274,6 +337,42 @@ impl NodeConfig {
             _ => Err(problems),
         }
     }
+}
+
+/// An advertised API address is `HOST:PORT` with a real host: not the
+/// unspecified address (0.0.0.0 or ::), which reaches nobody.
+fn check_advertise_api(text: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "invalid --advertise-api {text:?}: {why}; expected HOST:PORT that people can reach, for example 192.0.2.10:7070 or node1.example:7070"
+        ))
+    };
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        if addr.ip().is_unspecified() {
+            return bad("the unspecified address reaches nobody");
+        }
+        if addr.port() == 0 {
+            return bad("port 0");
+        }
+        return Ok(());
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return bad("no port");
+    };
+    if !port.parse::<u16>().is_ok_and(|p| p != 0) {
+        return bad("bad port");
+    }
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !name_ok {
+        return bad("not a host name");
+    }
+    Ok(())
 }
 
 fn parse_multiaddrs(flag: &str, given: &[String], problems: &mut Vec<String>) -> Vec<Multiaddr> {
@@ -360,6 +459,49 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in {all}");
         }
+    }
+
+    #[test]
+    fn the_advertised_api_is_a_reachable_host_and_port() {
+        for ok in [
+            "192.0.2.10:7070",
+            "[2001:db8::1]:7070",
+            "node1.example:7070",
+            "localhost:1",
+        ] {
+            let checked = NodeConfig::default()
+                .validate(Overrides {
+                    advertise_api: Some(ok.into()),
+                    ..flags()
+                })
+                .unwrap_or_else(|p| panic!("{ok}: {p:?}"));
+            assert_eq!(checked.advertise_api.as_deref(), Some(ok));
+        }
+        for bad in [
+            "0.0.0.0:7070",
+            "[::]:7070",
+            "host",
+            "host:0",
+            "a..b:1",
+            ":80",
+            "x y:80",
+        ] {
+            let problems = NodeConfig::default()
+                .validate(Overrides {
+                    advertise_api: Some(bad.into()),
+                    ..flags()
+                })
+                .expect_err(bad);
+            assert!(
+                problems[0].contains("--advertise-api"),
+                "{bad}: {problems:?}"
+            );
+        }
+        let defaults = NodeConfig::default().validate(flags()).expect("valid");
+        assert_eq!(
+            defaults.advertise_api, None,
+            "never the bind address by default"
+        );
     }
 
     #[test]

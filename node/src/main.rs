@@ -11,6 +11,7 @@ mod api;
 mod client;
 mod config;
 mod data_dir;
+mod forward;
 mod members;
 mod model_cli;
 mod models;
@@ -203,6 +204,9 @@ struct StartArgs {
     /// HTTP API address [default: 127.0.0.1:7070].
     #[arg(long, value_name = "HOST:PORT")]
     api: Option<String>,
+    /// The API address to show other people in `members` (never used by nodes, which talk over libp2p).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise_api: Option<String>,
     /// TOML config file; flags win over it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -252,6 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     listen: args.listen,
                     bootstrap: args.bootstrap,
                     api: args.api,
+                    advertise_api: args.advertise_api,
                     mdns: args.mdns,
                     log_format: cli.log_format,
                     models_dir: args.models_dir,

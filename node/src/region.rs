@@ -77,20 +77,54 @@ impl Transport for MeshTransport {
     }
 }
 
-/// Answers peers' Raft RPCs until the channel closes.
-pub async fn serve_rpcs(group: RegionGroup, mut inbound: mpsc::Receiver<InboundRpc>) {
+/// Answers peers' Raft RPCs until the channel closes. Only from a member
+/// of the region's group, or a node of the region as the gossip view sees
+/// it (a node the leader is adding, a new leader a lagging follower's log
+/// does not list yet, a bootstrap's proposer); anyone else is refused
+/// before the request is decoded (issue 12, finding 2).
+pub async fn serve_rpcs(
+    group: RegionGroup,
+    network: Network,
+    region: Region,
+    mut inbound: mpsc::Receiver<InboundRpc>,
+) {
     let permits = Arc::new(Semaphore::new(RPC_CONCURRENCY));
     while let Some(rpc) = inbound.recv().await {
+        let from = rpc.from.to_base58();
+        if !may_send_raft(&group, &network, &region, &rpc.from, &from).await {
+            tracing::debug!(%from, "refused a Raft RPC from a peer outside the region");
+            rpc.reply.send(consensus::rpc::refusal(&format!(
+                "{from} is neither a member of region {region}'s group nor a node of the region"
+            )));
+            continue;
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let group = group.clone();
         tokio::spawn(async move {
-            let answer = serve(&group, &rpc.from.to_base58(), &rpc.request).await;
+            let answer = serve(&group, &from, &rpc.request).await;
             rpc.reply.send(answer);
             drop(permit);
         });
     }
+}
+
+async fn may_send_raft(
+    group: &RegionGroup,
+    network: &Network,
+    region: &Region,
+    peer: &PeerId,
+    peer_id: &str,
+) -> bool {
+    let (voters, learners) = group.members();
+    if voters.iter().chain(&learners).any(|m| m == peer_id) {
+        return true;
+    }
+    matches!(
+        network.member(peer).await,
+        Ok(Some((MemberState::Alive | MemberState::Suspect, record))) if &record.region == region
+    )
 }
 
 /// The leader's housekeeping and the gossip of this node's role, until `shutdown`.

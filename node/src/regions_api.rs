@@ -1,8 +1,9 @@
 //! `/v1/regions/{region}/...`: bootstrap, status and policy, served by any
 //! node. A request for another region is forwarded to a live node of that
-//! region; a write (or a consistent read) is forwarded to the leader. A
-//! request is forwarded at most twice (`x-agentmesh-forwarded` counts):
-//! to the right region, then to its leader.
+//! region; a write (or a consistent read) is forwarded to the leader,
+//! always over libp2p to a peer id (`crate::forward`), never over HTTP to
+//! an address a peer advertised. A request is forwarded at most twice
+//! (`x-agentmesh-forwarded` counts): to the right region, then to its leader.
 
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use consensus::{GroupError, RegionStatus};
+use libp2p::PeerId;
+use mesh_net::{ForwardError, ForwardRequest};
 use mesh_types::policy::Policy;
 use mesh_types::{MemberState, Region};
 use serde::{Deserialize, Serialize};
@@ -18,11 +21,8 @@ use serde::{Deserialize, Serialize};
 use crate::api::{ApiError, ApiState};
 use crate::region::pick_voters;
 
-/// `None`: the client's own timeout (a Raft write plus a margin).
-const FORWARD_TIMEOUT_DEFAULT: Option<Duration> = None;
-
 /// How many times a request was forwarded already.
-const FORWARDED: &str = "x-agentmesh-forwarded";
+const FORWARDED: &str = crate::forward::FORWARDED;
 /// Most forwards of one request: to the right region, then to its leader.
 const FORWARD_HOPS_MAX: u8 = 2;
 
@@ -145,11 +145,12 @@ fn group_error(region: &Region, e: GroupError) -> ApiError {
     }
 }
 
-/// Sends the same request to the node at `api` and relays its answer.
+/// Sends the same request to `peer` over libp2p (see `crate::forward`)
+/// and relays its answer.
 async fn forward(
     state: &ApiState,
     headers: &HeaderMap,
-    api: &str,
+    peer: PeerId,
     method: Method,
     path: &str,
     body: Option<serde_json::Value>,
@@ -157,11 +158,11 @@ async fn forward(
     forward_with_timeout(
         state,
         headers,
-        api,
+        peer,
         method,
         path,
         body,
-        FORWARD_TIMEOUT_DEFAULT,
+        state.forward_timeout,
     )
     .await
 }
@@ -170,11 +171,11 @@ async fn forward(
 async fn forward_with_timeout(
     state: &ApiState,
     headers: &HeaderMap,
-    api: &str,
+    peer: PeerId,
     method: Method,
     path: &str,
     body: Option<serde_json::Value>,
-    timeout: Option<Duration>,
+    timeout: Duration,
 ) -> Result<Response, ApiError> {
     let hops = hops(headers);
     if hops >= FORWARD_HOPS_MAX {
@@ -184,37 +185,36 @@ async fn forward_with_timeout(
             format!("{path} was forwarded here but this node cannot serve it either (the view is changing); retry"),
         ));
     }
-    let url = format!("http://{api}{path}");
-    let mut request = state
-        .http
-        .request(method, &url)
-        .header(FORWARDED, (hops + 1).to_string());
-    if let Some(timeout) = timeout {
-        request = request.timeout(timeout);
-    }
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.map_err(|e| {
-        error(
-            StatusCode::BAD_GATEWAY,
-            "unreachable_peer",
-            format!("cannot forward to {api}: {e}; the node may have just failed, retry"),
-        )
-    })?;
-    let status =
-        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let bytes = response.bytes().await.map_err(|e| {
-        error(
-            StatusCode::BAD_GATEWAY,
-            "unreachable_peer",
-            format!("reading the answer of {api}: {e}"),
-        )
-    })?;
+    let request = ForwardRequest {
+        method: method.to_string(),
+        path: path.to_owned(),
+        hops: hops + 1,
+        body: body
+            .map(|b| serde_json::to_vec(&b).unwrap_or_default())
+            .unwrap_or_default(),
+    };
+    let answer = state
+        .network
+        .forward(peer, &request, timeout)
+        .await
+        .map_err(|e| {
+            let (status, name) = match e {
+                ForwardError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "outcome_unknown"),
+                _ => (StatusCode::BAD_GATEWAY, "unreachable_peer"),
+            };
+            error(
+                status,
+                name,
+                format!(
+                    "{e}; the node may have just failed: read before writing again, then retry"
+                ),
+            )
+        })?;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     Ok((
         status,
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        bytes,
+        answer.body,
     )
         .into_response())
 }
@@ -228,8 +228,8 @@ async fn forward_to_region(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let api = api_in_region(state, region, None).await?;
-    forward(state, headers, &api, method, path, body).await
+    let peer = peer_in_region(state, region, None).await?;
+    forward(state, headers, peer, method, path, body).await
 }
 
 /// Forwards a request this follower cannot serve to the region's leader.
@@ -242,30 +242,35 @@ async fn forward_to_leader(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let api = api_in_region(state, region, Some(leader)).await?;
-    forward(state, headers, &api, method, path, body).await
+    let peer = peer_in_region(state, region, Some(leader)).await?;
+    forward(state, headers, peer, method, path, body).await
 }
 
-/// The API address of a live node of `region`, preferring `preferred` (a peer id).
-async fn api_in_region(
+/// A live node of `region` to forward to: `preferred` (a peer id) if it is
+/// one, else a member of the region's group (a node that gossips a Raft
+/// role), else any live node of the region.
+async fn peer_in_region(
     state: &ApiState,
     region: &Region,
     preferred: Option<&str>,
-) -> Result<String, ApiError> {
+) -> Result<PeerId, ApiError> {
     let members = state.network.snapshot().await?.members;
     let live = |m: &&mesh_types::MemberView| {
-        &m.region == region && m.state == MemberState::Alive && m.api.is_some() && !m.is_self
+        &m.region == region && m.state == MemberState::Alive && !m.is_self
     };
     let found = preferred
         .and_then(|p| members.iter().filter(live).find(|m| m.peer_id.0 == p))
+        .or_else(|| members.iter().filter(live).find(|m| m.raft.is_some()))
         .or_else(|| members.iter().find(live));
-    found.and_then(|m| m.api.clone()).ok_or_else(|| {
-        error(
-            StatusCode::NOT_FOUND,
-            "unknown_region",
-            format!("no live node of region {region} is known to this node; start one with `agentmesh node start --region {region}`"),
-        )
-    })
+    found
+        .and_then(|m| m.peer_id.0.parse::<PeerId>().ok())
+        .ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                "unknown_region",
+                format!("no live node of region {region} is known to this node; start one with `agentmesh node start --region {region}`"),
+            )
+        })
 }
 
 fn not_bootstrapped(region: &Region) -> ApiError {
@@ -292,18 +297,18 @@ pub async fn bootstrap(
         ));
     }
     let already_bootstrapped = match bootstrap_target(&state, &region, &body).await? {
-        BootstrapTarget::Forward(api, voter_set) => {
+        BootstrapTarget::Forward(peer, voter_set) => {
             let path = format!("/v1/regions/{region}/bootstrap");
             let body = BootstrapRequest {
                 voter_set: voter_set.or(body.voter_set),
                 ..body
             };
             let json = serde_json::to_value(&body).ok();
-            let timeout = Some(BOOTSTRAP_FORWARD_TIMEOUT);
+            let timeout = BOOTSTRAP_FORWARD_TIMEOUT;
             return forward_with_timeout(
                 &state,
                 &headers,
-                &api,
+                peer,
                 Method::POST,
                 &path,
                 json,
@@ -346,8 +351,8 @@ pub async fn bootstrap(
 
 /// Where a bootstrap request is carried out.
 enum BootstrapTarget {
-    /// On the node at this API address, with the voters picked here, if any.
-    Forward(String, Option<Vec<String>>),
+    /// On this node, with the voters picked here, if any.
+    Forward(PeerId, Option<Vec<String>>),
     /// Nowhere: this node's group exists already.
     AlreadyHere,
     /// Here, with these voters.
@@ -361,7 +366,7 @@ async fn bootstrap_target(
 ) -> Result<BootstrapTarget, ApiError> {
     if region != &state.region {
         return Ok(BootstrapTarget::Forward(
-            api_in_region(state, region, None).await?,
+            peer_in_region(state, region, None).await?,
             None,
         ));
     }
@@ -377,7 +382,7 @@ async fn bootstrap_target(
     });
     if let Some(member) = member_of_group {
         return Ok(BootstrapTarget::Forward(
-            api_in_region(state, region, Some(&member.peer_id.0)).await?,
+            peer_in_region(state, region, Some(&member.peer_id.0)).await?,
             None,
         ));
     }
@@ -400,7 +405,7 @@ async fn bootstrap_target(
         return match voters.first() {
             Some(first) if *first == state.peer_id => Ok(BootstrapTarget::Initialize(voters)),
             Some(first) => Ok(BootstrapTarget::Forward(
-                api_in_region(state, region, Some(first)).await?,
+                peer_in_region(state, region, Some(first)).await?,
                 Some(voters.clone()),
             )),
             None => Err(error(
@@ -427,7 +432,7 @@ async fn bootstrap_target(
     // there, so two concurrent bootstraps cannot race.
     if voters.first() != Some(&state.peer_id) {
         return Ok(BootstrapTarget::Forward(
-            api_in_region(state, region, voters.first().map(String::as_str)).await?,
+            peer_in_region(state, region, voters.first().map(String::as_str)).await?,
             Some(voters),
         ));
     }
@@ -448,11 +453,11 @@ pub async fn status(
     // The leader knows every member's progress: ask it when this node is not it.
     if !state.group.is_leader() && hops(&headers) < FORWARD_HOPS_MAX {
         if let Some(leader) = state.group.leader() {
-            if let Ok(api) = api_in_region(&state, &region, Some(&leader)).await {
+            if let Ok(peer) = peer_in_region(&state, &region, Some(&leader)).await {
                 if let Ok(answer) = forward(
                     &state,
                     &headers,
-                    &api,
+                    peer,
                     Method::GET,
                     &format!("/v1/regions/{region}/status"),
                     None,
@@ -661,18 +666,20 @@ async fn leader_last_index(state: &ApiState, region: &Region) -> Option<u64> {
         return state.group.status().last_log_index;
     }
     let leader = state.group.leader()?;
-    let api = api_in_region(state, region, Some(&leader)).await.ok()?;
-    let url = format!("http://{api}/v1/regions/{region}/status");
-    let answer: StatusAnswer = state
-        .http
-        .get(url)
-        .header(FORWARDED, FORWARD_HOPS_MAX.to_string())
-        .timeout(Duration::from_secs(2))
-        .send()
+    let peer = peer_in_region(state, region, Some(&leader)).await.ok()?;
+    // Counted as forwarded to the limit: the leader answers itself.
+    let request = ForwardRequest {
+        method: "GET".into(),
+        path: format!("/v1/regions/{region}/status"),
+        hops: FORWARD_HOPS_MAX,
+        body: Vec::new(),
+    };
+    let answer = state
+        .network
+        .forward(peer, &request, Duration::from_secs(2))
         .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+        .ok()
+        .filter(|a| a.status == 200)?;
+    let answer: StatusAnswer = serde_json::from_slice(&answer.body).ok()?;
     answer.status.last_log_index
 }

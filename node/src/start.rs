@@ -27,9 +27,6 @@ use crate::region::{self, MeshTransport};
 
 /// How long to wait for the listeners to report their addresses.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long connecting to another node may take before the forward fails
-/// (a cut link drops SYNs silently; without this the caller waits the full timeout).
-const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How much longer than a Raft write a forwarded request may take.
 const FORWARD_MARGIN: Duration = Duration::from_secs(3);
 /// How long the network gets to announce the leave and close after a signal.
@@ -142,7 +139,8 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         models: models.adverts(),
         datasets: Vec::new(),
         load: Load::default(),
-        api: Some(api_addr.to_string()),
+        // For people only (`members`); nodes talk over libp2p.
+        api: config.advertise_api.clone(),
         raft: None,
     };
 
@@ -155,6 +153,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         network,
         ready,
         inbound_rpcs,
+        inbound_forwards,
         task: network_task,
     } = Network::start(config.network.clone(), keypair, local, shutdown.clone())?;
     let group = RegionGroup::open(
@@ -165,7 +164,12 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         MeshTransport::new(network.clone()),
     )
     .await?;
-    tokio::spawn(region::serve_rpcs(group.clone(), inbound_rpcs));
+    tokio::spawn(region::serve_rpcs(
+        group.clone(),
+        network.clone(),
+        config.region.clone(),
+        inbound_rpcs,
+    ));
     tokio::spawn(region::housekeeping(
         group.clone(),
         network.clone(),
@@ -195,19 +199,22 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         peer_id: peer_id.to_base58(),
         region: config.region.clone(),
         group: group.clone(),
-        http: reqwest::Client::builder()
-            // A forwarded write waits up to write_timeout on the leader; past
-            // that plus a margin, the leader (or the link to it) is gone.
-            .timeout(Duration::from_millis(config.raft.write_timeout_ms) + FORWARD_MARGIN)
-            .connect_timeout(FORWARD_CONNECT_TIMEOUT)
-            .build()
-            .context("build the HTTP client")?,
+        // A forwarded write waits up to write_timeout on the leader; past
+        // that plus a margin, the leader (or the link to it) is gone.
+        forward_timeout: Duration::from_millis(config.raft.write_timeout_ms) + FORWARD_MARGIN,
         models,
         api_is_loopback: api_addr.ip().is_loopback(),
     };
+    let network = state.network.clone();
+    let router = api::router(state);
+    tokio::spawn(crate::forward::serve(
+        router.clone(),
+        network,
+        inbound_forwards,
+    ));
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
-        axum::serve(api_listener, api::router(state))
+        axum::serve(api_listener, router)
             .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
             .await
     });

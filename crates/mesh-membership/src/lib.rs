@@ -39,6 +39,10 @@ pub struct Config {
     pub forget_after_ms: u64,
     /// Records stamped further than this in our future are ignored. Default 30000.
     pub max_clock_skew_ms: u64,
+    /// Most members in the view. When it is full, a new member takes the
+    /// place of the dead or left member forgotten longest ago, or is not
+    /// taken. Default 4096.
+    pub max_members: usize,
 }
 
 impl Default for Config {
@@ -49,6 +53,7 @@ impl Default for Config {
             dead_after_ms: 4_000,
             forget_after_ms: 600_000,
             max_clock_skew_ms: 30_000,
+            max_members: 4096,
         }
     }
 }
@@ -56,6 +61,9 @@ impl Default for Config {
 /// Why a timing configuration cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    /// A view that can hold nobody.
+    #[error("membership.max_members must be greater than 0")]
+    NoMembers,
     /// A zero interval would announce in a busy loop.
     #[error("membership.announce_interval_ms must be greater than 0")]
     ZeroAnnounceInterval,
@@ -88,6 +96,9 @@ impl Config {
                 suspect_after_ms: self.suspect_after_ms,
                 announce_interval_ms: self.announce_interval_ms,
             });
+        }
+        if self.max_members == 0 {
+            return Err(ConfigError::NoMembers);
         }
         if self.dead_after_ms <= self.suspect_after_ms {
             return Err(ConfigError::DeadBeforeSuspect {
@@ -132,8 +143,15 @@ pub enum Event {
 pub enum IgnoreReason {
     /// Its `sent_at_ms` is beyond our clock plus the allowed skew.
     FromTheFuture,
-    /// Its `seq` is lower than one we already have.
+    /// Its `seq` is lower than one we already have, or than the last one
+    /// of a member we forgot (a replay).
     Stale,
+    /// It was sent longer ago than a member takes to be declared dead (plus
+    /// the allowed clock skew): a replayed record, which must not make a
+    /// gone member alive again.
+    TooOld,
+    /// The view is full of live members.
+    Full,
 }
 
 /// What the caller must do.
@@ -180,6 +198,10 @@ pub struct Membership {
     /// BTreeMap, not HashMap: iteration order must not depend on a random
     /// hasher, or the simulator would not be deterministic.
     members: BTreeMap<NodeId, Member>,
+    /// The highest `seq` of each member forgotten, and when it was (at most
+    /// `max_members`, the oldest dropped first): a replayed record of a
+    /// forgotten member is stale, not a new member.
+    tombstones: BTreeMap<NodeId, (u64, UnixMillis)>,
 }
 
 impl Membership {
@@ -192,6 +214,7 @@ impl Membership {
             local,
             next_announce_at: now,
             members: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
         }
     }
 
@@ -327,8 +350,46 @@ impl Membership {
             }
         }
         for id in forgotten {
-            self.members.remove(&id);
+            self.forget(id, now, commands);
+        }
+    }
+
+    /// Drops a member from the view, keeping its tombstone.
+    fn forget(&mut self, id: NodeId, now: UnixMillis, commands: &mut Vec<Command>) {
+        if let Some(member) = self.members.remove(&id) {
+            if self.tombstones.len() >= self.config.max_members {
+                let oldest = self
+                    .tombstones
+                    .iter()
+                    .min_by_key(|(_, (_, at))| *at)
+                    .map(|(id, _)| id.clone());
+                if let Some(oldest) = oldest {
+                    self.tombstones.remove(&oldest);
+                }
+            }
+            self.tombstones.insert(id.clone(), (member.record.seq, now));
             commands.push(Command::Forgot(id));
+        }
+    }
+
+    /// Room for one more member: true if there is, perhaps after forgetting
+    /// the dead or left member that has been so longest.
+    fn make_room(&mut self, now: UnixMillis, commands: &mut Vec<Command>) -> bool {
+        if self.members.len() < self.config.max_members {
+            return true;
+        }
+        let gone = self
+            .members
+            .iter()
+            .filter(|(_, m)| matches!(m.state, MemberState::Dead | MemberState::Left))
+            .min_by_key(|(_, m)| m.state_since)
+            .map(|(id, _)| id.clone());
+        match gone {
+            Some(id) => {
+                self.forget(id, now, commands);
+                true
+            }
+            None => false,
         }
     }
 
@@ -350,11 +411,41 @@ impl Membership {
             });
             return;
         }
+        let oldest_alive = self
+            .config
+            .dead_after_ms
+            .saturating_add(self.config.max_clock_skew_ms);
+        if record.sent_at_ms.saturating_add(oldest_alive) < now {
+            commands.push(Command::RecordIgnored {
+                node: record.node_id,
+                reason: IgnoreReason::TooOld,
+            });
+            return;
+        }
         let to = if record.leaving {
             MemberState::Left
         } else {
             MemberState::Alive
         };
+        if !self.members.contains_key(&record.node_id) {
+            if let Some(&(seq, _)) = self.tombstones.get(&record.node_id) {
+                if record.seq <= seq {
+                    commands.push(Command::RecordIgnored {
+                        node: record.node_id,
+                        reason: IgnoreReason::Stale,
+                    });
+                    return;
+                }
+            }
+            if !self.make_room(now, commands) {
+                commands.push(Command::RecordIgnored {
+                    node: record.node_id,
+                    reason: IgnoreReason::Full,
+                });
+                return;
+            }
+            self.tombstones.remove(&record.node_id);
+        }
         match self.members.get_mut(&record.node_id) {
             Some(member) if record.seq < member.record.seq => {
                 commands.push(Command::RecordIgnored {

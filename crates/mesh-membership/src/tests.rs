@@ -14,6 +14,7 @@ fn config() -> Config {
         dead_after_ms: 3_000,
         forget_after_ms: 60_000,
         max_clock_skew_ms: 5_000,
+        max_members: 100,
     }
 }
 
@@ -429,4 +430,84 @@ fn an_announcement_after_leave_still_says_leaving() {
         [Command::Announce(r)] => assert!(r.leaving, "a leave must not be withdrawn"),
         other => panic!("expected one announcement, got {other:?}"),
     }
+}
+
+#[test]
+fn a_replayed_record_does_not_bring_a_gone_member_back() {
+    let mut m = engine();
+    m.handle(Event::Record(record("peer", GEN + 5, T0)), T0);
+    // Dead after 3 s of silence, forgotten 60 s later.
+    m.handle(Event::Tick, T0 + 3_000);
+    let out = m.handle(Event::Tick, T0 + 63_000);
+    assert!(out.contains(&Command::Forgot(peer())), "{out:?}");
+    // A captured record, replayed: older than dead_after + skew.
+    let out = m.handle(Event::Record(record("peer", GEN + 5, T0)), T0 + 63_001);
+    assert_eq!(
+        out,
+        vec![Command::RecordIgnored {
+            node: peer(),
+            reason: IgnoreReason::TooOld
+        }]
+    );
+    // Even re-stamped recently (a replay cannot re-sign, but a restarted
+    // peer's clock may lag): a seq at or below the tombstone is stale.
+    let out = m.handle(
+        Event::Record(record("peer", GEN + 5, T0 + 63_000)),
+        T0 + 63_001,
+    );
+    assert_eq!(
+        out,
+        vec![Command::RecordIgnored {
+            node: peer(),
+            reason: IgnoreReason::Stale
+        }]
+    );
+    assert_eq!(m.state(&peer()), None);
+    // The real node, restarted (a higher generation): a member again.
+    let out = m.handle(
+        Event::Record(record("peer", 2 * GEN + 1, T0 + 63_000)),
+        T0 + 63_001,
+    );
+    assert_eq!(
+        changes(&out),
+        vec![("peer".into(), None, MemberState::Alive)]
+    );
+}
+
+#[test]
+fn a_full_view_makes_room_only_by_forgetting_the_gone() {
+    let mut m = Membership::new(
+        Config {
+            max_members: 3,
+            ..config()
+        },
+        record("local", GEN, T0),
+        T0,
+    );
+    for id in ["a", "b", "c"] {
+        m.handle(Event::Record(record(id, GEN + 1, T0)), T0);
+    }
+    // Full of live members: a fourth is not taken.
+    let out = m.handle(Event::Record(record("d", GEN + 1, T0 + 10)), T0 + 10);
+    assert_eq!(
+        out,
+        vec![Command::RecordIgnored {
+            node: NodeId("d".into()),
+            reason: IgnoreReason::Full
+        }]
+    );
+    // a and b keep announcing, c goes silent and dies: d takes its place.
+    for t in [1_000, 2_000, 3_000, 3_500] {
+        m.handle(Event::Record(record("a", GEN + 1 + t, T0 + t)), T0 + t);
+        m.handle(Event::Record(record("b", GEN + 1 + t, T0 + t)), T0 + t);
+        m.handle(Event::Tick, T0 + t);
+    }
+    assert_eq!(m.state(&NodeId("c".into())), Some(MemberState::Dead));
+    let out = m.handle(Event::Record(record("d", GEN + 2, T0 + 3_500)), T0 + 3_500);
+    assert!(
+        out.contains(&Command::Forgot(NodeId("c".into()))),
+        "{out:?}"
+    );
+    assert_eq!(m.state(&NodeId("d".into())), Some(MemberState::Alive));
+    assert_eq!(m.view(T0 + 3_500).len(), 4, "local + 3");
 }

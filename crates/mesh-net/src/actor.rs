@@ -29,10 +29,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::admission::{Admission, DialScope};
 use crate::codec::FrameCodec;
 use crate::config::{Config, GossipConfig};
 use crate::dialer::Dialer;
 use crate::envelope;
+use crate::forward::{
+    serve_forwards, ForwardError, ForwardRequest, ForwardResponse, Forwarder, InboundForward,
+};
 use crate::raft_link::{serve_links, InboundRpc, RaftLinks};
 use crate::sync::{SyncEntry, SyncMessage};
 
@@ -48,9 +52,23 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/kad/1.0
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/members-sync/1");
 /// A sync that takes longer than this is abandoned; gossip still converges.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer's sync requests are answered with the whole view at most this
+/// often (it syncs once per connection); more often, with our record only.
+const SYNC_FULL_ANSWER_EVERY: Duration = Duration::from_secs(10);
+/// Most records in a sync answer, the most recently heard first; the rest
+/// reach the new node by gossip within an announcement interval.
+pub const SYNC_ANSWER_ENTRIES_MAX: usize = 1024;
+/// Most bytes of records in a sync answer.
+pub const SYNC_ANSWER_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Largest sealed record taken from gossip or sync: a few addresses, models
+/// and datasets take a few KiB.
+pub const SEALED_RECORD_MAX: usize = 64 * 1024;
 /// Inbound Raft RPCs waiting for the node to take them; past this the
 /// request is dropped and the sender sees a failure (backpressure).
 const INBOUND_RPC_QUEUE: usize = 256;
+/// Forwarded API requests waiting for the node to take them; past this the
+/// sender is answered `503 busy`.
+const INBOUND_FORWARD_QUEUE: usize = 64;
 /// How long the swarm keeps running after the leave announcement, so it
 /// reaches the peers before the connections close.
 pub const LEAVE_FLUSH: Duration = Duration::from_millis(500);
@@ -106,11 +124,14 @@ pub struct Snapshot {
     pub records_rejected: u64,
     /// Records ignored by the engine: stale or from the future.
     pub records_ignored: u64,
+    /// Connections refused by a limit (see [`crate::admission`]).
+    pub connections_refused: u64,
 }
 
 #[derive(Debug)]
 enum Request {
     Snapshot(oneshot::Sender<Snapshot>),
+    Member(NodeId, oneshot::Sender<Option<(MemberState, NodeRecord)>>),
     SetRaftRole(Option<mesh_types::RaftRole>),
 }
 
@@ -123,6 +144,9 @@ pub struct Started {
     pub ready: oneshot::Receiver<Ready>,
     /// Raft RPCs from peers; the node MUST consume them, or they are dropped.
     pub inbound_rpcs: mpsc::Receiver<InboundRpc>,
+    /// API requests forwarded by peers; the node MUST consume them, or they
+    /// are answered `503`.
+    pub inbound_forwards: mpsc::Receiver<InboundForward>,
     /// The actor task; it ends after the leave announcement once shutdown is cancelled.
     pub task: JoinHandle<()>,
 }
@@ -132,6 +156,7 @@ pub struct Started {
 pub struct Network {
     requests: mpsc::Sender<Request>,
     raft_links: RaftLinks,
+    forwarder: Forwarder,
 }
 
 impl Network {
@@ -169,6 +194,12 @@ impl Network {
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_RPC_QUEUE);
         let control = swarm.behaviour().raft.new_control();
         tokio::spawn(serve_links(control.clone(), inbound_tx, shutdown.clone()));
+        let (forward_tx, forward_rx) = mpsc::channel(INBOUND_FORWARD_QUEUE);
+        tokio::spawn(serve_forwards(
+            control.clone(),
+            forward_tx,
+            shutdown.clone(),
+        ));
         let (ready_tx, ready_rx) = oneshot::channel();
         let now = unix_now_ms();
         let actor = NetworkActor {
@@ -191,15 +222,19 @@ impl Network {
             envelopes: BTreeMap::new(),
             announce_unheard: false,
             counters: Counters::default(),
+            bad_input_log: LogBudget::default(),
+            full_syncs: std::collections::HashMap::new(),
         };
         let handle = tokio::spawn(actor.run());
         Ok(Started {
             network: Network {
                 requests: tx,
-                raft_links: RaftLinks::new(control),
+                raft_links: RaftLinks::new(control.clone()),
+                forwarder: Forwarder::new(control),
             },
             ready: ready_rx,
             inbound_rpcs: inbound_rx,
+            inbound_forwards: forward_rx,
             task: handle,
         })
     }
@@ -207,6 +242,31 @@ impl Network {
     /// Sends one Raft RPC to `peer` and waits for its answer.
     pub async fn rpc(&self, peer: PeerId, request: Vec<u8>) -> Result<Vec<u8>, String> {
         self.raft_links.call(peer, request).await
+    }
+
+    /// Carries an API request to `peer` over libp2p and waits for its
+    /// answer, at most `timeout` (see [`crate::forward`]).
+    pub async fn forward(
+        &self,
+        peer: PeerId,
+        request: &ForwardRequest,
+        timeout: Duration,
+    ) -> Result<ForwardResponse, ForwardError> {
+        self.forwarder.call(peer, request, timeout).await
+    }
+
+    /// How this node's membership view sees `peer`: its state and freshest
+    /// record (None: not a member).
+    pub async fn member(
+        &self,
+        peer: &PeerId,
+    ) -> Result<Option<(MemberState, NodeRecord)>, NetworkError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Member(NodeId(peer.to_base58()), tx))
+            .await
+            .map_err(|_| NetworkError::Stopped)?;
+        rx.await.map_err(|_| NetworkError::Stopped)
     }
 
     /// Sets this node's Raft role in its gossip record (announced at once if it changed).
@@ -233,6 +293,8 @@ impl Network {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// First: its limits are checked before any other behaviour sees a connection.
+    admission: Admission,
     gossipsub: gossipsub::Behaviour,
     identify: identify::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -266,10 +328,56 @@ pub(crate) fn gossipsub_config(gossip: &GossipConfig) -> Result<gossipsub::Confi
         })
 }
 
+/// gossipsub peer scoring (issue 12, finding 7): a peer that delivers
+/// invalid records loses score fast (the penalty is the square of the
+/// count) and, past the graylist threshold, everything it sends is dropped
+/// before any signature is checked. Three invalid records in a row
+/// graylist a peer; the count decays by half every second, so it comes
+/// back once it stops. The penalties for slow delivery and for sharing an
+/// IP address are off: a small region's topic is quiet by design, and
+/// test meshes run many nodes on one address (connections per IP are
+/// limited by the admission behaviour instead).
+pub(crate) fn peer_score() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_decay: 0.5,
+        first_message_deliveries_cap: 10.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.5,
+        ..Default::default()
+    };
+    let mut params = gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: 0.0,
+        slow_peer_weight: 0.0,
+        decay_interval: Duration::from_secs(1),
+        ..Default::default()
+    };
+    params
+        .topics
+        .insert(IdentTopic::new(MEMBERS_TOPIC).hash(), topic);
+    let thresholds = gossipsub::PeerScoreThresholds {
+        gossip_threshold: -10.0,
+        publish_threshold: -50.0,
+        graylist_threshold: -80.0,
+        ..Default::default()
+    };
+    (params, thresholds)
+}
+
 fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, NetworkError> {
     config.gossip.validate().map_err(NetworkError::Setup)?;
     let gossip_config = gossipsub_config(&config.gossip)?;
     let mdns_enabled = config.mdns;
+    let admission = Admission::new(
+        config.limits.clone(),
+        DialScope::for_listen(&config.listen, config.dial_private_addrs),
+    );
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -283,10 +391,12 @@ fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, Ne
         .map_err(|e| NetworkError::Setup(format!("dns resolver: {e}")))?
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
-            let gossipsub = gossipsub::Behaviour::new(
+            let mut gossipsub = gossipsub::Behaviour::new(
                 gossipsub::MessageAuthenticity::Anonymous,
                 gossip_config,
             )?;
+            let (params, thresholds) = peer_score();
+            gossipsub.with_peer_score(params, thresholds)?;
             let identify = identify::Behaviour::new(
                 identify::Config::new(PROTOCOL_VERSION.to_owned(), key.public())
                     .with_agent_version(format!("agentmesh/{}", mesh_types::AGENTMESH_VERSION)),
@@ -311,6 +421,7 @@ fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, Ne
             );
             let raft = libp2p_stream::Behaviour::new();
             Ok(Behaviour {
+                admission,
                 gossipsub,
                 identify,
                 kad,
@@ -358,6 +469,41 @@ struct NetworkActor {
     /// The last announcement reached no subscribed peer.
     announce_unheard: bool,
     counters: Counters,
+    /// Lines about refused input: a flood of bad messages is counted, not
+    /// written out one line each.
+    bad_input_log: LogBudget,
+    /// When each peer last got the whole view by sync.
+    full_syncs: std::collections::HashMap<PeerId, std::time::Instant>,
+}
+
+/// At most [`LogBudget::LINES`] lines per [`LogBudget::WINDOW`]; the next
+/// line allowed says how many were left out.
+#[derive(Debug, Default)]
+pub(crate) struct LogBudget {
+    window_start: Option<std::time::Instant>,
+    lines: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    const LINES: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    /// `Some(lines left out since the last one written)` if a line may be
+    /// written now.
+    pub(crate) fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        let start = *self.window_start.get_or_insert(now);
+        if now.duration_since(start) >= Self::WINDOW {
+            self.window_start = Some(now);
+            self.lines = 0;
+        }
+        if self.lines >= Self::LINES {
+            self.suppressed = self.suppressed.saturating_add(1);
+            return None;
+        }
+        self.lines += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl NetworkActor {
@@ -391,6 +537,7 @@ impl NetworkActor {
     }
 
     fn on_request(&mut self, request: Request) {
+        let refused = self.swarm.behaviour().admission.refused_total();
         match request {
             Request::Snapshot(reply) => {
                 let info = self.swarm.network_info();
@@ -404,9 +551,17 @@ impl NetworkActor {
                     publish_failures: self.counters.publish_failures,
                     records_rejected: self.counters.records_rejected,
                     records_ignored: self.counters.records_ignored,
+                    connections_refused: refused,
                 };
                 // The caller may have given up; nothing to do then.
                 let _ = reply.send(snapshot);
+            }
+            Request::Member(node, reply) => {
+                let member = self
+                    .membership
+                    .state(&node)
+                    .zip(self.membership.record(&node).cloned());
+                let _ = reply.send(member);
             }
             Request::SetRaftRole(role) => {
                 let commands = self
@@ -452,17 +607,10 @@ impl NetworkActor {
         }
     }
 
+    /// Dials a member at the addresses of its record (the admission
+    /// behaviour's address book supplies them).
     fn dial_member(&mut self, peer: PeerId) {
-        let addrs: Vec<Multiaddr> = self
-            .membership
-            .record(&mesh_types::NodeId(peer.to_base58()))
-            .map(|r| r.addrs.iter().filter_map(|a| a.parse().ok()).collect())
-            .unwrap_or_default();
-        if addrs.is_empty() {
-            return;
-        }
         let opts = DialOpts::peer_id(peer)
-            .addresses(addrs)
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
         if let Err(e) = self.swarm.dial(opts) {
@@ -496,6 +644,9 @@ impl NetworkActor {
                 }
                 Command::Forgot(node) => {
                     self.envelopes.remove(&node);
+                    if let Ok(peer) = node.0.parse::<PeerId>() {
+                        self.swarm.behaviour_mut().admission.forget(&peer);
+                    }
                     debug!(peer = %node, "forgot member");
                 }
             }
@@ -546,8 +697,17 @@ impl NetworkActor {
                     debug!(%peer_id, version = %info.protocol_version, "peer speaks another protocol");
                     return;
                 }
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                // Only what this node would dial, and a few per peer: a peer
+                // cannot fill the routing table or point it at loopback.
+                let behaviour = self.swarm.behaviour_mut();
+                let allowed: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .into_iter()
+                    .filter(|a| behaviour.admission.may_dial(a))
+                    .take(crate::admission::ADDRS_PER_PEER_MAX)
+                    .collect();
+                for addr in allowed {
+                    behaviour.kad.add_address(&peer_id, addr);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
@@ -647,7 +807,13 @@ impl NetworkActor {
                 self.counters.gossip_in += 1;
                 // Records are self-signed: who forwarded or published the
                 // message does not matter, only that the record verifies.
-                let verdict = envelope::open(&message.data)
+                let verdict = Some(&message.data)
+                    .filter(|d| d.len() <= SEALED_RECORD_MAX)
+                    .ok_or(envelope::EnvelopeError::Malformed(format!(
+                        "{} bytes, more than a record may have ({SEALED_RECORD_MAX})",
+                        message.data.len()
+                    )))
+                    .and_then(|d| envelope::open(d))
                     .map(|(record, _)| record)
                     .map_err(|e| e.to_string());
                 let acceptance = match verdict {
@@ -657,7 +823,11 @@ impl NetworkActor {
                     }
                     Err(reason) => {
                         self.counters.records_rejected += 1;
-                        warn!(from = %propagation_source, %reason, "refused a node record");
+                        if let Some(suppressed) =
+                            self.bad_input_log.allow(std::time::Instant::now())
+                        {
+                            warn!(from = %propagation_source, %reason, suppressed, "refused a node record");
+                        }
                         MessageAcceptance::Reject
                     }
                 };
@@ -688,8 +858,31 @@ impl NetworkActor {
         };
         let commands = self.membership.handle(event, unix_now_ms());
         self.execute(commands);
-        if self.membership.record(&node).is_some_and(|r| r.seq == seq) {
+        if let Some(record) = self.membership.record(&node).filter(|r| r.seq == seq) {
+            if let Ok(peer) = node.0.parse::<PeerId>() {
+                let addrs = record.addrs.clone();
+                self.swarm
+                    .behaviour_mut()
+                    .admission
+                    .set_addresses(peer, &addrs);
+            }
             self.envelopes.insert(node, sealed.to_vec());
+        }
+    }
+
+    /// True if `peer` may have the whole view now (see [`SYNC_FULL_ANSWER_EVERY`]).
+    fn sync_budget(&mut self, peer: PeerId) -> bool {
+        let now = std::time::Instant::now();
+        if self.full_syncs.len() > 4096 {
+            self.full_syncs
+                .retain(|_, at| now.duration_since(*at) < SYNC_FULL_ANSWER_EVERY);
+        }
+        match self.full_syncs.get(&peer) {
+            Some(at) if now.duration_since(*at) < SYNC_FULL_ANSWER_EVERY => false,
+            _ => {
+                self.full_syncs.insert(peer, now);
+                true
+            }
         }
     }
 
@@ -717,11 +910,23 @@ impl NetworkActor {
             .into_iter()
             .collect();
         if !own_only {
-            for member in self.membership.view(unix_now_ms()) {
-                if member.is_self || member.state != MemberState::Alive {
-                    continue;
+            let mut alive: Vec<MemberView> = self
+                .membership
+                .view(unix_now_ms())
+                .into_iter()
+                .filter(|m| !m.is_self && m.state == MemberState::Alive)
+                .collect();
+            alive.sort_by_key(|m| m.last_seen_ms);
+            let mut bytes = entries.iter().map(|e| e.envelope.len()).sum::<usize>();
+            for member in alive {
+                if entries.len() >= SYNC_ANSWER_ENTRIES_MAX {
+                    break;
                 }
                 if let Some(e) = self.envelopes.get(&member.peer_id) {
+                    if bytes + e.len() > SYNC_ANSWER_BYTES_MAX {
+                        break;
+                    }
+                    bytes += e.len();
                     entries.push(SyncEntry {
                         envelope: e.clone(),
                         age_ms: member.last_seen_ms,
@@ -732,16 +937,30 @@ impl NetworkActor {
         SyncMessage::new(entries).encode()
     }
 
-    fn apply_sync(&mut self, from: PeerId, bytes: &[u8]) {
+    /// Applies a sync message: a request carries the sender's own record
+    /// (only its first entry is read), an answer at most
+    /// [`SYNC_ANSWER_ENTRIES_MAX`].
+    fn apply_sync(&mut self, from: PeerId, bytes: &[u8], is_request: bool) {
         let message = match SyncMessage::decode(bytes) {
             Ok(m) => m,
             Err(e) => {
                 self.counters.records_rejected += 1;
-                warn!(%from, error = %e, "refused a member sync");
+                if let Some(suppressed) = self.bad_input_log.allow(std::time::Instant::now()) {
+                    warn!(%from, error = %e, suppressed, "refused a member sync");
+                }
                 return;
             }
         };
-        for entry in message.entries {
+        let most = if is_request {
+            1
+        } else {
+            SYNC_ANSWER_ENTRIES_MAX
+        };
+        for entry in message.entries.into_iter().take(most) {
+            if entry.envelope.len() > SEALED_RECORD_MAX {
+                self.counters.records_rejected += 1;
+                continue;
+            }
             match envelope::open(&entry.envelope) {
                 Ok((record, _)) => {
                     let event = Event::SyncedRecord {
@@ -752,7 +971,9 @@ impl NetworkActor {
                 }
                 Err(e) => {
                     self.counters.records_rejected += 1;
-                    warn!(%from, error = %e, "refused a synced node record");
+                    if let Some(suppressed) = self.bad_input_log.allow(std::time::Instant::now()) {
+                        warn!(%from, error = %e, suppressed, "refused a synced node record");
+                    }
                 }
             }
         }
@@ -764,8 +985,9 @@ impl NetworkActor {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    self.apply_sync(peer, &request);
-                    let reply = self.sync_message(false);
+                    self.apply_sync(peer, &request, true);
+                    let full = self.sync_budget(peer);
+                    let reply = self.sync_message(!full);
                     if self
                         .swarm
                         .behaviour_mut()
@@ -777,7 +999,7 @@ impl NetworkActor {
                     }
                 }
                 request_response::Message::Response { response, .. } => {
-                    self.apply_sync(peer, &response)
+                    self.apply_sync(peer, &response, false)
                 }
             },
             request_response::Event::OutboundFailure { peer, error, .. } => {
@@ -811,4 +1033,23 @@ pub fn unix_now_ms() -> UnixMillis {
         .duration_since(UNIX_EPOCH)
         .map(duration_ms)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod log_budget_tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_bad_input_writes_a_few_lines_then_counts() {
+        let mut budget = LogBudget::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..LogBudget::LINES {
+            assert_eq!(budget.allow(t0), Some(0));
+        }
+        for _ in 0..1000 {
+            assert_eq!(budget.allow(t0 + Duration::from_secs(1)), None);
+        }
+        assert_eq!(budget.allow(t0 + LogBudget::WINDOW), Some(1000));
+        assert_eq!(budget.allow(t0 + LogBudget::WINDOW), Some(0));
+    }
 }

@@ -24,8 +24,15 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<
             format!("frame of {len} bytes exceeds the limit of {FRAME_LEN_MAX}"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    // Grows with the bytes that arrive, never with the length claimed.
+    let mut buf = Vec::with_capacity(len.min(64 * 1024));
+    let read = io.take(len as u64).read_to_end(&mut buf).await?;
+    if read != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("frame cut after {read} of {len} bytes"),
+        ));
+    }
     Ok(buf)
 }
 

@@ -29,6 +29,11 @@ pub struct Config {
     pub gossip: GossipConfig,
     /// Failure-detector timings.
     pub membership: mesh_membership::Config,
+    /// Connection and memory limits.
+    pub limits: crate::admission::Limits,
+    /// Dial private addresses learned from other nodes (None: yes; see
+    /// [`crate::admission::DialScope`]).
+    pub dial_private_addrs: Option<bool>,
 }
 
 /// gossipsub mesh parameters, tuned so that both a 2-node and a 300-node mesh

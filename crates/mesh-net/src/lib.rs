@@ -7,8 +7,10 @@
 //!                                ├─ kademlia   finds every node from one bootstrap peer
 //!                                ├─ mdns       (optional) LAN discovery
 //!                                ├─ sync       push-pull of the member view when two nodes connect
-//!                                └─ raft       Raft RPCs of the region group: one long-lived stream
-//!                                             per peer (/agentmesh/raft/2, see raft_link)
+//!                                ├─ raft       Raft RPCs of the region group: one long-lived stream
+//!                                │            per peer (/agentmesh/raft/2, see raft_link)
+//!                                └─ forward    API requests carried node to node, one stream each
+//!                                             (/agentmesh/forward/1, see forward)
 //!
 //!   NetworkActor (owns the Swarm and the Membership engine)
 //!        ▲  bounded mpsc of (Request, oneshot)       tick ──> Membership::handle
@@ -21,14 +23,17 @@
 //! (pure, tested without IO), [`actor`] is the async shell.
 
 pub mod actor;
+pub mod admission;
 pub mod codec;
 pub mod config;
 pub mod dialer;
 pub mod envelope;
+pub mod forward;
 pub mod identity;
 pub mod raft_link;
 pub mod sync;
 
 pub use actor::{Network, NetworkError, Ready, Snapshot, Started};
 pub use config::Config;
+pub use forward::{ForwardError, ForwardRequest, ForwardResponse, InboundForward};
 pub use raft_link::{InboundRpc, RpcReply, RAFT_PROTOCOL};

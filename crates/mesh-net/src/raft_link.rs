@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,10 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frames waiting for a link's writer task.
 const WRITE_QUEUE: usize = 256;
+/// Requests of one peer handed to the node and not answered yet; past this
+/// the peer's next request is refused at once, so a flooding peer cannot
+/// fill the node's queue and starve the others (a leader's heartbeats).
+pub const PER_PEER_IN_FLIGHT_MAX: usize = 32;
 
 const OK: u8 = 0;
 const ERROR: u8 = 1;
@@ -66,6 +70,8 @@ pub struct InboundRpc {
 pub struct RpcReply {
     id: u64,
     out: Option<mpsc::Sender<Frame>>,
+    /// The peer's count of requests in flight, given back on drop.
+    in_flight: Option<Arc<AtomicUsize>>,
 }
 
 impl RpcReply {
@@ -84,6 +90,9 @@ impl RpcReply {
 
 impl Drop for RpcReply {
     fn drop(&mut self) {
+        if let Some(count) = self.in_flight.take() {
+            count.fetch_sub(1, Ordering::SeqCst);
+        }
         if let Some(out) = self.out.take() {
             let _ = out.try_send(Frame {
                 id: self.id,
@@ -113,8 +122,19 @@ async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<Frame> {
             format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
         ));
     }
-    let mut payload = vec![0u8; len];
-    reader.read_exact(&mut payload).await?;
+    // Grows with the bytes that arrive, never with the length claimed: a
+    // peer cannot make us allocate 16 MiB per stream by sending a header.
+    let mut payload = Vec::with_capacity(len.min(64 * 1024));
+    let read = (&mut *reader)
+        .take(len as u64)
+        .read_to_end(&mut payload)
+        .await?;
+    if read != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame cut after {read} of {len} bytes"),
+        ));
+    }
     Ok(Frame {
         id,
         status,
@@ -350,6 +370,9 @@ impl RaftLinks {
 
 /// Accepts peers' Raft links and hands their requests to `inbound` until
 /// `shutdown`. A full `inbound` queue answers the request with an error.
+/// One link per peer: a peer's new link replaces its old one (a peer
+/// reconnecting after a failure opens a new one; a flooding peer gains
+/// nothing by opening many).
 pub(crate) async fn serve_links(
     mut control: libp2p_stream::Control,
     inbound: mpsc::Sender<InboundRpc>,
@@ -362,6 +385,7 @@ pub(crate) async fn serve_links(
             return;
         }
     };
+    let mut links: HashMap<PeerId, tokio::task::AbortHandle> = HashMap::new();
     loop {
         let (peer, stream) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -370,18 +394,32 @@ pub(crate) async fn serve_links(
                 None => return,
             },
         };
-        tokio::spawn(serve_stream(peer, stream, inbound.clone()));
+        links.retain(|_, task| !task.is_finished());
+        if let Some(old) = links.remove(&peer) {
+            debug!(%peer, "a new inbound Raft link replaces the peer's old one");
+            old.abort();
+        }
+        let task = tokio::spawn(serve_stream(peer, stream, inbound.clone()));
+        links.insert(peer, task.abort_handle());
     }
 }
 
 async fn serve_stream(peer: PeerId, stream: Stream, inbound: mpsc::Sender<InboundRpc>) {
     let (mut reader, writer) = stream.split();
     let (out, rx) = mpsc::channel(WRITE_QUEUE);
-    let writer = tokio::spawn(async move {
+    // Aborted with this task when a newer link replaces it.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let writer = AbortOnDrop(tokio::spawn(async move {
         if let Err(e) = write_frames(rx, writer).await {
             debug!(%peer, error = %e, "Raft link answer write failed");
         }
-    });
+    }));
+    let in_flight = Arc::new(AtomicUsize::new(0));
     loop {
         let frame = match read_frame(&mut reader).await {
             Ok(frame) => frame,
@@ -390,13 +428,22 @@ async fn serve_stream(peer: PeerId, stream: Stream, inbound: mpsc::Sender<Inboun
                 break;
             }
         };
+        let count = in_flight.fetch_add(1, Ordering::SeqCst);
+        let reply = RpcReply {
+            id: frame.id,
+            out: Some(out.clone()),
+            in_flight: Some(in_flight.clone()),
+        };
+        if count >= PER_PEER_IN_FLIGHT_MAX {
+            // Dropped: answers with an error and gives the slot back.
+            debug!(%peer, "too many Raft requests of this peer in flight; refusing one");
+            drop(reply);
+            continue;
+        }
         let rpc = InboundRpc {
             from: peer,
             request: frame.payload,
-            reply: RpcReply {
-                id: frame.id,
-                out: Some(out.clone()),
-            },
+            reply,
         };
         if let Err(e) = inbound.try_send(rpc) {
             // Backpressure: the RpcReply inside is dropped and answers with an error.
@@ -405,7 +452,8 @@ async fn serve_stream(peer: PeerId, stream: Stream, inbound: mpsc::Sender<Inboun
         }
     }
     drop(out);
-    let _ = writer.await;
+    let mut writer = writer;
+    let _ = (&mut writer.0).await;
 }
 
 #[cfg(test)]

@@ -1,0 +1,519 @@
+//! Node-to-node requests (`/agentmesh/forward/1`): an API request that a
+//! node cannot serve itself (another region's, or a write its region's
+//! leader must make) is carried to the node that can, over libp2p. The
+//! answer is from the peer the Noise handshake proved, never from an
+//! address a peer advertised (issue 12, finding 4).
+//!
+//! One stream per request. Each way: a 4-byte big-endian length, then a
+//! version byte and the bincode of [`ForwardRequest`] or
+//! [`ForwardResponse`]. A request is at most [`FORWARD_REQUEST_MAX`] bytes
+//! and must arrive within [`FORWARD_READ_TIMEOUT`]; an answer is at most
+//! [`FORWARD_RESPONSE_MAX`]. At most [`FORWARDS_IN_FLIGHT_MAX`] inbound
+//! requests are served at once, [`FORWARDS_PER_PEER_MAX`] per peer; a
+//! stream past either limit is answered `503 busy` at once.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures::StreamExt;
+use libp2p::{PeerId, Stream, StreamProtocol};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// The protocol of node-to-node requests.
+pub const FORWARD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/forward/1");
+/// Largest request: the API's 64 KiB body limit, its path and a margin.
+pub const FORWARD_REQUEST_MAX: usize = 128 * 1024;
+/// Largest answer relayed (a region's status, a policy, a model's output).
+pub const FORWARD_RESPONSE_MAX: usize = 4 * 1024 * 1024;
+/// Inbound requests served at once.
+pub const FORWARDS_IN_FLIGHT_MAX: usize = 64;
+/// Inbound requests served at once for one peer.
+pub const FORWARDS_PER_PEER_MAX: usize = 8;
+/// A request must arrive whole within this (a peer that opens a stream and
+/// sends nothing holds a slot no longer).
+pub const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Opening a stream to a peer (dialling it if need be) takes at most this:
+/// a cut link drops packets silently, and the caller should hear soon.
+pub const FORWARD_OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest an inbound request is served before the stream is abandoned.
+const SERVE_TIMEOUT_MAX: Duration = Duration::from_secs(310);
+
+const VERSION: u8 = 1;
+
+/// An API request carried to another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    /// The HTTP method (`GET`, `PUT`, `POST`, `DELETE`).
+    pub method: String,
+    /// The path and query, e.g. `/v1/regions/eu-west/policy?consistent=true`.
+    pub path: String,
+    /// How many times the request was forwarded already, this one included.
+    pub hops: u8,
+    /// The JSON body, empty for none.
+    pub body: Vec<u8>,
+}
+
+/// The answer: an HTTP status and its JSON body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardResponse {
+    /// The HTTP status.
+    pub status: u16,
+    /// The JSON body.
+    pub body: Vec<u8>,
+}
+
+impl ForwardResponse {
+    /// A JSON error answer in the API's `{"error", "detail"}` form.
+    pub fn error(status: u16, error: &str, detail: &str) -> Self {
+        let body = format!(
+            "{{\"error\":{},\"detail\":{}}}",
+            json_string(error),
+            json_string(detail)
+        );
+        Self {
+            status,
+            body: body.into_bytes(),
+        }
+    }
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Why a forward failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// No stream could be opened (the peer is gone or unreachable).
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// The exchange failed or the answer was malformed or too large.
+    #[error("forwarding to {peer} failed: {reason}")]
+    Failed {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// No answer in time.
+    #[error("{peer} did not answer within {timeout:?}")]
+    Timeout {
+        /// The peer.
+        peer: PeerId,
+        /// The deadline.
+        timeout: Duration,
+    },
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<FORWARD_RESPONSE_MAX>()
+}
+
+/// Encodes a request (version byte, then bincode).
+pub fn encode_request(request: &ForwardRequest) -> Vec<u8> {
+    encode(request)
+}
+
+/// Encodes an answer (version byte, then bincode).
+pub fn encode_response(response: &ForwardResponse) -> Vec<u8> {
+    encode(response)
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    // Encoding a struct of strings, bytes and integers into a Vec cannot fail.
+    if let Ok(bytes) = bincode::serde::encode_to_vec(value, bincode::config::standard()) {
+        out.extend(bytes);
+    }
+    out
+}
+
+/// Decodes a request from a peer: version byte, then bincode with a limit;
+/// trailing bytes are an error.
+pub fn decode_request(bytes: &[u8]) -> Result<ForwardRequest, String> {
+    decode(bytes, FORWARD_REQUEST_MAX)
+}
+
+/// Decodes an answer from a peer, like [`decode_request`].
+pub fn decode_response(bytes: &[u8]) -> Result<ForwardResponse, String> {
+    decode(bytes, FORWARD_RESPONSE_MAX)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, String> {
+    if bytes.len() > max {
+        return Err(format!("{} bytes exceed the {max}-byte limit", bytes.len()));
+    }
+    match bytes.split_first() {
+        None => Err("empty message".into()),
+        Some((&VERSION, rest)) => {
+            let (value, used) = bincode::serde::decode_from_slice(rest, bincode_config())
+                .map_err(|e| format!("malformed message: {e}"))?;
+            if used != rest.len() {
+                return Err(format!("{} trailing bytes", rest.len() - used));
+            }
+            Ok(value)
+        }
+        Some((v, _)) => Err(format!(
+            "message version {v}, this node speaks {VERSION}: upgrade the older node"
+        )),
+    }
+}
+
+/// Reads one length-prefixed frame of at most `max` bytes. Memory grows
+/// with the bytes that arrive, never with the length a peer claims.
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    reader.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {max}-byte limit"),
+        ));
+    }
+    let mut buf = Vec::with_capacity(len.min(64 * 1024));
+    let read = reader.take(len as u64).read_to_end(&mut buf).await?;
+    if read != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame cut after {read} of {len} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(io::Error::other)?;
+    writer.write_all(&len.to_be_bytes()).await?;
+    writer.write_all(bytes).await?;
+    writer.flush().await
+}
+
+/// An inbound request, for the node to serve and answer through `reply`.
+/// Dropping `reply` answers `503`.
+#[derive(Debug)]
+pub struct InboundForward {
+    /// The sender, as the Noise handshake proved it.
+    pub from: PeerId,
+    /// The request.
+    pub request: ForwardRequest,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<ForwardResponse>,
+}
+
+/// The calling side.
+#[derive(Clone)]
+pub(crate) struct Forwarder {
+    control: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder").finish_non_exhaustive()
+    }
+}
+
+impl Forwarder {
+    pub(crate) fn new(control: libp2p_stream::Control) -> Self {
+        Self { control }
+    }
+
+    /// Sends `request` to `peer` and waits for its answer, at most `timeout`.
+    pub(crate) async fn call(
+        &self,
+        peer: PeerId,
+        request: &ForwardRequest,
+        timeout: Duration,
+    ) -> Result<ForwardResponse, ForwardError> {
+        let bytes = encode_request(request);
+        if bytes.len() > FORWARD_REQUEST_MAX {
+            return Err(ForwardError::Failed {
+                peer,
+                reason: format!(
+                    "the request of {} bytes exceeds the {FORWARD_REQUEST_MAX}-byte limit",
+                    bytes.len()
+                ),
+            });
+        }
+        let mut control = self.control.clone();
+        let mut stream = tokio::time::timeout(
+            FORWARD_OPEN_TIMEOUT.min(timeout),
+            control.open_stream(peer, FORWARD_PROTOCOL),
+        )
+        .await
+        .map_err(|_| ForwardError::Unreachable {
+            peer,
+            reason: format!("no connection within {FORWARD_OPEN_TIMEOUT:?}"),
+        })?
+        .map_err(|e| ForwardError::Unreachable {
+            peer,
+            reason: e.to_string(),
+        })?;
+        let exchange = async {
+            write_frame(&mut stream, &bytes).await?;
+            let answer = read_frame(&mut stream, FORWARD_RESPONSE_MAX).await;
+            let _ = stream.close().await;
+            answer
+        };
+        let answer = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ForwardError::Timeout { peer, timeout })?
+            .map_err(|e| ForwardError::Failed {
+                peer,
+                reason: e.to_string(),
+            })?;
+        decode_response(&answer).map_err(|reason| ForwardError::Failed { peer, reason })
+    }
+}
+
+/// Counts the requests in flight per peer; a slot is given back on drop.
+#[derive(Debug, Default, Clone)]
+struct PerPeer(Arc<Mutex<HashMap<PeerId, usize>>>);
+
+struct PeerSlot {
+    counts: PerPeer,
+    peer: PeerId,
+}
+
+impl PerPeer {
+    fn take(&self, peer: PeerId) -> Option<PeerSlot> {
+        let mut counts = self.0.lock().ok()?;
+        let count = counts.entry(peer).or_insert(0);
+        if *count >= FORWARDS_PER_PEER_MAX {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.counts.0.lock() {
+            if let Some(count) = counts.get_mut(&self.peer) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.remove(&self.peer);
+                }
+            }
+        }
+    }
+}
+
+/// Accepts peers' forwarded requests and hands them to `inbound` until
+/// `shutdown`.
+pub(crate) async fn serve_forwards(
+    mut control: libp2p_stream::Control,
+    inbound: mpsc::Sender<InboundForward>,
+    shutdown: CancellationToken,
+) {
+    let mut incoming = match control.accept(FORWARD_PROTOCOL) {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot accept forwarded requests");
+            return;
+        }
+    };
+    let in_flight = Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX));
+    let per_peer = PerPeer::default();
+    loop {
+        let (peer, stream) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = incoming.next() => match next {
+                Some(next) => next,
+                None => return,
+            },
+        };
+        let permit = in_flight.clone().try_acquire_owned().ok();
+        let slot = per_peer.take(peer);
+        let inbound = inbound.clone();
+        tokio::spawn(async move {
+            let busy = match (&permit, &slot) {
+                (None, _) => Some(format!(
+                    "{FORWARDS_IN_FLIGHT_MAX} forwarded requests are in flight on this node"
+                )),
+                (_, None) => Some(format!(
+                    "{FORWARDS_PER_PEER_MAX} requests from this peer are in flight"
+                )),
+                _ => None,
+            };
+            serve_stream(peer, stream, inbound, busy).await;
+            drop((permit, slot));
+        });
+    }
+}
+
+async fn serve_stream(
+    peer: PeerId,
+    mut stream: Stream,
+    inbound: mpsc::Sender<InboundForward>,
+    busy: Option<String>,
+) {
+    let answer = match busy {
+        Some(why) => ForwardResponse::error(503, "busy", &format!("{why}; retry shortly")),
+        None => serve_one(peer, &mut stream, inbound).await,
+    };
+    let mut bytes = encode_response(&answer);
+    if bytes.len() > FORWARD_RESPONSE_MAX {
+        bytes = encode_response(&ForwardResponse::error(
+            502,
+            "answer_too_large",
+            &format!("the answer exceeds the {FORWARD_RESPONSE_MAX}-byte forwarding limit"),
+        ));
+    }
+    let write = async {
+        write_frame(&mut stream, &bytes).await?;
+        stream.close().await
+    };
+    if let Err(e) = tokio::time::timeout(FORWARD_READ_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::other("timed out")))
+    {
+        debug!(%peer, error = %e, "cannot send the answer to a forwarded request");
+    }
+}
+
+async fn serve_one(
+    peer: PeerId,
+    stream: &mut Stream,
+    inbound: mpsc::Sender<InboundForward>,
+) -> ForwardResponse {
+    let read = tokio::time::timeout(
+        FORWARD_READ_TIMEOUT,
+        read_frame(stream, FORWARD_REQUEST_MAX),
+    )
+    .await;
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "refused a forwarded request");
+            return ForwardResponse::error(400, "bad_request", &e.to_string());
+        }
+        Err(_) => {
+            return ForwardResponse::error(
+                408,
+                "timeout",
+                &format!("the request did not arrive within {FORWARD_READ_TIMEOUT:?}"),
+            )
+        }
+    };
+    let request = match decode_request(&bytes) {
+        Ok(request) => request,
+        Err(e) => {
+            debug!(%peer, error = %e, "refused a forwarded request");
+            return ForwardResponse::error(400, "bad_request", &e);
+        }
+    };
+    let (reply, answer) = oneshot::channel();
+    let forwarded = InboundForward {
+        from: peer,
+        request,
+        reply,
+    };
+    if inbound.try_send(forwarded).is_err() {
+        return ForwardResponse::error(
+            503,
+            "busy",
+            "the node's queue of forwarded requests is full; retry shortly",
+        );
+    }
+    match tokio::time::timeout(SERVE_TIMEOUT_MAX, answer).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => ForwardResponse::error(
+            503,
+            "unavailable",
+            "the node dropped the request unanswered (it may be shutting down)",
+        ),
+        Err(_) => ForwardResponse::error(
+            504,
+            "timeout",
+            &format!("not answered within {SERVE_TIMEOUT_MAX:?}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::io::Cursor;
+
+    use super::*;
+
+    #[test]
+    fn requests_and_answers_round_trip_and_bad_bytes_are_errors() {
+        let request = ForwardRequest {
+            method: "PUT".into(),
+            path: "/v1/regions/eu-west/policy".into(),
+            hops: 1,
+            body: b"{\"a\":1}".to_vec(),
+        };
+        assert_eq!(decode_request(&encode_request(&request)), Ok(request));
+        let answer = ForwardResponse::error(503, "busy", "a \"quoted\"\nline");
+        let text = String::from_utf8(answer.body.clone()).expect("utf8");
+        assert_eq!(
+            text,
+            "{\"error\":\"busy\",\"detail\":\"a \\\"quoted\\\"\\u000aline\"}"
+        );
+        assert_eq!(decode_response(&encode_response(&answer)), Ok(answer));
+
+        assert!(decode_request(&[]).is_err());
+        assert!(decode_request(&[9, 0]).unwrap_err().contains("version 9"));
+        // A path claiming 2^46 bytes: an error, not an allocation.
+        let mut huge = vec![VERSION, 3];
+        huge.push(253);
+        huge.extend(&(1u64 << 46).to_le_bytes());
+        assert!(decode_request(&huge).is_err());
+        let mut trailing = encode_request(&ForwardRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            hops: 0,
+            body: vec![],
+        });
+        trailing.push(0);
+        assert!(decode_request(&trailing).unwrap_err().contains("trailing"));
+    }
+
+    #[test]
+    fn a_frame_is_read_as_it_arrives_never_as_long_as_it_claims() {
+        futures::executor::block_on(async {
+            let mut claims_more = Cursor::new({
+                let mut v = 1000u32.to_be_bytes().to_vec();
+                v.extend([7u8; 10]);
+                v
+            });
+            let e = read_frame(&mut claims_more, 4096).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+            let mut too_long = Cursor::new(u32::MAX.to_be_bytes().to_vec());
+            let e = read_frame(&mut too_long, 4096).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            let mut wire = Cursor::new(Vec::new());
+            write_frame(&mut wire, b"hello").await.expect("write");
+            let mut read = Cursor::new(wire.into_inner());
+            assert_eq!(read_frame(&mut read, 5).await.expect("read"), b"hello");
+        });
+    }
+}
