@@ -29,6 +29,79 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// behind a full queue of others, and a bootstrap forwarded twice takes 40 s.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// Connections served at once; one more is closed as soon as it is accepted.
+pub const CONNECTIONS_MAX: usize = 512;
+/// A client must send a request's headers within this (slowloris).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// ... and its body within this, once the headers are in.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `router` on `listener` until `shutdown`: HTTP/1.1, at most
+/// [`CONNECTIONS_MAX`] connections, each request's headers within
+/// [`HEADER_READ_TIMEOUT`]. In-flight requests finish on shutdown.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt as _;
+
+    let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let mut refused_log = std::time::Instant::now() - std::time::Duration::from_secs(60);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, for one: wait, do not spin.
+                    tracing::warn!(error = %e, "cannot accept an API connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            if refused_log.elapsed() >= std::time::Duration::from_secs(10) {
+                refused_log = std::time::Instant::now();
+                tracing::warn!(%remote, "{CONNECTIONS_MAX} API connections are open; refusing more");
+            }
+            drop(tcp);
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone().map_request(
+            |r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
+        ));
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%remote, error = %e, "API connection ended");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Let requests in flight finish (start.rs bounds the wait).
+    let _ = connections
+        .acquire_many(u32::try_from(CONNECTIONS_MAX).unwrap_or(u32::MAX))
+        .await;
+}
+
 /// What handlers share.
 #[derive(Debug, Clone)]
 pub struct ApiState {
@@ -177,6 +250,35 @@ async fn guard(
         )
         .into_response();
     };
+    // The body is read here, whole, within BODY_READ_TIMEOUT: a client that
+    // trickles it holds a slot no longer, and one that sends too much is
+    // refused at the limit, not read to its end.
+    let (parts, body) = request.into_parts();
+    let body = match tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, REQUEST_BODY_MAX),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body exceeds the {REQUEST_BODY_MAX}-byte limit"),
+            )
+            .into_response()
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "slow_client",
+                format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+            )
+            .into_response()
+        }
+    };
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::new(

@@ -213,11 +213,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         inbound_forwards,
     ));
     let api_shutdown = shutdown.clone();
-    let api_task = tokio::spawn(async move {
-        axum::serve(api_listener, router)
-            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
-            .await
-    });
+    let api_task = tokio::spawn(api::serve(api_listener, router, api_shutdown));
 
     {
         // The one line scripts and tests wait for; stdout carries nothing else.
@@ -254,10 +250,8 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
     let stopped = async {
         group.shutdown().await;
         let _ = network_task.await;
-        match api_task.await {
-            Ok(Err(e)) => warn!(error = %e, "HTTP API stopped with an error"),
-            Err(e) => warn!(error = %e, "HTTP API task failed"),
-            Ok(Ok(())) => {}
+        if let Err(e) = api_task.await {
+            warn!(error = %e, "HTTP API task failed");
         }
     };
     if tokio::time::timeout(SHUTDOWN_DEADLINE, stopped)
