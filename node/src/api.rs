@@ -102,6 +102,51 @@ pub async fn serve(
         .await;
 }
 
+/// Who sent a request, for per-client limits: the remote IP of an HTTP
+/// client, or the peer id of a node that forwarded it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Client(pub String);
+
+/// Counts what each client has in flight, up to a bound per client.
+#[derive(Debug, Clone, Default)]
+pub struct PerClient(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+/// One client's slot; given back on drop.
+#[derive(Debug)]
+pub struct ClientSlot {
+    counts: PerClient,
+    client: String,
+}
+
+impl PerClient {
+    /// A slot for `client`, unless it holds `max` already.
+    pub fn take(&self, client: &str, max: usize) -> Option<ClientSlot> {
+        let mut counts = self.0.lock().ok()?;
+        let n = counts.entry(client.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            counts: self.clone(),
+            client: client.to_owned(),
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.counts.0.lock() {
+            if let Some(n) = counts.get_mut(&self.client) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    counts.remove(&self.client);
+                }
+            }
+        }
+    }
+}
+
 /// What handlers share.
 #[derive(Debug, Clone)]
 pub struct ApiState {
@@ -118,6 +163,8 @@ pub struct ApiState {
     pub forward_timeout: std::time::Duration,
     /// The models this node runs.
     pub models: crate::models::Models,
+    /// Model jobs each client has queued or running.
+    pub model_jobs: PerClient,
     /// The API listens on a loopback address (its Host header is checked).
     pub api_is_loopback: bool,
 }
@@ -306,6 +353,30 @@ fn host_is_an_address(host: &str) -> bool {
         }
     };
     name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+#[cfg(test)]
+mod per_client_tests {
+    use super::PerClient;
+
+    #[test]
+    fn a_client_holds_at_most_its_bound_and_slots_come_back() {
+        let jobs = PerClient::default();
+        let held: Vec<_> = (0..3)
+            .map(|_| jobs.take("10.0.0.1", 3).expect("slot"))
+            .collect();
+        assert!(jobs.take("10.0.0.1", 3).is_none(), "a fourth");
+        assert!(
+            jobs.take("10.0.0.2", 3).is_some(),
+            "another client is not held up"
+        );
+        drop(held);
+        assert!(jobs.take("10.0.0.1", 3).is_some(), "slots came back");
+        assert!(
+            jobs.0.lock().expect("lock").get("10.0.0.2").is_none(),
+            "no entry left behind"
+        );
+    }
 }
 
 #[cfg(test)]

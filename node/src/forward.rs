@@ -77,10 +77,12 @@ async fn answer(router: Router, network: &Network, forward: &InboundForward) -> 
         .header(FORWARDED, request.hops.to_string())
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(request.body.clone()));
-    let http = match built {
+    let mut http = match built {
         Ok(http) => http,
         Err(e) => return ForwardResponse::error(400, "bad_request", &e.to_string()),
     };
+    http.extensions_mut()
+        .insert(crate::api::Client(forward.from.to_base58()));
     let response = match router.oneshot(http).await {
         Ok(response) => response,
         Err(never) => match never {},

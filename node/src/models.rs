@@ -21,6 +21,11 @@ use tracing::{error, info};
 
 use crate::api::{ApiError, ApiState};
 
+/// Model jobs one client (an IP address, or a forwarding node) may have
+/// queued or running at once, so that one client cannot fill a model's
+/// queue (64) and keep everyone else out.
+pub const MODEL_JOBS_PER_CLIENT_MAX: usize = 8;
+
 /// A model that runs here.
 #[derive(Debug, Clone)]
 pub enum Service {
@@ -213,8 +218,20 @@ fn serve_error(e: ServeError) -> ApiError {
 pub async fn run(
     State(state): State<ApiState>,
     UrlPath(name): UrlPath<String>,
+    client: Option<axum::Extension<crate::api::Client>>,
     Json(request): Json<RunRequest>,
 ) -> Result<Json<RunAnswer>, ApiError> {
+    let client = client.map(|c| c.0 .0).unwrap_or_default();
+    let _slot = state
+        .model_jobs
+        .take(&client, MODEL_JOBS_PER_CLIENT_MAX)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_jobs",
+                format!("this client has {MODEL_JOBS_PER_CLIENT_MAX} model jobs queued or running on this node; wait for one to finish"),
+            )
+        })?;
     let entry = state
         .models
         .entries

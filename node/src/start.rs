@@ -203,6 +203,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         // that plus a margin, the leader (or the link to it) is gone.
         forward_timeout: Duration::from_millis(config.raft.write_timeout_ms) + FORWARD_MARGIN,
         models,
+        model_jobs: api::PerClient::default(),
         api_is_loopback: api_addr.ip().is_loopback(),
     };
     let network = state.network.clone();
