@@ -292,8 +292,9 @@ impl RegionGroup {
                 .validate()
                 .map_err(|e| GroupError::Raft(e.to_string()))?,
         );
-        let state_machine =
-            RegionStateMachine::open(store.clone()).map_err(|e| GroupError::Raft(e.to_string()))?;
+        let state_machine = RegionStateMachine::open(store.clone())
+            .map_err(|e| GroupError::Raft(e.to_string()))?
+            .with_io(log_sync);
         let node_id = node_id_of(peer_id);
         let call: Caller = {
             let transport = transport.clone();

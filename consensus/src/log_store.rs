@@ -46,6 +46,8 @@ pub struct LogStore {
     store: Arc<dyn Store>,
     node_id: NodeId,
     sync: SyncQueue,
+    /// Where writes that fsync run.
+    io: LogSync,
 }
 
 impl LogStore {
@@ -56,6 +58,7 @@ impl LogStore {
             sync: SyncQueue::start(store.clone(), sync)?,
             store,
             node_id,
+            io: sync,
         })
     }
 
@@ -78,6 +81,14 @@ impl LogStore {
             value: codec::encode(value).map_err(write_err)?,
         };
         self.store.write(vec![op], durability).map_err(write_err)
+    }
+
+    /// A synced write, off the async runtime (see [`LogSync::run`]).
+    async fn write_synced(&self, ops: Vec<WriteOp>) -> Result<(), mesh_store::StoreError> {
+        let store = self.store.clone();
+        self.io
+            .run(move || store.write(ops, Durability::Sync))
+            .await
     }
 }
 
@@ -137,8 +148,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
-        self.put_meta(VOTE, vote, Durability::Sync)
-            .map_err(|e| StorageIOError::write_vote(AnyError::error(e.to_string())).into())
+        let vote_err = |e: String| StorageIOError::write_vote(AnyError::error(e)).into();
+        let op = WriteOp::Put {
+            column: Column::RaftMeta,
+            key: VOTE.to_vec(),
+            value: codec::encode(vote).map_err(|e| vote_err(e.to_string()))?,
+        };
+        self.write_synced(vec![op])
+            .await
+            .map_err(|e| vote_err(e.to_string()))
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
@@ -185,7 +203,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .flush(Box::new(move |result| callback.log_io_completed(result)));
             return Ok(());
         }
-        let result = self.store.write(ops, Durability::Sync);
+        let result = self.write_synced(ops).await;
         let io_result = result
             .as_ref()
             .map(|_| ())
@@ -205,9 +223,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             column: Column::RaftLog,
             key: index_key(u64::MAX),
         };
-        self.store
-            .write(vec![op, last], Durability::Sync)
-            .map_err(write_err)
+        self.write_synced(vec![op, last]).await.map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
@@ -224,7 +240,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 to: index_key(log_id.index.saturating_add(1)),
             },
         ];
-        self.store.write(ops, Durability::Sync).map_err(write_err)
+        self.write_synced(ops).await.map_err(write_err)
     }
 }
 
@@ -259,5 +275,74 @@ mod tests {
             .await
             .expect("read")
             .is_empty());
+    }
+
+    /// A disk whose synced writes block until someone on the async runtime
+    /// answers: they succeed only if the runtime keeps running while the
+    /// write waits on the disk.
+    #[derive(Debug)]
+    struct SlowDisk {
+        inner: MemStore,
+        started: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+        answered: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Store for SlowDisk {
+        fn get(&self, c: Column, k: &[u8]) -> Result<Option<Vec<u8>>, mesh_store::StoreError> {
+            self.inner.get(c, k)
+        }
+        fn range(
+            &self,
+            c: Column,
+            f: &[u8],
+            t: Option<&[u8]>,
+        ) -> Result<Vec<mesh_store::Pair>, mesh_store::StoreError> {
+            self.inner.range(c, f, t)
+        }
+        fn last(&self, c: Column) -> Result<Option<mesh_store::Pair>, mesh_store::StoreError> {
+            self.inner.last(c)
+        }
+        fn write(&self, ops: Vec<WriteOp>, d: Durability) -> Result<(), mesh_store::StoreError> {
+            if d == Durability::Sync {
+                if let Some(started) = self.started.lock().expect("lock").take() {
+                    let _ = started.send(());
+                }
+                let answered = self.answered.lock().expect("lock");
+                answered
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .map_err(|_| mesh_store::StoreError::Io {
+                        path: "slow disk".into(),
+                        reason: "the runtime did not run while the fsync blocked".into(),
+                    })?;
+            }
+            self.inner.write(ops, d)
+        }
+        fn sync(&self) -> Result<(), mesh_store::StoreError> {
+            Ok(())
+        }
+    }
+
+    /// Regression (issue 12, finding 10): a vote save that blocks on the
+    /// disk does not block the runtime (on one thread, as the simulator's,
+    /// inline IO would deadlock here until the disk gives up).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_fsync_does_not_stop_the_runtime() {
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (answer_tx, answer_rx) = std::sync::mpsc::channel();
+        let store: Arc<dyn Store> = Arc::new(SlowDisk {
+            inner: MemStore::new(),
+            started: std::sync::Mutex::new(Some(started_tx)),
+            answered: std::sync::Mutex::new(answer_rx),
+        });
+        let mut log = LogStore::new(store, 1, LogSync::Thread).expect("log");
+        // Another task of the runtime (in a node: the network, the Raft core).
+        let other_task = tokio::spawn(async move {
+            started_rx.await.expect("the write started");
+            answer_tx.send(()).expect("answer");
+        });
+        let vote = Vote::new(3, 1);
+        log.save_vote(&vote).await.expect("saved while the runtime ran");
+        other_task.await.expect("task");
+        assert_eq!(log.read_vote().await.expect("read"), Some(vote));
     }
 }

@@ -43,6 +43,30 @@ pub enum LogSync {
     },
 }
 
+impl LogSync {
+    /// Runs a store call that may block on the disk (an fsync): for
+    /// `Thread` (a node) on tokio's blocking pool, so the Raft core and the
+    /// network tasks go on while it waits (issue 12, finding 10); for
+    /// `Task` (the simulator) inline, which keeps it deterministic. The
+    /// caller awaits it, so calls stay in order.
+    pub async fn run(
+        self,
+        call: impl FnOnce() -> Result<(), mesh_store::StoreError> + Send + 'static,
+    ) -> Result<(), mesh_store::StoreError> {
+        match self {
+            LogSync::Thread => match tokio::task::spawn_blocking(call).await {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(mesh_store::StoreError::Io {
+                    path: "(blocking pool)".into(),
+                    reason: format!("the store call was cancelled: {e}"),
+                }),
+            },
+            LogSync::Task { .. } => call(),
+        }
+    }
+}
+
 /// The sending end of a log's sync queue. Dropping the last clone stops the
 /// worker once it has finished what is queued, and waits for a worker thread
 /// to end, so that the store is closed when the log is (a node can reopen

@@ -15,6 +15,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use crate::codec;
+use crate::log_sync::LogSync;
 use crate::types::{NodeId, RegionCommand, RegionNode, RegionResponse, TypeConfig};
 
 const STATE: &[u8] = b"state";
@@ -61,6 +62,8 @@ pub struct RegionStateMachine {
     state: Arc<std::sync::RwLock<RegionState>>,
     /// Counts snapshots built by this process, for unique snapshot ids.
     snapshots_built: Arc<std::sync::atomic::AtomicU64>,
+    /// Where writes that fsync run.
+    io: LogSync,
 }
 
 impl RegionStateMachine {
@@ -90,6 +93,7 @@ impl RegionStateMachine {
             store,
             state: Arc::new(std::sync::RwLock::new(state)),
             snapshots_built: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            io: LogSync::Thread,
         })
     }
 
@@ -98,7 +102,30 @@ impl RegionStateMachine {
         self.state.read().map(|s| s.clone()).unwrap_or_default()
     }
 
-    fn replace_state(
+    /// Runs synced writes where `io` says (see [`LogSync::run`]).
+    pub fn with_io(mut self, io: LogSync) -> Self {
+        self.io = io;
+        self
+    }
+
+    /// Writes `ops`: buffered ones inline (no fsync), synced ones off the runtime.
+    async fn write(
+        &self,
+        ops: Vec<WriteOp>,
+        durability: Durability,
+    ) -> Result<(), mesh_store::StoreError> {
+        match durability {
+            Durability::Sync => {
+                let store = self.store.clone();
+                self.io
+                    .run(move || store.write(ops, Durability::Sync))
+                    .await
+            }
+            other => self.store.write(ops, other),
+        }
+    }
+
+    async fn replace_state(
         &self,
         state: RegionState,
         extra: Vec<WriteOp>,
@@ -110,7 +137,7 @@ impl RegionStateMachine {
             value: codec::encode(&state).map_err(sm_write_err)?,
         }];
         ops.extend(extra);
-        self.store.write(ops, durability).map_err(sm_write_err)?;
+        self.write(ops, durability).await.map_err(sm_write_err)?;
         let mut guard = self
             .state
             .write()
@@ -146,8 +173,8 @@ impl RaftSnapshotBuilder<TypeConfig> for RegionStateMachine {
             key: SNAPSHOT.to_vec(),
             value: codec::encode(&stored).map_err(snapshot_err)?,
         };
-        self.store
-            .write(vec![op], Durability::Sync)
+        self.write(vec![op], Durability::Sync)
+            .await
             .map_err(snapshot_err)?;
         Ok(Snapshot {
             meta,
@@ -201,7 +228,8 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
         // log, and openraft re-applies the committed entries after it (a
         // follower purges its log only once an installed snapshot is durable:
         // see install_snapshot and vendor/README.md).
-        self.replace_state(state, Vec::new(), Durability::Buffered)?;
+        self.replace_state(state, Vec::new(), Durability::Buffered)
+            .await?;
         Ok(responses)
     }
 
@@ -244,6 +272,7 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
         // after a crash the node must resume from this snapshot, never from
         // an older state with the log it needs purged (issue 11, bug 3).
         self.replace_state(state, vec![snapshot_op], Durability::Sync)
+            .await
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
