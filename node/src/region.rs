@@ -78,10 +78,17 @@ impl Transport for MeshTransport {
 }
 
 /// Answers peers' Raft RPCs until the channel closes. Only from a member
-/// of the region's group, or a node of the region as the gossip view sees
-/// it (a node the leader is adding, a new leader a lagging follower's log
-/// does not list yet, a bootstrap's proposer); anyone else is refused
-/// before the request is decoded (issue 12, finding 2).
+/// of the region's group as this node's log knows it; before this node is
+/// in a group at all (a new node the leader is adding, a bootstrap's
+/// proposer), from a node of the region as the gossip view sees it. Anyone
+/// else is refused before the request is decoded (issue 12, finding 2).
+///
+/// Strict on purpose: a follower whose log is so far behind that it does
+/// not list the current leader (it missed both the leader's addition and
+/// its promotion) refuses that leader until it is wiped and re-added; a
+/// region node the gossip view vouches for cannot be trusted instead,
+/// since any key may gossip a record that claims the region (admission
+/// control comes later, see SECURITY.md).
 pub async fn serve_rpcs(
     group: RegionGroup,
     network: Network,
@@ -94,7 +101,7 @@ pub async fn serve_rpcs(
         if !may_send_raft(&group, &network, &region, &rpc.from, &from).await {
             tracing::debug!(%from, "refused a Raft RPC from a peer outside the region");
             rpc.reply.send(consensus::rpc::refusal(&format!(
-                "{from} is neither a member of region {region}'s group nor a node of the region"
+                "{from} is not a member of region {region}'s group as this node's log knows it"
             )));
             continue;
         }
@@ -120,6 +127,9 @@ async fn may_send_raft(
     let (voters, learners) = group.members();
     if voters.iter().chain(&learners).any(|m| m == peer_id) {
         return true;
+    }
+    if !voters.is_empty() || !learners.is_empty() {
+        return false;
     }
     matches!(
         network.member(peer).await,
