@@ -60,6 +60,8 @@ const SYNC_FULL_ANSWER_EVERY: Duration = Duration::from_secs(10);
 pub const SYNC_ANSWER_ENTRIES_MAX: usize = 1024;
 /// Most bytes of records in a sync answer.
 pub const SYNC_ANSWER_BYTES_MAX: usize = 4 * 1024 * 1024;
+// An answer at the byte cap, with its framing, fits in a frame.
+const _: () = assert!(SYNC_ANSWER_BYTES_MAX + 16 * SYNC_ANSWER_ENTRIES_MAX < crate::codec::FRAME_LEN_MAX);
 /// Largest sealed record taken from gossip or sync: a few addresses, models
 /// and datasets take a few KiB.
 pub const SEALED_RECORD_MAX: usize = 64 * 1024;

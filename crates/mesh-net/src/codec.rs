@@ -6,9 +6,11 @@ use async_trait::async_trait;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 
-/// Largest frame accepted: enough for the member records of a few thousand
-/// nodes, small enough that a bad peer cannot make us allocate much.
-pub const FRAME_LEN_MAX: usize = 16 * 1024 * 1024;
+/// Largest frame accepted: the largest member-sync answer (at most
+/// `actor::SYNC_ANSWER_BYTES_MAX` of records, 4 MiB, plus a few bytes of
+/// framing per record) with a margin. Memory grows with the bytes that
+/// arrive, not with the length a peer claims.
+pub const FRAME_LEN_MAX: usize = 5 * 1024 * 1024;
 
 /// The codec; stateless.
 #[derive(Debug, Clone, Copy, Default)]
