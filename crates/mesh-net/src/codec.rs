@@ -3,7 +3,7 @@
 //! later) encodes its own messages, with a version byte of its own.
 
 use async_trait::async_trait;
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 
 /// Largest frame accepted: the largest member-sync answer (at most
@@ -17,25 +17,7 @@ pub const FRAME_LEN_MAX: usize = 5 * 1024 * 1024;
 pub struct FrameCodec;
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > FRAME_LEN_MAX {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes exceeds the limit of {FRAME_LEN_MAX}"),
-        ));
-    }
-    // Grows with the bytes that arrive, never with the length claimed.
-    let mut buf = Vec::with_capacity(len.min(64 * 1024));
-    let read = io.take(len as u64).read_to_end(&mut buf).await?;
-    if read != len {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("frame cut after {read} of {len} bytes"),
-        ));
-    }
-    Ok(buf)
+    crate::forward::read_frame(io, FRAME_LEN_MAX).await
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(
