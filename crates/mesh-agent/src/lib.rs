@@ -2,7 +2,7 @@
 //! without IO and run as they are by the node and by the simulator.
 //!
 //! ```text
-//!   agent.toml ──> manifest::parse ──> Manifest::check(registry, policy, region) ──> Raft
+//!   agent.toml ──> manifest::parse ──> manifest::check(registry, policy, region) ──> Raft
 //!   region's nodes + datasets ──> placement::place(manifest) ──> node (a lease, epoch + 1)
 //!   executed task ──> audit::Chain::append(record) ──> sealed record (hash of the one before)
 //! ```

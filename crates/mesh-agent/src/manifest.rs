@@ -5,109 +5,12 @@
 
 use std::collections::BTreeSet;
 
+pub use mesh_types::agent::{AgentKind, Manifest, ModelRef, CONCURRENCY_MAX, NAME_MAX};
 use mesh_types::policy::Policy;
 use mesh_types::Region;
-use serde::{Deserialize, Serialize};
 
 /// Longest manifest file accepted.
 pub const MANIFEST_BYTES_MAX: usize = 16 * 1024;
-/// Longest agent name; names are lowercase letters, digits and '-'.
-pub const NAME_MAX: usize = 64;
-/// Most tasks one activation runs at once.
-pub const CONCURRENCY_MAX: u32 = 256;
-
-/// The built-in kinds. A kind hosted in WebAssembly would be one more
-/// variant here; routing and placement do not look at the kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AgentKind {
-    /// Returns its input: measures the mesh itself.
-    Echo,
-    /// Returns the embedding of its input.
-    Embed,
-    /// Chat completion, with conversation memory per session.
-    Generate,
-    /// Semantic search over its dataset: the top-k documents with scores.
-    Search,
-    /// Search, then generate an answer that cites the documents used.
-    Rag,
-}
-
-impl AgentKind {
-    /// Every kind, for error messages.
-    pub const ALL: [AgentKind; 5] = [
-        AgentKind::Echo,
-        AgentKind::Embed,
-        AgentKind::Generate,
-        AgentKind::Search,
-        AgentKind::Rag,
-    ];
-
-    /// Its name in manifests.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentKind::Echo => "echo",
-            AgentKind::Embed => "embed",
-            AgentKind::Generate => "generate",
-            AgentKind::Search => "search",
-            AgentKind::Rag => "rag",
-        }
-    }
-
-    /// Needs an embedding model.
-    pub fn embeds(self) -> bool {
-        matches!(self, AgentKind::Embed | AgentKind::Search | AgentKind::Rag)
-    }
-
-    /// Needs a generation model.
-    pub fn generates(self) -> bool {
-        matches!(self, AgentKind::Generate | AgentKind::Rag)
-    }
-
-    /// Works on a dataset.
-    pub fn needs_dataset(self) -> bool {
-        matches!(self, AgentKind::Search | AgentKind::Rag)
-    }
-}
-
-/// A model an agent uses, by registry name and the sha256 of its weights.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelRef {
-    /// Registry name, e.g. `all-minilm-l6-v2`.
-    pub name: String,
-    /// Lowercase hex sha256 of the weights.
-    pub sha256: String,
-}
-
-/// An agent manifest as written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    /// Unique in a region: lowercase letters, digits and '-'.
-    pub name: String,
-    /// Free text, e.g. `1.0.0`; recorded with every task.
-    pub version: String,
-    /// What it does.
-    pub kind: AgentKind,
-    /// The models it runs.
-    #[serde(default)]
-    pub models: Vec<ModelRef>,
-    /// The dataset it works on (`search`, `rag`).
-    #[serde(default)]
-    pub dataset: Option<String>,
-    /// Regions where it may run; never empty.
-    pub regions: Vec<Region>,
-    /// Tasks one activation runs at once. Default 4.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: u32,
-    /// A task should be answered within this; every result says whether it was.
-    pub latency_budget_ms: u64,
-}
-
-fn default_concurrency() -> u32 {
-    4
-}
 
 /// What the registry says of a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,100 +40,99 @@ pub fn parse(text: &str) -> Result<Manifest, String> {
     })
 }
 
-impl Manifest {
-    /// Every problem with deploying this manifest to `region`, given the
-    /// model registry, the region's policy and the datasets it knows.
-    pub fn check(
-        &self,
-        region: &Region,
-        registry: &[ModelInfo],
-        policy: Option<&Policy>,
-        datasets: &[String],
-    ) -> Result<(), Vec<String>> {
-        let mut problems = Vec::new();
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= NAME_MAX
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !self.name.starts_with('-');
-        if !name_ok {
-            problems.push(format!(
-                "name {:?}: use 1 to {NAME_MAX} lowercase letters, digits and '-' (not first)",
-                self.name
-            ));
+/// Every problem with deploying `manifest` to `region`, given the model
+/// registry, the region's policy and the datasets it knows.
+pub fn check(
+    manifest: &Manifest,
+    region: &Region,
+    registry: &[ModelInfo],
+    policy: Option<&Policy>,
+    datasets: &[String],
+) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    let name_ok = !manifest.name.is_empty()
+        && manifest.name.len() <= NAME_MAX
+        && manifest
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !manifest.name.starts_with('-');
+    if !name_ok {
+        problems.push(format!(
+            "name {:?}: use 1 to {NAME_MAX} lowercase letters, digits and '-' (not first)",
+            manifest.name
+        ));
+    }
+    if manifest.version.trim().is_empty() || manifest.version.len() > NAME_MAX {
+        problems.push(format!(
+            "version {:?}: give a version of 1 to {NAME_MAX} characters",
+            manifest.version
+        ));
+    }
+    if manifest.regions.is_empty() {
+        problems.push("regions is empty: list the regions where the agent may run".into());
+    } else if !manifest.regions.contains(region) {
+        let allowed: Vec<&str> = manifest.regions.iter().map(Region::as_str).collect();
+        problems.push(format!(
+            "region {region} is not allowed by the manifest (regions: {})",
+            allowed.join(", ")
+        ));
+    }
+    if manifest.concurrency == 0 || manifest.concurrency > CONCURRENCY_MAX {
+        problems.push(format!(
+            "concurrency {}: use 1 to {CONCURRENCY_MAX}",
+            manifest.concurrency
+        ));
+    }
+    if manifest.latency_budget_ms == 0 {
+        problems.push("latency_budget_ms is 0: give the time a task should take".into());
+    }
+    let mut seen = BTreeSet::new();
+    let (mut embeds, mut generates) = (false, false);
+    for model in &manifest.models {
+        if !seen.insert(model.name.as_str()) {
+            problems.push(format!("model {} is listed twice", model.name));
+            continue;
         }
-        if self.version.trim().is_empty() || self.version.len() > NAME_MAX {
-            problems.push(format!(
-                "version {:?}: give a version of 1 to {NAME_MAX} characters",
-                self.version
-            ));
-        }
-        if self.regions.is_empty() {
-            problems.push("regions is empty: list the regions where the agent may run".into());
-        } else if !self.regions.contains(region) {
-            let allowed: Vec<&str> = self.regions.iter().map(Region::as_str).collect();
-            problems.push(format!(
-                "region {region} is not allowed by the manifest (regions: {})",
-                allowed.join(", ")
-            ));
-        }
-        if self.concurrency == 0 || self.concurrency > CONCURRENCY_MAX {
-            problems.push(format!(
-                "concurrency {}: use 1 to {CONCURRENCY_MAX}",
-                self.concurrency
-            ));
-        }
-        if self.latency_budget_ms == 0 {
-            problems.push("latency_budget_ms is 0: give the time a task should take".into());
-        }
-        let mut seen = BTreeSet::new();
-        let (mut embeds, mut generates) = (false, false);
-        for model in &self.models {
-            if !seen.insert(model.name.as_str()) {
-                problems.push(format!("model {} is listed twice", model.name));
-                continue;
+        match registry.iter().find(|m| m.name == model.name) {
+            None => {
+                let known: Vec<&str> = registry.iter().map(|m| m.name.as_str()).collect();
+                problems.push(format!(
+                    "unknown model {:?} (known: {})",
+                    model.name,
+                    known.join(", ")
+                ));
             }
-            match registry.iter().find(|m| m.name == model.name) {
-                None => {
-                    let known: Vec<&str> = registry.iter().map(|m| m.name.as_str()).collect();
-                    problems.push(format!(
-                        "unknown model {:?} (known: {})",
-                        model.name,
-                        known.join(", ")
-                    ));
-                }
-                Some(info) if info.sha256 != model.sha256 => problems.push(format!(
-                    "model {}: sha256 {} is not the registry's {}",
-                    model.name, model.sha256, info.sha256
-                )),
-                Some(info) => {
-                    embeds |= info.embeds;
-                    generates |= !info.embeds;
-                }
-            }
-            if let Some(policy) = policy.filter(|p| !p.models.is_empty()) {
-                let allowed = policy
-                    .models
-                    .iter()
-                    .any(|m| m.name == model.name && m.sha256 == model.sha256);
-                if !allowed {
-                    problems.push(format!(
-                        "model {} ({}) is not allowed by region {region}'s policy",
-                        model.name, model.sha256
-                    ));
-                }
+            Some(info) if info.sha256 != model.sha256 => problems.push(format!(
+                "model {}: sha256 {} is not the registry's {}",
+                model.name, model.sha256, info.sha256
+            )),
+            Some(info) => {
+                embeds |= info.embeds;
+                generates |= !info.embeds;
             }
         }
-        let kind = self.kind.as_str();
-        if self.kind.embeds() && !embeds {
-            problems.push(format!("a {kind} agent needs an embedding model in models"));
+        if let Some(policy) = policy.filter(|p| !p.models.is_empty()) {
+            let allowed = policy
+                .models
+                .iter()
+                .any(|m| m.name == model.name && m.sha256 == model.sha256);
+            if !allowed {
+                problems.push(format!(
+                    "model {} ({}) is not allowed by region {region}'s policy",
+                    model.name, model.sha256
+                ));
+            }
         }
-        if self.kind.generates() && !generates {
-            problems.push(format!("a {kind} agent needs a generation model in models"));
-        }
-        match (&self.dataset, self.kind.needs_dataset()) {
+    }
+    let kind = manifest.kind.as_str();
+    if manifest.kind.embeds() && !embeds {
+        problems.push(format!("a {kind} agent needs an embedding model in models"));
+    }
+    if manifest.kind.generates() && !generates {
+        problems.push(format!("a {kind} agent needs a generation model in models"));
+    }
+    match (&manifest.dataset, manifest.kind.needs_dataset()) {
             (None, true) => problems.push(format!("a {kind} agent needs a dataset")),
             (Some(d), _) if !datasets.contains(d) => problems.push(format!(
                 "unknown dataset {d:?} in region {region} (known: {}); put it first with `agentmesh data put --dataset {d}`",
@@ -238,11 +140,10 @@ impl Manifest {
             )),
             _ => {}
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
     }
 }
 
@@ -290,7 +191,10 @@ mod tests {
     fn a_valid_manifest_passes_with_defaults() {
         let m = parse(RAG).expect("parse");
         assert_eq!(m.concurrency, 4);
-        assert_eq!(m.check(&eu(), &registry(), None, &["docs".into()]), Ok(()));
+        assert_eq!(
+            check(&m, &eu(), &registry(), None, &["docs".into()]),
+            Ok(())
+        );
     }
 
     #[test]
@@ -322,9 +226,7 @@ mod tests {
             }],
             ..Policy::default()
         };
-        let problems = m
-            .check(&us, &registry(), Some(&policy), &[])
-            .expect_err("invalid");
+        let problems = check(&m, &us, &registry(), Some(&policy), &[]).expect_err("invalid");
         let all = problems.join("\n");
         for needle in [
             "name \"Docs RAG\"",
@@ -353,14 +255,12 @@ mod tests {
             concurrency: 64,
             latency_budget_ms: 100,
         };
-        assert_eq!(echo.check(&eu(), &registry(), None, &[]), Ok(()));
+        assert_eq!(check(&echo, &eu(), &registry(), None, &[]), Ok(()));
         let search = Manifest {
             kind: AgentKind::Search,
             ..echo.clone()
         };
-        let problems = search
-            .check(&eu(), &registry(), None, &[])
-            .expect_err("needs");
+        let problems = check(&search, &eu(), &registry(), None, &[]).expect_err("needs");
         assert_eq!(problems.len(), 2, "{problems:?}");
     }
 }
@@ -393,8 +293,7 @@ mod example_tests {
             let manifest = parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let region = manifest.regions[0].clone();
             let datasets: Vec<String> = manifest.dataset.iter().cloned().collect();
-            manifest
-                .check(&region, &registry, None, &datasets)
+            check(&manifest, &region, &registry, None, &datasets)
                 .unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
             checked += 1;
         }

@@ -11,6 +11,7 @@
 //!
 //! No IO and no clocks here: time comes in as [`UnixMillis`] from the caller.
 
+pub mod agent;
 pub mod policy;
 pub mod record;
 pub mod region;
