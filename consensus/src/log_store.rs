@@ -113,14 +113,30 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => None,
         };
         let to_key = to.map(index_key);
-        let pairs = self
-            .store
-            .range(Column::RaftLog, &index_key(from), to_key.as_deref())
+        // Decoded as they are read: the raw range is never held whole.
+        let mut entries = Vec::new();
+        let mut failed = None;
+        self.store
+            .scan(
+                Column::RaftLog,
+                &index_key(from),
+                to_key.as_deref(),
+                &mut |_, v| match codec::decode(v) {
+                    Ok(entry) => {
+                        entries.push(entry);
+                        true
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                },
+            )
             .map_err(read_err)?;
-        pairs
-            .into_iter()
-            .map(|(_, v)| codec::decode(&v).map_err(read_err))
-            .collect()
+        match failed {
+            Some(e) => Err(read_err(e)),
+            None => Ok(entries),
+        }
     }
 }
 
@@ -341,7 +357,9 @@ mod tests {
             answer_tx.send(()).expect("answer");
         });
         let vote = Vote::new(3, 1);
-        log.save_vote(&vote).await.expect("saved while the runtime ran");
+        log.save_vote(&vote)
+            .await
+            .expect("saved while the runtime ran");
         other_task.await.expect("task");
         assert_eq!(log.read_vote().await.expect("read"), Some(vote));
     }

@@ -53,6 +53,29 @@ fn contract(store: &dyn Store) {
         store.last(log).expect("last").map(|(k, _)| k),
         Some(b"\x00\x03".to_vec())
     );
+    // A scan visits in order, honours the upper bound and stops when asked.
+    let mut seen = Vec::new();
+    store
+        .scan(log, b"\x00\x01", Some(b"\x00\x03"), &mut |k, v| {
+            seen.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .expect("scan");
+    assert_eq!(
+        seen,
+        vec![
+            (b"\x00\x01".to_vec(), b"a".to_vec()),
+            (b"\x00\x02".to_vec(), b"b".to_vec())
+        ]
+    );
+    let mut visits = 0;
+    store
+        .scan(log, b"", None, &mut |_, _| {
+            visits += 1;
+            false
+        })
+        .expect("scan");
+    assert_eq!(visits, 1, "stops when the visitor says so");
     store
         .write(
             vec![

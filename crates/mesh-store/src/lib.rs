@@ -133,6 +133,26 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         to: Option<&[u8]>,
     ) -> Result<Vec<Pair>, StoreError>;
 
+    /// Visits the pairs with `from <= key < to` (no upper bound when `to`
+    /// is `None`) in key order, one at a time, until `visit` returns false:
+    /// a scan of any length holds one pair in memory, not the range.
+    /// `visit` MUST NOT call the store (an implementation may hold a lock).
+    /// The default goes through [`Store::range`]; both stores here stream.
+    fn scan(
+        &self,
+        column: Column,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        for (k, v) in self.range(column, from, to)? {
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// The pair with the greatest key, if the column is not empty.
     fn last(&self, column: Column) -> Result<Option<Pair>, StoreError>;
 

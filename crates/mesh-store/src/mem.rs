@@ -50,6 +50,26 @@ impl Store for MemStore {
             .collect())
     }
 
+    fn scan(
+        &self,
+        column: Column,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let columns = self.lock()?;
+        let Some(c) = columns.get(&column) else {
+            return Ok(());
+        };
+        let upper = to.map_or(Bound::Unbounded, |t| Bound::Excluded(t.to_vec()));
+        for (k, v) in c.range((Bound::Included(from.to_vec()), upper)) {
+            if !visit(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn last(&self, column: Column) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
         Ok(self
             .lock()?

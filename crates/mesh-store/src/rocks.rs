@@ -68,17 +68,30 @@ impl Store for RocksStore {
         to: Option<&[u8]>,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
+        self.scan(column, from, to, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })?;
+        Ok(out)
+    }
+
+    fn scan(
+        &self,
+        column: Column,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
         for item in self.db.iterator_cf(
             self.cf(column)?,
             IteratorMode::From(from, Direction::Forward),
         ) {
             let (k, v) = item.map_err(|e| self.io(format!("scan {}: {e}", column.name())))?;
-            if to.is_some_and(|t| k.as_ref() >= t) {
+            if to.is_some_and(|t| k.as_ref() >= t) || !visit(&k, &v) {
                 break;
             }
-            out.push((k.to_vec(), v.to_vec()));
         }
-        Ok(out)
+        Ok(())
     }
 
     fn last(&self, column: Column) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
