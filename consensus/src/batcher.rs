@@ -172,9 +172,9 @@ async fn propose(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, write_
                 Err(_) => Err(GroupError::OutcomeUnknown(write_timeout)),
                 Ok(Ok(response)) => match response.data {
                     RegionResponse::PolicySet { version } => Ok(version),
-                    RegionResponse::Applied => Err(GroupError::Raft(
-                        "policy write applied as a non-policy entry".into(),
-                    )),
+                    other => Err(GroupError::Raft(format!(
+                        "policy write applied as another entry: {other:?}"
+                    ))),
                 },
                 Ok(Err(e)) => Err(write_error(&raft, e)),
             };

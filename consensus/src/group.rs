@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batcher::{PolicyApplied, PolicyWrites};
 use crate::rpc::{BootstrapPromise, Network, RaftReply, RaftRequest, Transport};
-use crate::types::{node_id_of, NodeId, RegionNode, TypeConfig};
+use crate::types::{node_id_of, NodeId, RegionCommand, RegionNode, RegionResponse, TypeConfig};
 use crate::{LogStore, LogSync, RegionState, RegionStateMachine};
 
 /// Raft timings. The defaults fit a LAN (and a loaded 2-core test machine);
@@ -585,6 +585,19 @@ impl RegionGroup {
     /// Concurrent writes are committed together, see [`crate::batcher`].
     pub async fn set_policy(&self, policy: Policy) -> Result<PolicyApplied, GroupError> {
         self.writes.write(policy).await
+    }
+
+    /// Proposes one command other than a policy write (those go through
+    /// [`Self::set_policy`], which batches them) and waits until it is
+    /// applied here, at most the write timeout. Leader only.
+    pub async fn propose(&self, command: RegionCommand) -> Result<RegionResponse, GroupError> {
+        let write = self.raft.client_write(command);
+        match tokio::time::timeout(self.write_timeout, write).await {
+            // Proposed: it may still commit.
+            Err(_) => Err(GroupError::OutcomeUnknown(self.write_timeout)),
+            Ok(Ok(response)) => Ok(response.data),
+            Ok(Err(e)) => Err(write_error(&self.raft, e)),
+        }
     }
 
     /// The applied state on this node, possibly behind the leader.

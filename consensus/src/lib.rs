@@ -36,8 +36,8 @@ pub use batcher::PolicyApplied;
 pub use group::{GroupError, RaftSettings, RegionGroup, RegionStatus};
 pub use log_store::LogStore;
 pub use log_sync::LogSync;
-pub use state_machine::{RegionState, RegionStateMachine};
-pub use types::{RegionCommand, RegionNode, RegionResponse, TypeConfig};
+pub use state_machine::{AgentEntry, RegionState, RegionStateMachine};
+pub use types::{Dataset, Lease, RegionCommand, RegionNode, RegionResponse, TypeConfig};
 
 #[cfg(test)]
 mod suite;

@@ -1,11 +1,14 @@
-//! The region state machine: the applied policy and its version, the last
-//! applied log id and membership, persisted as one versioned value in
+//! The region state machine: the applied policy and its version, the
+//! deployed agents with their leases, the datasets, the last applied log id
+//! and membership, persisted as one versioned value in
 //! `Column::StateMachine`; the current snapshot in `Column::Snapshot`.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::sync::Arc;
 
 use mesh_store::{Column, Durability, Store, WriteOp};
+use mesh_types::agent::Manifest;
 use mesh_types::policy::Policy;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -16,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::log_sync::LogSync;
-use crate::types::{NodeId, RegionCommand, RegionNode, RegionResponse, TypeConfig};
+use crate::types::{Dataset, Lease, NodeId, RegionCommand, RegionNode, RegionResponse, TypeConfig};
 
 const STATE: &[u8] = b"state";
 const SNAPSHOT: &[u8] = b"current";
@@ -34,6 +37,82 @@ pub struct RegionState {
     pub policy: Option<Policy>,
     /// The log index at which `policy` was applied (0: none yet).
     pub policy_version: u64,
+    /// Deployed agents, by name.
+    pub agents: BTreeMap<String, AgentEntry>,
+    /// Registered datasets, by name.
+    pub datasets: BTreeMap<String, Dataset>,
+}
+
+/// An agent deployed to the region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEntry {
+    /// The manifest of its latest deploy.
+    pub manifest: Manifest,
+    /// The log index of its latest deploy.
+    pub deployed_at: u64,
+    /// Where it is active, if it is placed.
+    pub lease: Option<Lease>,
+    /// The epoch of the last lease granted (0: never placed).
+    pub epoch: u64,
+}
+
+/// Applies one command to `state` at log index `index`.
+fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) -> RegionResponse {
+    match command {
+        RegionCommand::SetPolicy(policy) => apply_policies(state, index, vec![policy]),
+        RegionCommand::SetPolicies(policies) => apply_policies(state, index, policies),
+        RegionCommand::DeployAgent(manifest) => {
+            let entry = state
+                .agents
+                .entry(manifest.name.clone())
+                .or_insert_with(|| AgentEntry {
+                    manifest: manifest.clone(),
+                    deployed_at: index,
+                    lease: None,
+                    epoch: 0,
+                });
+            entry.manifest = manifest;
+            entry.deployed_at = index;
+            RegionResponse::AgentDeployed { version: index }
+        }
+        RegionCommand::RemoveAgent(name) => RegionResponse::AgentRemoved {
+            found: state.agents.remove(&name).is_some(),
+        },
+        RegionCommand::RegisterDataset(dataset) => {
+            state.datasets.insert(dataset.name.clone(), dataset);
+            RegionResponse::DatasetRegistered { version: index }
+        }
+        RegionCommand::GrantLease {
+            agent,
+            node,
+            after_epoch,
+        } => match state.agents.get_mut(&agent) {
+            None => RegionResponse::LeaseRefused { epoch: 0 },
+            Some(entry) if entry.epoch != after_epoch => {
+                RegionResponse::LeaseRefused { epoch: entry.epoch }
+            }
+            Some(entry) => {
+                let epoch = entry.epoch.saturating_add(1);
+                entry.epoch = epoch;
+                entry.lease = Some(Lease {
+                    node,
+                    epoch,
+                    granted_at: index,
+                });
+                RegionResponse::LeaseGranted { epoch }
+            }
+        },
+    }
+}
+
+fn apply_policies(state: &mut RegionState, index: u64, policies: Vec<Policy>) -> RegionResponse {
+    if let Some(policy) = policies.into_iter().last() {
+        state.policy = Some(policy);
+        state.policy_version = index;
+    }
+    RegionResponse::PolicySet {
+        version: state.policy_version,
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -209,17 +288,7 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
                     RegionResponse::Applied
                 }
                 EntryPayload::Normal(command) => {
-                    let last = match command {
-                        RegionCommand::SetPolicy(policy) => Some(policy),
-                        RegionCommand::SetPolicies(policies) => policies.into_iter().last(),
-                    };
-                    if let Some(policy) = last {
-                        state.policy = Some(policy);
-                        state.policy_version = entry.log_id.index;
-                    }
-                    RegionResponse::PolicySet {
-                        version: state.policy_version,
-                    }
+                    apply_command(&mut state, entry.log_id.index, command)
                 }
             };
             responses.push(response);
@@ -290,5 +359,111 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
             }
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod command_tests {
+    use mesh_types::agent::{AgentKind, Manifest};
+    use mesh_types::Region;
+
+    use super::*;
+
+    fn manifest(name: &str, version: &str) -> Manifest {
+        Manifest {
+            name: name.into(),
+            version: version.into(),
+            kind: AgentKind::Echo,
+            models: vec![],
+            dataset: None,
+            regions: vec![Region::parse("eu-west").expect("region")],
+            concurrency: 4,
+            latency_budget_ms: 100,
+        }
+    }
+
+    fn grant(agent: &str, node: &str, after_epoch: u64) -> RegionCommand {
+        RegionCommand::GrantLease {
+            agent: agent.into(),
+            node: node.into(),
+            after_epoch,
+        }
+    }
+
+    #[test]
+    fn leases_are_granted_by_compare_and_set_on_the_epoch() {
+        let mut state = RegionState::default();
+        assert_eq!(
+            apply_command(&mut state, 1, grant("echo", "a", 0)),
+            RegionResponse::LeaseRefused { epoch: 0 },
+            "an agent that is not deployed"
+        );
+        apply_command(
+            &mut state,
+            2,
+            RegionCommand::DeployAgent(manifest("echo", "1")),
+        );
+        assert_eq!(
+            apply_command(&mut state, 3, grant("echo", "a", 0)),
+            RegionResponse::LeaseGranted { epoch: 1 }
+        );
+        // Two placers saw epoch 1: the first wins, the second is fenced off.
+        assert_eq!(
+            apply_command(&mut state, 4, grant("echo", "b", 1)),
+            RegionResponse::LeaseGranted { epoch: 2 }
+        );
+        assert_eq!(
+            apply_command(&mut state, 5, grant("echo", "c", 1)),
+            RegionResponse::LeaseRefused { epoch: 2 }
+        );
+        let lease = state.agents["echo"].lease.clone().expect("lease");
+        assert_eq!(
+            (lease.node.as_str(), lease.epoch, lease.granted_at),
+            ("b", 2, 4)
+        );
+        // A new version keeps the lease; removal drops it.
+        assert_eq!(
+            apply_command(
+                &mut state,
+                6,
+                RegionCommand::DeployAgent(manifest("echo", "2"))
+            ),
+            RegionResponse::AgentDeployed { version: 6 }
+        );
+        assert_eq!(state.agents["echo"].manifest.version, "2");
+        assert_eq!(state.agents["echo"].epoch, 2);
+        assert_eq!(
+            apply_command(&mut state, 7, RegionCommand::RemoveAgent("echo".into())),
+            RegionResponse::AgentRemoved { found: true }
+        );
+        assert_eq!(
+            apply_command(&mut state, 8, RegionCommand::RemoveAgent("echo".into())),
+            RegionResponse::AgentRemoved { found: false }
+        );
+    }
+
+    #[test]
+    fn datasets_are_registered_and_replaced_by_name() {
+        let mut state = RegionState::default();
+        let docs = Dataset {
+            name: "docs".into(),
+            node: "a".into(),
+            tags: vec!["pii-eu".into()],
+            documents: 3,
+            embed_model_sha256: "e".repeat(64),
+        };
+        assert_eq!(
+            apply_command(&mut state, 9, RegionCommand::RegisterDataset(docs.clone())),
+            RegionResponse::DatasetRegistered { version: 9 }
+        );
+        let more = Dataset {
+            documents: 5,
+            ..docs
+        };
+        apply_command(&mut state, 10, RegionCommand::RegisterDataset(more.clone()));
+        assert_eq!(state.datasets["docs"], more);
+        // Policy writes still work alongside.
+        apply_command(&mut state, 11, RegionCommand::SetPolicy(Policy::default()));
+        assert_eq!(state.policy_version, 11);
     }
 }

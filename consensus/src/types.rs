@@ -3,6 +3,7 @@
 use std::fmt;
 use std::io::Cursor;
 
+use mesh_types::agent::Manifest;
 use mesh_types::policy::Policy;
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +44,50 @@ pub enum RegionCommand {
     /// Concurrent policy writes committed together (see `crate::batcher`):
     /// applied in order at one log index; the last one is in force.
     SetPolicies(Vec<Policy>),
+    /// Deploy an agent, or a new version of it (its lease is kept). The
+    /// caller MUST have checked the manifest (`mesh_agent::manifest::check`).
+    DeployAgent(Manifest),
+    /// Remove an agent and its lease.
+    RemoveAgent(String),
+    /// Register a dataset held by a node (or its new contents).
+    RegisterDataset(Dataset),
+    /// Activate `agent` on `node` with the next epoch, if its epoch is still
+    /// `after_epoch` (compare-and-set: two leaders' placements cannot both
+    /// win, and every later write names the epoch it holds).
+    GrantLease {
+        /// The agent.
+        agent: String,
+        /// Where it goes.
+        node: String,
+        /// The epoch the placer saw.
+        after_epoch: u64,
+    },
+}
+
+/// A dataset as the region knows it: the documents stay on their node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dataset {
+    /// Its name, unique in the region.
+    pub name: String,
+    /// The peer id of the node that holds it.
+    pub node: String,
+    /// Its data tags (residency rules apply to each).
+    pub tags: Vec<String>,
+    /// How many documents it holds.
+    pub documents: u64,
+    /// sha256 of the model its vectors were made with.
+    pub embed_model_sha256: String,
+}
+
+/// Where an agent is active: a lease with an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The host's peer id.
+    pub node: String,
+    /// Grows by one with every grant; never reused.
+    pub epoch: u64,
+    /// The log index of the grant.
+    pub granted_at: u64,
 }
 
 /// What applying a command returned.
@@ -54,6 +99,32 @@ pub enum RegionResponse {
     PolicySet {
         /// The log index at which it was applied.
         version: u64,
+    },
+    /// An agent was deployed at this version.
+    AgentDeployed {
+        /// The log index.
+        version: u64,
+    },
+    /// An agent removal was applied; `found` is false if there was none.
+    AgentRemoved {
+        /// Whether the agent existed.
+        found: bool,
+    },
+    /// A dataset was registered at this version.
+    DatasetRegistered {
+        /// The log index.
+        version: u64,
+    },
+    /// The lease was granted with this epoch.
+    LeaseGranted {
+        /// The new epoch.
+        epoch: u64,
+    },
+    /// The lease was not granted: the agent is unknown, or its epoch moved
+    /// on (`epoch` is the current one).
+    LeaseRefused {
+        /// The agent's current epoch (0: not deployed).
+        epoch: u64,
     },
 }
 

@@ -245,6 +245,7 @@ fn region_state() -> impl Strategy<Value = RegionState> {
                 membership,
                 policy,
                 policy_version,
+                ..RegionState::default()
             },
         )
 }
