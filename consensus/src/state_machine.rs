@@ -41,6 +41,9 @@ pub struct RegionState {
     pub agents: BTreeMap<String, AgentEntry>,
     /// Registered datasets, by name.
     pub datasets: BTreeMap<String, Dataset>,
+    /// The last epoch of each removed agent: deployed again, it goes on
+    /// from there, so an epoch is never reused for a name.
+    pub retired_epochs: BTreeMap<String, u64>,
 }
 
 /// An agent deployed to the region.
@@ -62,6 +65,7 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
         RegionCommand::SetPolicy(policy) => apply_policies(state, index, vec![policy]),
         RegionCommand::SetPolicies(policies) => apply_policies(state, index, policies),
         RegionCommand::DeployAgent(manifest) => {
+            let retired = state.retired_epochs.remove(&manifest.name).unwrap_or(0);
             let entry = state
                 .agents
                 .entry(manifest.name.clone())
@@ -69,14 +73,18 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
                     manifest: manifest.clone(),
                     deployed_at: index,
                     lease: None,
-                    epoch: 0,
+                    epoch: retired,
                 });
             entry.manifest = manifest;
             entry.deployed_at = index;
             RegionResponse::AgentDeployed { version: index }
         }
-        RegionCommand::RemoveAgent(name) => RegionResponse::AgentRemoved {
-            found: state.agents.remove(&name).is_some(),
+        RegionCommand::RemoveAgent(name) => match state.agents.remove(&name) {
+            Some(entry) => {
+                state.retired_epochs.insert(name, entry.epoch);
+                RegionResponse::AgentRemoved { found: true }
+            }
+            None => RegionResponse::AgentRemoved { found: false },
         },
         RegionCommand::RegisterDataset(dataset) => {
             state.datasets.insert(dataset.name.clone(), dataset);
@@ -112,6 +120,33 @@ fn apply_policies(state: &mut RegionState, index: u64, policies: Vec<Policy>) ->
     }
     RegionResponse::PolicySet {
         version: state.policy_version,
+    }
+}
+
+/// The region state as builds before agents stored it.
+#[derive(Deserialize)]
+struct RegionStateV1 {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, RegionNode>,
+    policy: Option<Policy>,
+    policy_version: u64,
+}
+
+/// Decodes a stored region state, of this build or of the one before
+/// (which had no agents or datasets), so a node's store survives the upgrade.
+fn decode_state(bytes: &[u8]) -> Result<RegionState, codec::CodecError> {
+    match codec::decode::<RegionState>(bytes) {
+        Ok(state) => Ok(state),
+        Err(e) => match codec::decode::<RegionStateV1>(bytes) {
+            Ok(v1) => Ok(RegionState {
+                last_applied: v1.last_applied,
+                membership: v1.membership,
+                policy: v1.policy,
+                policy_version: v1.policy_version,
+                ..RegionState::default()
+            }),
+            Err(_) => Err(e),
+        },
     }
 }
 
@@ -155,14 +190,14 @@ impl RegionStateMachine {
             .get(Column::StateMachine, STATE)
             .map_err(sm_read_err)?
         {
-            Some(bytes) => codec::decode(&bytes).map_err(sm_read_err)?,
+            Some(bytes) => decode_state(&bytes).map_err(sm_read_err)?,
             None => RegionState::default(),
         };
         if let Some(bytes) = store.get(Column::Snapshot, SNAPSHOT).map_err(sm_read_err)? {
             let stored: StoredSnapshot = codec::decode(&bytes).map_err(sm_read_err)?;
             if stored.meta.last_log_id > state.last_applied {
                 let mut from_snapshot: RegionState =
-                    codec::decode(&stored.data).map_err(sm_read_err)?;
+                    decode_state(&stored.data).map_err(sm_read_err)?;
                 from_snapshot.last_applied = stored.meta.last_log_id;
                 from_snapshot.membership = stored.meta.last_membership;
                 state = from_snapshot;
@@ -440,6 +475,40 @@ mod command_tests {
             apply_command(&mut state, 8, RegionCommand::RemoveAgent("echo".into())),
             RegionResponse::AgentRemoved { found: false }
         );
+        // Deployed again: its epochs go on, never reused.
+        apply_command(
+            &mut state,
+            9,
+            RegionCommand::DeployAgent(manifest("echo", "3")),
+        );
+        assert_eq!(
+            apply_command(&mut state, 10, grant("echo", "a", 2)),
+            RegionResponse::LeaseGranted { epoch: 3 }
+        );
+    }
+
+    #[test]
+    fn a_state_stored_by_the_build_before_agents_still_opens() {
+        #[derive(Serialize)]
+        struct V1 {
+            last_applied: Option<LogId<NodeId>>,
+            membership: StoredMembership<NodeId, RegionNode>,
+            policy: Option<Policy>,
+            policy_version: u64,
+        }
+        let bytes = codec::encode(&V1 {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            policy: Some(Policy::default()),
+            policy_version: 42,
+        })
+        .expect("encode");
+        let state = decode_state(&bytes).expect("decodes");
+        assert_eq!(state.policy_version, 42);
+        assert!(state.agents.is_empty());
+        let now = codec::encode(&state).expect("encode");
+        assert_eq!(decode_state(&now).expect("decodes"), state);
+        assert!(decode_state(&now[..now.len() / 2]).is_err());
     }
 
     #[test]
