@@ -232,6 +232,14 @@ pub fn router(state: ApiState) -> Router {
             "/v1/regions/{region}/members/{peer}",
             axum::routing::delete(crate::regions_api::remove_member),
         )
+        .route(
+            "/v1/regions/{region}/agents",
+            get(crate::agents_api::list).post(crate::agents_api::deploy),
+        )
+        .route(
+            "/v1/regions/{region}/agents/{name}",
+            get(crate::agents_api::get).delete(crate::agents_api::remove),
+        )
         .route("/v1/models", get(crate::models::list))
         .route("/v1/models/{name}/run", post(crate::models::run))
         .route(

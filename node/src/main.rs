@@ -7,6 +7,8 @@
 //! ```
 //! `node/` is glue: decisions live in the library crates.
 
+mod agent_cli;
+mod agents_api;
 mod api;
 mod client;
 mod config;
@@ -55,6 +57,9 @@ enum Command {
     /// See and try the models the node runs.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Deploy, list, inspect and remove agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Chaos-test a mesh in the deterministic simulator.
     Sim(sim_cli::SimArgs),
     /// Show the mesh as one node sees it.
@@ -145,6 +150,62 @@ enum PolicyCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Check an agent manifest and deploy it (to --region, or to every region it lists).
+    Deploy {
+        /// The manifest (TOML; see examples/agents/).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Deploy to this region only.
+        #[arg(long)]
+        region: Option<String>,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The agents of a region: version, kind, node, epoch, status.
+    List {
+        /// The region [default: the node's].
+        #[arg(long)]
+        region: Option<String>,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One agent, with its manifest.
+    Get {
+        /// The agent's name.
+        name: String,
+        /// The region [default: the node's].
+        #[arg(long)]
+        region: Option<String>,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an agent from a region.
+    Remove {
+        /// The agent's name.
+        name: String,
+        /// The region [default: the node's].
+        #[arg(long)]
+        region: Option<String>,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
     },
 }
 
@@ -314,6 +375,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             }
             sim_cli::run(args)
+        }
+        Command::Agent(AgentCommand::Deploy {
+            file,
+            region,
+            api,
+            json,
+        }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(agent_cli::deploy(&api, &file, region, json))
+        }
+        Command::Agent(AgentCommand::List { region, api, json }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(agent_cli::list(&api, region, json))
+        }
+        Command::Agent(AgentCommand::Get {
+            name,
+            region,
+            api,
+            json,
+        }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(agent_cli::get(&api, &name, region, json))
+        }
+        Command::Agent(AgentCommand::Remove { name, region, api }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(agent_cli::remove(&api, &name, region))
         }
         Command::Model(ModelCommand::List { api, json }) => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));

@@ -26,7 +26,7 @@ const FORWARDED: &str = crate::forward::FORWARDED;
 /// Most forwards of one request: to the right region, then to its leader.
 const FORWARD_HOPS_MAX: u8 = 2;
 
-fn hops(headers: &HeaderMap) -> u8 {
+pub(crate) fn hops(headers: &HeaderMap) -> u8 {
     headers
         .get(FORWARDED)
         .and_then(|v| v.to_str().ok())
@@ -106,15 +106,15 @@ pub struct PolicyQuery {
     consistent: bool,
 }
 
-fn error(status: StatusCode, error: &'static str, detail: String) -> ApiError {
+pub(crate) fn error(status: StatusCode, error: &'static str, detail: String) -> ApiError {
     ApiError::new(status, error, detail)
 }
 
-fn parse_region(name: &str) -> Result<Region, ApiError> {
+pub(crate) fn parse_region(name: &str) -> Result<Region, ApiError> {
     Region::parse(name).map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_region", e.to_string()))
 }
 
-fn group_error(region: &Region, e: GroupError) -> ApiError {
+pub(crate) fn group_error(region: &Region, e: GroupError) -> ApiError {
     match e {
         GroupError::Timeout(_)
         | GroupError::NoQuorum(_)
@@ -220,7 +220,7 @@ async fn forward_with_timeout(
 }
 
 /// Forwards a request about another region to a live node of that region.
-async fn forward_to_region(
+pub(crate) async fn forward_to_region(
     state: &ApiState,
     headers: &HeaderMap,
     region: &Region,
@@ -233,7 +233,7 @@ async fn forward_to_region(
 }
 
 /// Forwards a request this follower cannot serve to the region's leader.
-async fn forward_to_leader(
+pub(crate) async fn forward_to_leader(
     state: &ApiState,
     headers: &HeaderMap,
     region: &Region,
@@ -273,7 +273,7 @@ async fn peer_in_region(
         })
 }
 
-fn not_bootstrapped(region: &Region) -> ApiError {
+pub(crate) fn not_bootstrapped(region: &Region) -> ApiError {
     error(
         StatusCode::CONFLICT,
         "not_bootstrapped",
