@@ -43,6 +43,10 @@ pub struct RaftSettings {
     /// Log entries kept behind a snapshot, so a slightly lagging member catches
     /// up from the log rather than a snapshot (openraft#1706). Default 1000.
     pub logs_kept_after_snapshot: u64,
+    /// Most learners the leader adds. Until admission control exists any
+    /// key may claim a region; past this a newcomer waits for a learner to
+    /// go (a gone learner is removed at once to make room). Default 64.
+    pub max_learners: usize,
 }
 
 impl Default for RaftSettings {
@@ -56,6 +60,7 @@ impl Default for RaftSettings {
             replace_dead_voter_after_ms: 60_000,
             remove_gone_learner_after_ms: 600_000,
             logs_kept_after_snapshot: 1000,
+            max_learners: 64,
         }
     }
 }
@@ -70,6 +75,9 @@ impl RaftSettings {
             .map_err(|e| format!("invalid [raft] settings: {e}"))?;
         if self.write_timeout_ms == 0 {
             return Err("raft.write_timeout_ms must be greater than 0".into());
+        }
+        if self.max_learners == 0 {
+            return Err("raft.max_learners must be greater than 0, or no node joins the region's group as a learner".into());
         }
         Ok(())
     }

@@ -40,6 +40,9 @@ pub struct Housekeeper {
     dead_since: BTreeMap<String, Instant>,
     remove_learner_after: Duration,
     learner_gone_since: BTreeMap<String, Instant>,
+    /// Most learners the group takes (any key may claim a region until
+    /// admission control exists: an unbounded group is a leader's DoS).
+    max_learners: usize,
 }
 
 impl Housekeeper {
@@ -51,7 +54,15 @@ impl Housekeeper {
             dead_since: BTreeMap::new(),
             remove_learner_after,
             learner_gone_since: BTreeMap::new(),
+            max_learners: usize::MAX,
         }
+    }
+
+    /// Takes at most `max` learners: a newcomer past that waits, unless a
+    /// learner that is gone can make room (it is removed at once).
+    pub fn with_max_learners(mut self, max: usize) -> Self {
+        self.max_learners = max;
+        self
     }
 
     /// One round. `region` is the membership view of the region (peer id
@@ -75,7 +86,18 @@ impl Housekeeper {
             .iter()
             .find(|(p, s)| *s == MemberState::Alive && !voters.contains(p) && !learners.contains(p))
         {
-            return Some(Action::AddLearner(newcomer.clone()));
+            if learners.len() < self.max_learners {
+                return Some(Action::AddLearner(newcomer.clone()));
+            }
+            let gone = learners.iter().find(|l| {
+                !matches!(
+                    state_of(l),
+                    Some(MemberState::Alive) | Some(MemberState::Suspect)
+                )
+            });
+            if let Some(gone) = gone {
+                return Some(Action::RemoveLearner(gone.clone()));
+            }
         }
         self.dead_since.retain(|peer, _| voters.contains(peer));
         for voter in voters {
@@ -211,5 +233,35 @@ mod tests {
         );
         // A follower forgets what it tracked.
         assert_eq!(k.plan("b", false, &voters, &learners, &region, t2), None);
+    }
+
+    #[test]
+    fn learners_are_capped_and_a_gone_one_makes_room() {
+        let now = Instant::now();
+        let mut keeper = Housekeeper::new(Duration::from_secs(60), Duration::from_secs(600))
+            .with_max_learners(2);
+        let voters = vec!["a".to_owned()];
+        let learners = vec!["l1".to_owned(), "l2".to_owned()];
+        let mut region = vec![
+            ("a".to_owned(), MemberState::Alive),
+            ("l1".to_owned(), MemberState::Alive),
+            ("l2".to_owned(), MemberState::Alive),
+            ("new".to_owned(), MemberState::Alive),
+        ];
+        assert_eq!(
+            keeper.plan("a", true, &voters, &learners, &region, now),
+            None,
+            "full of live learners: the newcomer waits"
+        );
+        region[2].1 = MemberState::Dead;
+        assert_eq!(
+            keeper.plan("a", true, &voters, &learners, &region, now),
+            Some(Action::RemoveLearner("l2".into())),
+            "a gone learner makes room at once"
+        );
+        assert_eq!(
+            keeper.plan("a", true, &voters, &["l1".to_owned()], &region, now),
+            Some(Action::AddLearner("new".into()))
+        );
     }
 }

@@ -78,18 +78,20 @@ impl Transport for MeshTransport {
     }
 }
 
-/// Answers peers' Raft RPCs until the channel closes. Only from a member
-/// of the region's group as this node's log knows it; before this node is
-/// in a group at all (a new node the leader is adding, a bootstrap's
-/// proposer), from a node of the region as the gossip view sees it. Anyone
-/// else is refused before the request is decoded (issue 12, finding 2).
+/// Answers peers' Raft RPCs until the channel closes. Once this node is in
+/// a group, only from its voters as this node's log knows them: only a
+/// voter can lead or campaign, and a learner (which any key may become
+/// until admission control exists: the leader adds every region node) never
+/// sends a Raft RPC. Before this node is in a group at all (a new node the
+/// leader is adding, a bootstrap's proposer), from a node of the region as
+/// the gossip view sees it. Anyone else is refused before the request is
+/// decoded (issue 12, finding 2).
 ///
 /// Strict on purpose: a follower whose log is so far behind that it does
-/// not list the current leader (it missed both the leader's addition and
-/// its promotion) refuses that leader until it is wiped and re-added; a
-/// region node the gossip view vouches for cannot be trusted instead,
-/// since any key may gossip a record that claims the region (admission
-/// control comes later, see SECURITY.md).
+/// not list the current leader as a voter (it missed the leader's promotion)
+/// refuses that leader until it is wiped and re-added; the gossip view
+/// cannot vouch instead, since any key may gossip a record that claims the
+/// region (see SECURITY.md).
 pub async fn serve_rpcs(
     group: RegionGroup,
     network: Network,
@@ -102,7 +104,7 @@ pub async fn serve_rpcs(
         if !may_send_raft(&group, &network, &region, &rpc.from, &from).await {
             tracing::debug!(%from, "refused a Raft RPC from a peer outside the region");
             rpc.reply.send(consensus::rpc::refusal(&format!(
-                "{from} is not a member of region {region}'s group as this node's log knows it"
+                "{from} is not a voter of region {region}'s group as this node's log knows it"
             )));
             continue;
         }
@@ -126,7 +128,7 @@ async fn may_send_raft(
     peer_id: &str,
 ) -> bool {
     let (voters, learners) = group.members();
-    if voters.iter().chain(&learners).any(|m| m == peer_id) {
+    if voters.iter().any(|m| m == peer_id) {
         return true;
     }
     if !voters.is_empty() || !learners.is_empty() {
@@ -149,7 +151,8 @@ pub async fn housekeeping(
     let mut keeper = Housekeeper::new(
         Duration::from_millis(settings.replace_dead_voter_after_ms),
         Duration::from_millis(settings.remove_gone_learner_after_ms),
-    );
+    )
+    .with_max_learners(settings.max_learners);
     let mut interval = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     loop {
         tokio::select! {
