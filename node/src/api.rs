@@ -165,6 +165,8 @@ pub struct ApiState {
     pub models: crate::models::Models,
     /// Model jobs each client has queued or running.
     pub model_jobs: PerClient,
+    /// The tasks this node runs and the audit log it keeps.
+    pub tasks: std::sync::Arc<crate::tasks::TaskHost>,
     /// The API listens on a loopback address (its Host header is checked).
     pub api_is_loopback: bool,
 }
@@ -178,6 +180,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// Its HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// An error with its status, a short machine-readable name and a detail for people.
     pub fn new(status: StatusCode, error: &'static str, detail: String) -> Self {
         Self {
@@ -240,6 +247,14 @@ pub fn router(state: ApiState) -> Router {
             "/v1/regions/{region}/agents/{name}",
             get(crate::agents_api::get).delete(crate::agents_api::remove),
         )
+        .route("/v1/tasks", post(crate::tasks::submit))
+        .route("/v1/tasks/{id}", get(crate::tasks::get))
+        .route(
+            "/v1/regions/{region}/tasks",
+            post(crate::tasks::region_task),
+        )
+        .route("/v1/audit", get(crate::tasks::audit_log))
+        .route("/v1/audit/verify", get(crate::tasks::audit_verify))
         .route("/v1/models", get(crate::models::list))
         .route("/v1/models/{name}/run", post(crate::models::run))
         .route(

@@ -22,6 +22,8 @@ mod region_cli;
 mod regions_api;
 mod sim_cli;
 mod start;
+mod task_cli;
+mod tasks;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -60,6 +62,11 @@ enum Command {
     /// Deploy, list, inspect and remove agents.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Submit tasks to any node and read their results.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// This node's tamper-evident record of the tasks it ran.
+    Audit(AuditArgs),
     /// Chaos-test a mesh in the deterministic simulator.
     Sim(sim_cli::SimArgs),
     /// Show the mesh as one node sees it.
@@ -148,6 +155,76 @@ enum PolicyCommand {
         #[arg(long, default_value = DEFAULT_API)]
         api: String,
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Submit a task; any node routes it to where the agent runs.
+    Submit {
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+        /// The input text.
+        #[arg(long)]
+        input: String,
+        /// A data tag of the input (residency rules apply); repeat for several.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// A conversation id, for agents that remember one.
+        #[arg(long)]
+        session: Option<String>,
+        /// The idempotency key: a task id submitted again returns its stored result.
+        #[arg(long)]
+        task_id: Option<String>,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A task's result, from the node it was submitted to (or its host).
+    Get {
+        /// The task id.
+        id: String,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    #[command(subcommand)]
+    verify: Option<AuditCommand>,
+    /// Only this agent's records.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only records of tasks started at or after this time (Unix milliseconds).
+    #[arg(long)]
+    since: Option<u64>,
+    /// The node's HTTP API.
+    #[arg(long, default_value = DEFAULT_API)]
+    api: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check that the node's audit log is whole: no record changed, removed or reordered.
+    Verify {
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -401,6 +478,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(AgentCommand::Remove { name, region, api }) => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             runtime.block_on(agent_cli::remove(&api, &name, region))
+        }
+        Command::Task(TaskCommand::Submit {
+            agent,
+            input,
+            tags,
+            session,
+            task_id,
+            api,
+            json,
+        }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            let request = tasks::TaskRequest {
+                agent,
+                input,
+                tags,
+                session,
+                task_id,
+            };
+            runtime.block_on(task_cli::submit(&api, request, json))
+        }
+        Command::Task(TaskCommand::Get { id, api, json }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(task_cli::get(&api, &id, json))
+        }
+        Command::Audit(args) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            match args.verify {
+                Some(AuditCommand::Verify { api, json }) => {
+                    runtime.block_on(task_cli::verify(&api, json))
+                }
+                None => runtime.block_on(task_cli::audit(
+                    &args.api, args.agent, args.since, args.json,
+                )),
+            }
         }
         Command::Model(ModelCommand::List { api, json }) => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));

@@ -147,6 +147,17 @@ pub(crate) fn group_error(region: &Region, e: GroupError) -> ApiError {
 
 /// Sends the same request to `peer` over libp2p (see `crate::forward`)
 /// and relays its answer.
+pub(crate) async fn forward_to_peer(
+    state: &ApiState,
+    headers: &HeaderMap,
+    peer: PeerId,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    forward(state, headers, peer, method, path, body).await
+}
+
 async fn forward(
     state: &ApiState,
     headers: &HeaderMap,

@@ -156,6 +156,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         inbound_forwards,
         task: network_task,
     } = Network::start(config.network.clone(), keypair, local, shutdown.clone())?;
+    let task_store = store.clone();
     let group = RegionGroup::open(
         &config.raft,
         store,
@@ -204,6 +205,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         forward_timeout: Duration::from_millis(config.raft.write_timeout_ms) + FORWARD_MARGIN,
         models,
         model_jobs: api::PerClient::default(),
+        tasks: Arc::new(crate::tasks::TaskHost::open(task_store)?),
         api_is_loopback: api_addr.ip().is_loopback(),
     };
     let network = state.network.clone();

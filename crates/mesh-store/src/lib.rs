@@ -30,15 +30,21 @@ pub enum Column {
     StateMachine,
     /// The current snapshot.
     Snapshot,
+    /// Results of the tasks this node ran or took in, keyed by task id.
+    Tasks,
+    /// This node's audit log, keyed by big-endian sequence number.
+    Audit,
 }
 
 impl Column {
     /// Every column, in a fixed order.
-    pub const ALL: [Column; 4] = [
+    pub const ALL: [Column; 6] = [
         Self::RaftLog,
         Self::RaftMeta,
         Self::StateMachine,
         Self::Snapshot,
+        Self::Tasks,
+        Self::Audit,
     ];
 
     /// The column family name on disk.
@@ -48,6 +54,8 @@ impl Column {
             Self::RaftMeta => "raft_meta",
             Self::StateMachine => "state_machine",
             Self::Snapshot => "snapshot",
+            Self::Tasks => "tasks",
+            Self::Audit => "audit",
         }
     }
 }

@@ -1,0 +1,133 @@
+//! `agentmesh task ...` and `agentmesh audit ...`: clients of the task and
+//! audit routes (`tasks`).
+
+use std::io::Write;
+
+use anyhow::{anyhow, Result};
+use reqwest::Method;
+use serde::Serialize;
+
+use crate::client::ApiClient;
+use crate::tasks::{TaskAnswer, TaskRequest, Verified};
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn print_answer(answer: &TaskAnswer) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match &answer.output {
+        serde_json::Value::String(text) => writeln!(out, "{text}")?,
+        other => writeln!(out, "{}", serde_json::to_string_pretty(other)?)?,
+    }
+    let p = &answer.provenance;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "task {}{}: agent {} {} (epoch {}) on {} in {}, policy version {}, {} ms{}",
+        answer.task_id,
+        if answer.replayed {
+            " (stored result, not run again)"
+        } else {
+            ""
+        },
+        p.record.agent,
+        p.record.agent_version,
+        p.record.epoch,
+        p.record.node,
+        p.record.region,
+        p.record.policy_version,
+        answer.millis,
+        if answer.met_budget {
+            ""
+        } else {
+            ", over its latency budget"
+        },
+    )?;
+    writeln!(out, "audit record {} ({})", p.seq, p.hash)?;
+    Ok(())
+}
+
+/// `task submit`
+pub async fn submit(api: &str, request: TaskRequest, json: bool) -> Result<()> {
+    let answer: TaskAnswer = ApiClient::new(api)?
+        .send(Method::POST, "/v1/tasks", Some(&request))
+        .await?;
+    if json {
+        return print_json(&answer);
+    }
+    print_answer(&answer)
+}
+
+/// `task get ID`
+pub async fn get(api: &str, task_id: &str, json: bool) -> Result<()> {
+    let answer: TaskAnswer = ApiClient::new(api)?
+        .get(&format!("/v1/tasks/{task_id}"))
+        .await?;
+    if json {
+        return print_json(&answer);
+    }
+    print_answer(&answer)
+}
+
+/// `audit [--agent A] [--since MS]`
+pub async fn audit(api: &str, agent: Option<String>, since: Option<u64>, json: bool) -> Result<()> {
+    let mut query = Vec::new();
+    if let Some(a) = agent {
+        query.push(format!("agent={a}"));
+    }
+    if let Some(s) = since {
+        query.push(format!("since={s}"));
+    }
+    let path = if query.is_empty() {
+        "/v1/audit".to_owned()
+    } else {
+        format!("/v1/audit?{}", query.join("&"))
+    };
+    let records: Vec<mesh_agent::SealedRecord> = ApiClient::new(api)?.get(&path).await?;
+    if json {
+        return print_json(&records);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:>5}  {:<34} {:<16} {:>5}  {:<10} {:<16}",
+        "SEQ", "TASK", "AGENT", "EPOCH", "REGION", "HASH"
+    )?;
+    for r in &records {
+        writeln!(
+            out,
+            "{:>5}  {:<34} {:<16} {:>5}  {:<10} {:<16}",
+            r.seq,
+            r.record.task_id,
+            r.record.agent,
+            r.record.epoch,
+            r.record.region,
+            r.hash.get(..16).unwrap_or(&r.hash)
+        )?;
+    }
+    Ok(())
+}
+
+/// `audit verify`: this node's chain; non-zero exit when it does not hold.
+pub async fn verify(api: &str, json: bool) -> Result<()> {
+    let verdict: Verified = ApiClient::new(api)?.get("/v1/audit/verify").await?;
+    if json {
+        print_json(&verdict)?;
+    } else if verdict.problem.is_none() {
+        println!(
+            "the audit log of {} holds: {} records, each chained to the one before",
+            verdict.node, verdict.records
+        );
+    }
+    match verdict.problem {
+        None => Ok(()),
+        Some(p) => Err(anyhow!(
+            "the audit log of {} does not hold: {p}",
+            verdict.node
+        )),
+    }
+}

@@ -1,0 +1,213 @@
+//! Tasks with real processes (issue 13, first part): a task submitted to a
+//! node of another region runs where the agent lives and comes back with
+//! its provenance; residency refuses a `pii-eu` result bound for us-east
+//! before anything runs and allows it in eu-west; a task id runs once
+//! however often it is submitted; an edited audit record is detected.
+//! Datasets and the model-backed kinds come next.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{cli, start, wait_until, write_policy, Node, NodeSpec};
+use serde_json::Value;
+
+const CONFIG: &str = r#"
+[membership]
+announce_interval_ms = 250
+suspect_after_ms = 1500
+dead_after_ms = 3000
+"#;
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn spec<'a>(
+    dir: &'a Path,
+    name: &'a str,
+    region: &'a str,
+    bootstrap: Option<&Node>,
+) -> NodeSpec<'a> {
+    NodeSpec {
+        bootstrap: bootstrap
+            .map(|b| vec![b.listen[0].clone()])
+            .unwrap_or_default(),
+        ..NodeSpec::new(name, dir, region)
+    }
+}
+
+fn run(args: &[&str]) -> Result<Value, String> {
+    let out = cli(args);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("no JSON ({e})"))
+}
+
+fn submit(node: &Node, input: &str, extra: &[&str]) -> Result<Value, String> {
+    let mut args = vec![
+        "task", "submit", "--agent", "echo", "--input", input, "--json", "--api", &node.api,
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable_audit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("node.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let dirs: Vec<_> = ["a", "b", "c", "u"]
+        .iter()
+        .map(|n| tmp.path().join(n))
+        .collect();
+    let mut eu = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let mut s = spec(&dirs[i], name, "eu-west", eu.first());
+        s.config = Some(&config);
+        eu.push(start(&s));
+    }
+    let mut us_spec = spec(&dirs[3], "u", "us-east", eu.first());
+    us_spec.config = Some(&config);
+    let us = start(&us_spec);
+    wait_until("a sees everyone alive", WITHIN, || {
+        eu[1..]
+            .iter()
+            .chain([&us])
+            .all(|n| eu[0].state_of(&n.peer_id).as_deref() == Some("alive"))
+    });
+    run(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "eu-west",
+        "--json",
+        "--api",
+        &eu[0].api,
+    ])
+    .expect("bootstrap");
+    let policy = write_policy(tmp.path(), 50);
+    let out = cli(&[
+        "policy",
+        "apply",
+        "-f",
+        policy.to_str().expect("utf-8"),
+        "--region",
+        "eu-west",
+        "--api",
+        &eu[0].api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Before any agent: a clear 404.
+    let e = submit(&us, "hi", &[]).expect_err("no agent yet");
+    assert!(e.contains("no region deploys agent \"echo\""), "{e}");
+
+    let echo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agents/echo.toml");
+    run(&[
+        "agent",
+        "deploy",
+        "-f",
+        echo.to_str().expect("utf-8"),
+        "--region",
+        "eu-west",
+        "--json",
+        "--api",
+        &eu[0].api,
+    ])
+    .expect("deploy");
+    wait_until("echo is placed", WITHIN, || {
+        submit(&eu[1], "ping", &[]).is_ok()
+    });
+
+    // Entered in us-east, run in eu-west, answered with its provenance.
+    let answer = submit(&us, "hello from us-east", &[]).expect("a public task from us-east");
+    assert_eq!(answer["output"], "hello from us-east");
+    let record = &answer["provenance"]["record"];
+    assert_eq!(record["region"], "eu-west");
+    assert_eq!(record["entry_node"], us.peer_id.as_str());
+    assert_eq!(record["epoch"], 1);
+    assert!(
+        record["policy_version"].as_u64().unwrap_or(0) > 0,
+        "{record}"
+    );
+    let host = record["node"].as_str().expect("host").to_owned();
+    assert!(eu.iter().any(|n| n.peer_id == host));
+
+    // Residency: a pii-eu result may not go to us-east; refused before it runs.
+    let e = submit(&us, "secret", &["--tag", "pii-eu"]).expect_err("residency");
+    assert!(
+        e.contains("403") && e.contains("pii-eu") && e.contains("eu-west"),
+        "{e}"
+    );
+    let ok = submit(&eu[2], "secret", &["--tag", "pii-eu"]).expect("allowed in eu-west");
+    assert_eq!(ok["output"], "secret");
+
+    // One task id, three submissions through three nodes: it runs once.
+    let first = submit(&us, "once", &["--task-id", "t-42"]).expect("first");
+    let again = submit(&eu[0], "once", &["--task-id", "t-42"]).expect("again");
+    let third = submit(&us, "once", &["--task-id", "t-42"]).expect("third");
+    assert_eq!(first["provenance"], again["provenance"]);
+    assert_eq!(again["replayed"], true);
+    assert_eq!(third["replayed"], true);
+    let runs: usize = eu
+        .iter()
+        .chain([&us])
+        .map(|n| {
+            run(&["audit", "--json", "--api", &n.api])
+                .expect("audit")
+                .as_array()
+                .expect("records")
+                .iter()
+                .filter(|r| r["record"]["task_id"] == "t-42")
+                .count()
+        })
+        .sum();
+    assert_eq!(runs, 1, "one audit record over all nodes");
+    let got = run(&["task", "get", "t-42", "--json", "--api", &us.api])
+        .expect("task get at the entry node");
+    assert_eq!(got["output"], "once");
+
+    // Bad input: clear errors.
+    let big = "x".repeat(40 * 1024);
+    let e = submit(&us, &big, &[]).expect_err("too large");
+    assert!(e.contains("413") && e.contains("limit"), "{e}");
+    let e = submit(&us, "x", &["--task-id", "bad id!"]).expect_err("bad id");
+    assert!(e.contains("task id"), "{e}");
+
+    // The host's chain holds; an edited record is detected.
+    let i = eu.iter().position(|n| n.peer_id == host).expect("host");
+    run(&["audit", "verify", "--json", "--api", &eu[i].api]).expect("the chain holds");
+    eu[i].terminate(Duration::from_secs(10));
+    {
+        let store =
+            mesh_store::RocksStore::open(&dirs[i].join("raft")).expect("open the host's store");
+        use mesh_store::Store as _;
+        let (key, value) = store
+            .range(mesh_store::Column::Audit, &[], None)
+            .expect("records")
+            .into_iter()
+            .nth(1)
+            .expect("a second record");
+        let mut sealed: Value = serde_json::from_slice(&value).expect("json");
+        sealed["record"]["output_sha256"] = Value::String("0".repeat(64));
+        let op = mesh_store::WriteOp::Put {
+            column: mesh_store::Column::Audit,
+            key,
+            value: serde_json::to_vec(&sealed).expect("json"),
+        };
+        store
+            .write(vec![op], mesh_store::Durability::Sync)
+            .expect("edit");
+    }
+    let mut again_spec = spec(&dirs[i], ["a", "b", "c"][i], "eu-west", None);
+    again_spec.config = Some(&config);
+    eu[i] = start(&again_spec);
+    let out = cli(&["audit", "verify", "--api", &eu[i].api]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("audit record 1 was changed"), "{e}");
+}
