@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job, as far as it exists today: a local mesh of five nodes in two
 # regions on loopback, each joining through the first one; the eu-west Raft
-# group bootstrapped and given a policy through a node of another region;
-# the mesh and the region as the nodes see them. Stops everything it
+# group bootstrapped and given a policy through one of its nodes, and read
+# back through a node of another region (reads and tasks are forwarded
+# anywhere; writes only by a region's own voters until admission control
+# exists); the mesh and the region as the nodes see them. Stops everything it
 # started, also on Ctrl-C or failure.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -47,14 +49,14 @@ echo
 say "agentmesh members --api $last_api (another region, same mesh)"
 "$AGENTMESH_BIN" members --api "$last_api"
 echo
-say "agentmesh region bootstrap --region eu-west, sent to a us-east node (it forwards)"
-"$AGENTMESH_BIN" region bootstrap --region eu-west --voters 3 --api "$last_api"
+say "agentmesh region bootstrap --region eu-west (any node of the region; it picks the voters)"
+"$AGENTMESH_BIN" region bootstrap --region eu-west --voters 3 --api "$api1"
 echo
-say "agentmesh policy apply -f examples/policy.toml --region eu-west, again through us-east"
-"$AGENTMESH_BIN" policy apply -f "$AGENTMESH_ROOT/examples/policy.toml" --region eu-west --api "$last_api"
+say "agentmesh policy apply -f examples/policy.toml --region eu-west (forwarded to the leader)"
+"$AGENTMESH_BIN" policy apply -f "$AGENTMESH_ROOT/examples/policy.toml" --region eu-west --api "$api1"
 echo
-say "agentmesh policy get --region eu-west (the local replica of eu-1)"
-"$AGENTMESH_BIN" policy get --region eu-west --api "$api1"
+say "agentmesh policy get --region eu-west, read through a us-east node (forwarded over libp2p)"
+"$AGENTMESH_BIN" policy get --region eu-west --api "$last_api"
 echo
 say "agentmesh region status --region eu-west"
 "$AGENTMESH_BIN" region status --region eu-west --api "$api1"

@@ -137,8 +137,22 @@ fn an_agent_is_deployed_placed_moved_off_a_dead_node_and_removed() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the manifest"));
 
-    // Deployed through a node of another region: forwarded to eu-west's leader.
+    // Through a node of another region: refused (writes only from the
+    // region's voters until admission control), saying where to send it.
     let echo = examples().join("echo.toml");
+    let out = cli(&[
+        "agent",
+        "deploy",
+        "-f",
+        echo.to_str().expect("utf-8"),
+        "--region",
+        "eu-west",
+        "--api",
+        &us.api,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only from the voters"));
+    // Through a follower of eu-west: forwarded to the leader.
     let deployed = ok_json(&[
         "agent",
         "deploy",
@@ -148,7 +162,7 @@ fn an_agent_is_deployed_placed_moved_off_a_dead_node_and_removed() {
         "eu-west",
         "--json",
         "--api",
-        &us.api,
+        &nodes[1].api,
     ]);
     assert_eq!(deployed[0]["name"], "echo", "{deployed}");
     // us-east has no group: that deploy fails, and says so.

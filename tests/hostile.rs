@@ -1,7 +1,7 @@
 //! Hostile peers and clients (issue 12).
 //!
-//! Over HTTP: a foreign Host header (DNS rebinding) is refused, and a
-//! 100 MB body is refused without being read.
+//! Over HTTP: a foreign Host header (DNS rebinding) is refused, a 100 MB
+//! body is refused without being read, and slow clients are timed out.
 //!
 //! Over libp2p: a hostile peer in the test process (a rust-libp2p swarm
 //! with a key made on the spot, `common/hostile_peer.rs`) connects to a
@@ -58,6 +58,53 @@ fn status_of(response: &str) -> u16 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+/// Slow clients (slowloris): headers that never end are cut off, and a
+/// body that trickles is answered 408; neither holds the node.
+#[test]
+fn slow_clients_are_timed_out() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = start(&NodeSpec::new("a", &tmp.path().join("a"), "eu-west"));
+    // The node's header timeout is 10 s: generous deadlines, no timing asserted.
+    let deadline = Some(Duration::from_secs(60));
+
+    let mut headers = TcpStream::connect(&node.api).expect("connect");
+    headers.set_read_timeout(deadline).expect("timeout");
+    headers
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .expect("send part of the headers");
+    let mut buf = [0u8; 512];
+    match headers.read(&mut buf) {
+        Ok(n) => {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(n == 0 || status_of(&text) == 408, "an unfinished request got {text}");
+        }
+        Err(e) => assert!(
+            matches!(e.kind(), std::io::ErrorKind::ConnectionReset),
+            "the node neither closed nor answered the slow headers: {e}"
+        ),
+    }
+
+    let mut body = TcpStream::connect(&node.api).expect("connect");
+    body.set_read_timeout(deadline).expect("timeout");
+    write!(
+        body,
+        "PUT /v1/regions/eu-west/policy HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        node.api
+    )
+    .expect("send the headers and one byte");
+    let n = body.read(&mut buf).expect("an answer to the trickling body");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert_eq!(status_of(&text), 408, "{text}");
+    assert!(text.contains("slow_client"), "{text}");
+
+    // Still serving.
+    let mut ok = TcpStream::connect(&node.api).expect("connect");
+    write!(ok, "GET /v1/health HTTP/1.0\r\nHost: {}\r\n\r\n", node.api).expect("send");
+    let mut response = String::new();
+    ok.read_to_string(&mut response).expect("read");
+    assert_eq!(status_of(&response), 200, "{response}");
 }
 
 #[test]

@@ -31,6 +31,9 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// Connections served at once; one more is closed as soon as it is accepted.
 pub const CONNECTIONS_MAX: usize = 512;
+/// Connections from one IP address at once (loopback included: the CLI
+/// opens one per command).
+pub const CONNECTIONS_PER_IP_MAX: usize = 128;
 /// A client must send a request's headers within this (slowloris).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// ... and its body within this, once the headers are in.
@@ -49,6 +52,7 @@ pub async fn serve(
     use tower::ServiceExt as _;
 
     let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let per_ip = PerClient::default();
     let mut refused_log = std::time::Instant::now() - std::time::Duration::from_secs(60);
     loop {
         let (tcp, remote) = tokio::select! {
@@ -71,8 +75,17 @@ pub async fn serve(
             drop(tcp);
             continue;
         };
+        let Some(per_ip) = per_ip.take(&remote.ip().to_string(), CONNECTIONS_PER_IP_MAX) else {
+            drop(tcp);
+            continue;
+        };
+        let client = Client(remote.ip().to_string());
         let service = TowerToHyperService::new(router.clone().map_request(
-            |r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
+            move |r: axum::http::Request<hyper::body::Incoming>| {
+                let mut r = r.map(axum::body::Body::new);
+                r.extensions_mut().insert(client.clone());
+                r
+            },
         ));
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -93,7 +106,7 @@ pub async fn serve(
                     let _ = connection.await;
                 }
             }
-            drop(permit);
+            drop((permit, per_ip));
         });
     }
     // Let requests in flight finish (start.rs bounds the wait).
@@ -106,6 +119,11 @@ pub async fn serve(
 /// client, or the peer id of a node that forwarded it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Client(pub String);
+
+/// Set on a request another node forwarded here: that node's peer id, as
+/// the Noise handshake proved it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ForwardedBy(pub String);
 
 /// Counts what each client has in flight, up to a bound per client.
 #[derive(Debug, Clone, Default)]
@@ -247,6 +265,18 @@ pub fn router(state: ApiState) -> Router {
             "/v1/regions/{region}/agents/{name}",
             get(crate::agents_api::get).delete(crate::agents_api::remove),
         )
+        .route(
+            "/v1/datasets/{name}/documents",
+            post(crate::datasets::put_documents),
+        )
+        .route(
+            "/v1/datasets/{name}/register",
+            post(crate::datasets::register),
+        )
+        .route(
+            "/v1/regions/{region}/datasets",
+            get(crate::datasets::list).post(crate::datasets::region_register),
+        )
         .route("/v1/tasks", post(crate::tasks::submit))
         .route("/v1/tasks/{id}", get(crate::tasks::get))
         .route(
@@ -312,17 +342,9 @@ async fn guard(
             .into_response();
         }
     }
-    let Ok(_permit) = guard.in_flight.try_acquire() else {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            format!("{REQUESTS_IN_FLIGHT_MAX} requests are in flight on this node; retry shortly"),
-        )
-        .into_response();
-    };
-    // The body is read here, whole, within BODY_READ_TIMEOUT: a client that
-    // trickles it holds a slot no longer, and one that sends too much is
-    // refused at the limit, not read to its end.
+    // The body is read here, whole, within BODY_READ_TIMEOUT and before a
+    // request slot is taken: a client that trickles it holds no slot, and
+    // one that sends too much is refused at the limit, not read to its end.
     let (parts, body) = request.into_parts();
     let body = match tokio::time::timeout(
         BODY_READ_TIMEOUT,
@@ -347,6 +369,14 @@ async fn guard(
             )
             .into_response()
         }
+    };
+    let Ok(_permit) = guard.in_flight.try_acquire() else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{REQUESTS_IN_FLIGHT_MAX} requests are in flight on this node; retry shortly"),
+        )
+        .into_response();
     };
     let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {

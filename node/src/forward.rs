@@ -7,6 +7,14 @@
 //! `/v1/regions/`, from a peer this node's membership view knows (not one
 //! it has seen leave or die). The sender is the peer id the Noise
 //! handshake proved; its address is never used.
+//!
+//! Until admission control exists any key can be a member, so what a
+//! sender may ask depends on what it is to this node ([`Need`]): reads and
+//! tasks and bootstraps (a no-op once a group exists) any member;
+//! registering a dataset a member of this node's group; every other
+//! write (policy, agents, members) only a voter of this node's group — a
+//! follower passing a write to its leader. A write for another region is
+//! sent to a node of that region, not through this one.
 
 use axum::body::Body;
 use axum::http::{header, Method, Request};
@@ -23,21 +31,63 @@ pub const FORWARDED: &str = "x-agentmesh-forwarded";
 /// The routes another node may forward here.
 const FORWARDABLE_PREFIX: &str = "/v1/regions/";
 
+/// What a sender must be for a forwarded request to be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Any member of the gossip view that is alive or suspect.
+    Member,
+    /// A voter or learner of this node's group.
+    GroupMember,
+    /// A voter of this node's group.
+    Voter,
+}
+
+/// What `method path` needs of its sender (see [`Need`]).
+pub fn need(method: &str, path: &str) -> Need {
+    let route = path.split('?').next().unwrap_or(path);
+    let last = route.rsplit('/').next().unwrap_or("");
+    match method {
+        "GET" => Need::Member,
+        "POST" if last == "tasks" => Need::Member,
+        // Harmless once there is a group (it changes nothing then), and
+        // before, the voters are picked from the region's gossip view
+        // whoever asks: the sender adds nothing to trust.
+        "POST" if last == "bootstrap" => Need::Member,
+        "POST" if last == "datasets" => Need::GroupMember,
+        _ => Need::Voter,
+    }
+}
+
 /// Serves peers' forwarded requests with `router` until the channel closes.
-pub async fn serve(router: Router, network: Network, mut inbound: mpsc::Receiver<InboundForward>) {
+pub async fn serve(
+    router: Router,
+    network: Network,
+    group: consensus::RegionGroup,
+    region: mesh_types::Region,
+    mut inbound: mpsc::Receiver<InboundForward>,
+) {
     while let Some(forward) = inbound.recv().await {
         let router = router.clone();
         let network = network.clone();
+        let group = group.clone();
+        let region = region.clone();
         tokio::spawn(async move {
-            let answer = answer(router, &network, &forward).await;
+            let answer = answer(router, &network, &group, &region, &forward).await;
             // The sender may have given up; nothing to do then.
             let _ = forward.reply.send(answer);
         });
     }
 }
 
-async fn answer(router: Router, network: &Network, forward: &InboundForward) -> ForwardResponse {
+async fn answer(
+    router: Router,
+    network: &Network,
+    group: &consensus::RegionGroup,
+    region: &mesh_types::Region,
+    forward: &InboundForward,
+) -> ForwardResponse {
     let request = &forward.request;
+    let from = forward.from.to_base58();
     match network.member(&forward.from).await {
         Ok(Some((MemberState::Alive | MemberState::Suspect, _))) => {}
         Ok(member) => {
@@ -50,6 +100,23 @@ async fn answer(router: Router, network: &Network, forward: &InboundForward) -> 
             );
         }
         Err(e) => return ForwardResponse::error(503, "unavailable", &e.to_string()),
+    }
+    let (voters, learners) = group.members();
+    let allowed = match need(&request.method, &request.path) {
+        Need::Member => true,
+        Need::GroupMember => voters.contains(&from) || learners.contains(&from),
+        Need::Voter => voters.contains(&from),
+    };
+    if !allowed {
+        tracing::debug!(%from, method = %request.method, path = %request.path, "refused a forwarded write");
+        return ForwardResponse::error(
+            403,
+            "write_not_forwardable",
+            &format!(
+                "a node of region {region} takes forwarded writes only from the voters of its group, until admission control exists: send {} {} with --api to a voter of the region it names (`agentmesh region status --region REGION` lists them)",
+                request.method, request.path
+            ),
+        );
     }
     let method = match request.method.as_str() {
         "GET" => Method::GET,
@@ -83,6 +150,8 @@ async fn answer(router: Router, network: &Network, forward: &InboundForward) -> 
     };
     http.extensions_mut()
         .insert(crate::api::Client(forward.from.to_base58()));
+    http.extensions_mut()
+        .insert(crate::api::ForwardedBy(forward.from.to_base58()));
     let response = match router.oneshot(http).await {
         Ok(response) => response,
         Err(never) => match never {},
@@ -98,5 +167,35 @@ async fn answer(router: Router, network: &Network, forward: &InboundForward) -> 
             "answer_too_large",
             &format!("the answer could not be relayed: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{need, Need};
+
+    #[test]
+    fn reads_and_tasks_are_open_to_members_and_writes_to_voters_only() {
+        for (method, path, needs) in [
+            (
+                "GET",
+                "/v1/regions/eu-west/policy?consistent=true",
+                Need::Member,
+            ),
+            ("POST", "/v1/regions/eu-west/tasks", Need::Member),
+            ("POST", "/v1/regions/eu-west/bootstrap", Need::Member),
+            ("POST", "/v1/regions/eu-west/datasets", Need::GroupMember),
+        ] {
+            assert_eq!(need(method, path), needs, "{method} {path}");
+        }
+        for (method, path) in [
+            ("PUT", "/v1/regions/eu-west/policy"),
+            ("POST", "/v1/regions/eu-west/agents"),
+            ("DELETE", "/v1/regions/eu-west/agents/echo"),
+            ("DELETE", "/v1/regions/eu-west/members/12D3KooW"),
+            ("PATCH", "/v1/regions/eu-west/tasks"),
+        ] {
+            assert_eq!(need(method, path), Need::Voter, "{method} {path}");
+        }
     }
 }

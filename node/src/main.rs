@@ -12,7 +12,9 @@ mod agents_api;
 mod api;
 mod client;
 mod config;
+mod data_cli;
 mod data_dir;
+mod datasets;
 mod forward;
 mod members;
 mod model_cli;
@@ -65,6 +67,9 @@ enum Command {
     /// Submit tasks to any node and read their results.
     #[command(subcommand)]
     Task(TaskCommand),
+    /// Put documents on a node, and list a region's datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// This node's tamper-evident record of the tasks it ran.
     Audit(AuditArgs),
     /// Chaos-test a mesh in the deterministic simulator.
@@ -190,6 +195,40 @@ enum TaskCommand {
     Get {
         /// The task id.
         id: String,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Store a JSON-lines file of documents on the node (embedded there; they never leave it) and register the dataset.
+    Put {
+        /// The dataset's name.
+        #[arg(long)]
+        dataset: String,
+        /// One JSON object a line: {"id", "text", "metadata"}.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// A data tag of the dataset (residency rules apply); repeat for several.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// The node's HTTP API: the node that keeps the documents.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The datasets of a region: node, documents, tags.
+    List {
+        /// The region [default: the node's].
+        #[arg(long)]
+        region: Option<String>,
         /// The node's HTTP API.
         #[arg(long, default_value = DEFAULT_API)]
         api: String,
@@ -497,6 +536,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 task_id,
             };
             runtime.block_on(task_cli::submit(&api, request, json))
+        }
+        Command::Data(DataCommand::Put {
+            dataset,
+            file,
+            tags,
+            api,
+            json,
+        }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(data_cli::put(&api, &dataset, &file, tags, json))
+        }
+        Command::Data(DataCommand::List { region, api, json }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(data_cli::list(&api, region, json))
         }
         Command::Task(TaskCommand::Get { id, api, json }) => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));

@@ -104,6 +104,13 @@ impl Models {
         }
     }
 
+    /// The models that loaded, with their services.
+    pub fn services(&self) -> impl Iterator<Item = (&'static ModelSpec, &Service)> {
+        self.entries
+            .iter()
+            .filter_map(|e| e.service.as_ref().ok().map(|s| (e.spec, s)))
+    }
+
     /// What the gossip record says this node holds.
     pub fn adverts(&self) -> Vec<ModelAdvert> {
         self.entries

@@ -221,7 +221,11 @@ async fn forward_with_timeout(
                 ),
             )
         })?;
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    // A final status only: 1xx (or nonsense) from a peer becomes 502.
+    let status = StatusCode::from_u16(answer.status)
+        .ok()
+        .filter(|s| (200..600).contains(&s.as_u16()))
+        .unwrap_or(StatusCode::BAD_GATEWAY);
     Ok((
         status,
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -257,9 +261,12 @@ pub(crate) async fn forward_to_leader(
     forward(state, headers, peer, method, path, body).await
 }
 
-/// A live node of `region` to forward to: `preferred` (a peer id) if it is
-/// one, else a member of the region's group (a node that gossips a Raft
-/// role), else any live node of the region.
+/// A live node of `region` to forward to: `preferred` (a peer id: the
+/// leader the group names) and no other when one is given — a gossip claim
+/// must not redirect a write meant for the leader; else a node of the
+/// region that gossips a Raft role, else any live node of the region.
+/// Answers from another region are as trustworthy as its nodes' keys until
+/// admission control exists (see SECURITY.md).
 async fn peer_in_region(
     state: &ApiState,
     region: &Region,
@@ -269,10 +276,24 @@ async fn peer_in_region(
     let live = |m: &&mesh_types::MemberView| {
         &m.region == region && m.state == MemberState::Alive && !m.is_self
     };
-    let found = preferred
-        .and_then(|p| members.iter().filter(live).find(|m| m.peer_id.0 == p))
-        .or_else(|| members.iter().filter(live).find(|m| m.raft.is_some()))
-        .or_else(|| members.iter().find(live));
+    let found = match preferred {
+        Some(p) => {
+            let found = members.iter().filter(live).find(|m| m.peer_id.0 == p);
+            if found.is_none() {
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "leader_unreachable",
+                    format!("the leader of region {region} ({p}) is not alive in this node's view; retry shortly"),
+                ));
+            }
+            found
+        }
+        None => members
+            .iter()
+            .filter(live)
+            .find(|m| m.raft.is_some())
+            .or_else(|| members.iter().find(live)),
+    };
     found
         .and_then(|m| m.peer_id.0.parse::<PeerId>().ok())
         .ok_or_else(|| {

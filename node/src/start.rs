@@ -213,6 +213,8 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
     tokio::spawn(crate::forward::serve(
         router.clone(),
         network,
+        group.clone(),
+        config.region.clone(),
         inbound_forwards,
     ));
     let api_shutdown = shutdown.clone();

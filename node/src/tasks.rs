@@ -33,6 +33,8 @@ pub const INPUT_MAX: usize = 32 * 1024;
 /// Most tags on a task, and their longest length.
 pub const TAGS_MAX: usize = 32;
 const TAG_LEN_MAX: usize = 64;
+/// Documents a search returns.
+pub const SEARCH_TOP_K: usize = 5;
 /// Longest task id a client may choose.
 pub const TASK_ID_MAX: usize = 128;
 
@@ -110,6 +112,11 @@ impl TaskHost {
             store,
             running: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The node's store (tasks, audit log, documents).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
     }
 
     /// The stored result of `task_id`, if this node has one.
@@ -488,6 +495,38 @@ async fn run_here(
     let started_at_ms = unix_ms();
     let output = match manifest.kind {
         AgentKind::Echo => serde_json::Value::String(request.input.clone()),
+        AgentKind::Search => {
+            let dataset = dataset.as_ref().ok_or_else(|| {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "dataset_not_registered",
+                    format!(
+                        "dataset {:?} is not registered in region {} yet",
+                        manifest.dataset, state.region
+                    ),
+                )
+            })?;
+            if dataset.node != state.peer_id {
+                return Err(error(
+                    StatusCode::CONFLICT,
+                    "data_elsewhere",
+                    format!(
+                        "dataset {} is on node {}; the agent is being moved there, retry shortly",
+                        dataset.name, dataset.node
+                    ),
+                ));
+            }
+            let (_, embedder) = crate::datasets::embedder(state)?;
+            let query = embedder
+                .embed(vec![request.input.clone()])
+                .await
+                .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string()))?
+                .pop()
+                .unwrap_or_default();
+            let store = state.tasks.store();
+            let hits = crate::datasets::search(&*store, &dataset.name, &query, SEARCH_TOP_K)?;
+            serde_json::json!({ "hits": hits })
+        }
         other => {
             return Err(error(
                 StatusCode::NOT_IMPLEMENTED,

@@ -52,6 +52,9 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/kad/1.0
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/members-sync/1");
 /// A sync that takes longer than this is abandoned; gossip still converges.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sync streams open at once on one connection (a sync is one request per
+/// connection each way).
+const SYNC_STREAMS_MAX: usize = 4;
 /// A peer's sync requests are answered with the whole view at most this
 /// often (it syncs once per connection); more often, with our record only.
 const SYNC_FULL_ANSWER_EVERY: Duration = Duration::from_secs(10);
@@ -61,7 +64,8 @@ pub const SYNC_ANSWER_ENTRIES_MAX: usize = 1024;
 /// Most bytes of records in a sync answer.
 pub const SYNC_ANSWER_BYTES_MAX: usize = 4 * 1024 * 1024;
 // An answer at the byte cap, with its framing, fits in a frame.
-const _: () = assert!(SYNC_ANSWER_BYTES_MAX + 16 * SYNC_ANSWER_ENTRIES_MAX < crate::codec::FRAME_LEN_MAX);
+const _: () =
+    assert!(SYNC_ANSWER_BYTES_MAX + 16 * SYNC_ANSWER_ENTRIES_MAX < crate::codec::FRAME_LEN_MAX);
 /// Largest sealed record taken from gossip or sync: a few addresses, models
 /// and datasets take a few KiB.
 pub const SEALED_RECORD_MAX: usize = 64 * 1024;
@@ -419,7 +423,9 @@ fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, Ne
             let sync = request_response::Behaviour::with_codec(
                 FrameCodec,
                 [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(SYNC_TIMEOUT),
+                request_response::Config::default()
+                    .with_request_timeout(SYNC_TIMEOUT)
+                    .with_max_concurrent_streams(SYNC_STREAMS_MAX),
             );
             let raft = libp2p_stream::Behaviour::new();
             Ok(Behaviour {
@@ -642,7 +648,21 @@ impl NetworkActor {
                 }
                 Command::RecordIgnored { node, reason } => {
                     self.counters.records_ignored += 1;
-                    debug!(peer = %node, ?reason, "record ignored");
+                    let worth_saying = matches!(
+                        reason,
+                        mesh_membership::IgnoreReason::TooOld
+                            | mesh_membership::IgnoreReason::FromTheFuture
+                            | mesh_membership::IgnoreReason::Full
+                    );
+                    match self.bad_input_log.allow(std::time::Instant::now()) {
+                        Some(suppressed) if worth_saying => warn!(
+                            peer = %node,
+                            ?reason,
+                            suppressed,
+                            "record ignored: a clock off by more than the allowed skew (TooOld, FromTheFuture), a replay, or a full view (Full)"
+                        ),
+                        _ => debug!(peer = %node, ?reason, "record ignored"),
+                    }
                 }
                 Command::Forgot(node) => {
                     self.envelopes.remove(&node);
@@ -816,8 +836,12 @@ impl NetworkActor {
                         message.data.len()
                     )))
                     .and_then(|d| envelope::open(d))
-                    .map(|(record, _)| record)
-                    .map_err(|e| e.to_string());
+                    .map(|(record, _)| record);
+                // A record format this build does not read comes from a newer
+                // node, not a bad one: ignored, not penalised (a rolling
+                // upgrade must not graylist the upgraded nodes).
+                let newer = matches!(verdict, Err(envelope::EnvelopeError::UnknownFormat(_)));
+                let verdict = verdict.map_err(|e| e.to_string());
                 let acceptance = match verdict {
                     Ok(record) => {
                         self.apply_record(Event::Record(record), &message.data);
@@ -830,7 +854,11 @@ impl NetworkActor {
                         {
                             warn!(from = %propagation_source, %reason, suppressed, "refused a node record");
                         }
-                        MessageAcceptance::Reject
+                        if newer {
+                            MessageAcceptance::Ignore
+                        } else {
+                            MessageAcceptance::Reject
+                        }
                     }
                 };
                 self.swarm

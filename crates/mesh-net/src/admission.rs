@@ -35,14 +35,18 @@ const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Connection limits. See `node/src/config.rs` `[network]` for defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Established connections in all.
+    /// Established inbound connections in all (this node's own dials are
+    /// not counted: a flood of strangers must not stop it dialling members).
     pub max_connections: u32,
     /// Established connections with one peer (two nodes dialling each
     /// other at once make two).
     pub max_connections_per_peer: u32,
-    /// Inbound connections (pending and established) from one IP address.
+    /// Inbound connections (pending and established) from one IP address
+    /// (an IPv6 address counts with its whole /64).
     pub max_inbound_per_ip: u32,
-    /// Inbound connections still in their handshake.
+    /// Inbound connections still in their handshake; at most a quarter of
+    /// them (and at least 2) from one IP address, so one address cannot
+    /// hold every handshake slot.
     pub max_pending_inbound: u32,
     /// Resident memory above which new inbound connections are refused, in MiB.
     pub max_memory_mb: u64,
@@ -87,9 +91,10 @@ impl DialScope {
 
     /// True if an address learned from another node may be dialled.
     pub fn allows(&self, addr: &Multiaddr) -> bool {
-        match ip_of(addr) {
-            // DNS names and other transports: dialled as given.
-            None => !addr.is_empty(),
+        match ip_of(addr).map(unmapped) {
+            // A DNS name may resolve to anything, loopback included: only
+            // where private addresses may be dialled.
+            None => !addr.is_empty() && self.private,
             Some(ip) if ip.is_unspecified() || ip.is_multicast() => false,
             Some(ip) if ip.is_loopback() => self.loopback,
             Some(ip) if is_private(&ip) => self.private,
@@ -194,8 +199,13 @@ impl Admission {
         ConnectionDenied::new(LimitReached(detail))
     }
 
-    fn check_established(&mut self, peer: PeerId) -> Result<(), ConnectionDenied> {
-        if self.established.len() as u64 >= u64::from(self.limits.max_connections) {
+    fn check_established(&mut self, peer: PeerId, inbound: bool) -> Result<(), ConnectionDenied> {
+        let established_inbound = self
+            .established
+            .values()
+            .filter(|(_, ip)| ip.is_some())
+            .count();
+        if inbound && established_inbound as u64 >= u64::from(self.limits.max_connections) {
             let limit = self.limits.max_connections;
             return Err(self.refuse("total", format!("{limit} connections open in all")));
         }
@@ -251,8 +261,35 @@ pub fn resident_mb() -> Option<u64> {
     Some(kb / 1024)
 }
 
+/// The address connections are counted under: an IPv4 address, or the /64
+/// of an IPv6 one (one host usually holds a whole /64).
 fn remote_ip(addr: &Multiaddr) -> Option<IpAddr> {
-    ip_of(addr)
+    ip_of(addr).map(|ip| match unmapped(ip) {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    })
+}
+
+/// An IPv4-mapped (::ffff:a.b.c.d) or NAT64 (64:ff9b::/96) address as the
+/// IPv4 address it stands for.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let s = v6.segments();
+            if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+                let [.., a, b, c, d] = v6.octets();
+                return IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d));
+            }
+            IpAddr::V6(v6)
+        }
+        v4 => v4,
+    }
 }
 
 impl NetworkBehaviour for Admission {
@@ -276,6 +313,18 @@ impl NetworkBehaviour for Admission {
                 return Err(
                     self.refuse("per_ip", format!("{from_ip} inbound connections from {ip}"))
                 );
+            }
+            let pending_max = (self.limits.max_pending_inbound / 4).max(2) as usize;
+            let pending_from_ip = self
+                .pending_inbound
+                .values()
+                .filter(|p| **p == Some(ip))
+                .count();
+            if pending_from_ip >= pending_max {
+                return Err(self.refuse(
+                    "pending_per_ip",
+                    format!("{pending_from_ip} handshakes in progress from {ip}"),
+                ));
             }
         }
         let rss = self.memory.rss_mb();
@@ -301,7 +350,7 @@ impl NetworkBehaviour for Admission {
         _remote_addr: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         let ip = self.pending_inbound.remove(&connection_id).flatten();
-        if let Err(denied) = self.check_established(peer) {
+        if let Err(denied) = self.check_established(peer, true) {
             release_ip(&mut self.inbound_per_ip, ip);
             return Err(denied);
         }
@@ -331,7 +380,7 @@ impl NetworkBehaviour for Admission {
         _role_override: Endpoint,
         _port_use: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.check_established(peer)?;
+        self.check_established(peer, false)?;
         self.established.insert(connection_id, (peer, None));
         *self.per_peer.entry(peer).or_default() += 1;
         Ok(dummy::ConnectionHandler)
@@ -411,7 +460,19 @@ mod tests {
         );
         assert!(!public.allows(&addr("/ip6/fd00::1/tcp/80")));
         assert!(public.allows(&addr("/ip4/203.0.113.9/tcp/4001")));
-        assert!(public.allows(&addr("/dns4/node1.example/tcp/4001")));
+        assert!(
+            !public.allows(&addr("/dns4/localhost/tcp/4001")),
+            "a name may resolve to loopback"
+        );
+        assert!(local.allows(&addr("/dns4/node1.example/tcp/4001")));
+        for mapped in [
+            "/ip6/::ffff:127.0.0.1/tcp/22",
+            "/ip6/::ffff:169.254.169.254/tcp/80",
+            "/ip6/::ffff:10.0.0.1/tcp/80",
+            "/ip6/64:ff9b::7f00:1/tcp/22",
+        ] {
+            assert!(!public.allows(&addr(mapped)), "{mapped}");
+        }
 
         let mut admission = Admission::new(Limits::default(), public);
         let peer = PeerId::random();
@@ -429,6 +490,7 @@ mod tests {
     fn inbound_connections_are_limited_per_ip_and_released_on_close() {
         let limits = Limits {
             max_inbound_per_ip: 2,
+            max_pending_inbound: 64,
             ..Limits::default()
         };
         let mut admission = Admission::new(limits, DialScope::for_listen(&[], None));
@@ -458,5 +520,39 @@ mod tests {
         admission
             .handle_pending_inbound_connection(ConnectionId::new_unchecked(4), &local, &remote)
             .expect("a slot was released");
+    }
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use super::*;
+
+    #[test]
+    fn one_address_cannot_hold_every_handshake_slot_and_ipv6_counts_by_64() {
+        let limits = Limits {
+            max_pending_inbound: 8,
+            ..Limits::default()
+        };
+        let mut admission = Admission::new(limits, DialScope::for_listen(&[], None));
+        let local: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("addr");
+        let a: Multiaddr = "/ip6/2001:db8::1/tcp/5".parse().expect("addr");
+        let b: Multiaddr = "/ip6/2001:db8::ffff/tcp/5".parse().expect("addr");
+        let other: Multiaddr = "/ip4/192.0.2.7/tcp/5".parse().expect("addr");
+        admission
+            .handle_pending_inbound_connection(ConnectionId::new_unchecked(1), &local, &a)
+            .expect("first");
+        admission
+            .handle_pending_inbound_connection(ConnectionId::new_unchecked(2), &local, &b)
+            .expect("second, same /64");
+        assert!(
+            admission
+                .handle_pending_inbound_connection(ConnectionId::new_unchecked(3), &local, &b)
+                .is_err(),
+            "a third handshake from the same /64"
+        );
+        assert_eq!(admission.refused["pending_per_ip"], 1);
+        admission
+            .handle_pending_inbound_connection(ConnectionId::new_unchecked(4), &local, &other)
+            .expect("another address is not held up");
     }
 }

@@ -16,6 +16,9 @@ pub const FRAME_LEN_MAX: usize = 5 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FrameCodec;
 
+/// Largest request: a sync request carries the sender's own record.
+pub const REQUEST_LEN_MAX: usize = 128 * 1024;
+
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
     crate::forward::read_frame(io, FRAME_LEN_MAX).await
 }
@@ -44,7 +47,7 @@ impl libp2p::request_response::Codec for FrameCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> std::io::Result<Vec<u8>> {
-        read_frame(io).await
+        crate::forward::read_frame(io, REQUEST_LEN_MAX).await
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(

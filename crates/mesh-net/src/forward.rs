@@ -8,9 +8,10 @@
 //! version byte and the bincode of [`ForwardRequest`] or
 //! [`ForwardResponse`]. A request is at most [`FORWARD_REQUEST_MAX`] bytes
 //! and must arrive within [`FORWARD_READ_TIMEOUT`]; an answer is at most
-//! [`FORWARD_RESPONSE_MAX`]. At most [`FORWARDS_IN_FLIGHT_MAX`] inbound
-//! requests are served at once, [`FORWARDS_PER_PEER_MAX`] per peer; a
-//! stream past either limit is answered `503 busy` at once.
+//! [`FORWARD_RESPONSE_MAX`]. At most [`FORWARDS_READING_MAX`] streams are
+//! read at once and [`FORWARDS_IN_FLIGHT_MAX`] requests served (a request
+//! takes a serving slot only once read whole), [`FORWARDS_PER_PEER_MAX`]
+//! streams per peer; a stream past a limit is answered `503 busy` at once.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,13 +32,17 @@ pub const FORWARD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/for
 pub const FORWARD_REQUEST_MAX: usize = 128 * 1024;
 /// Largest answer relayed (a region's status, a policy, a model's output).
 pub const FORWARD_RESPONSE_MAX: usize = 4 * 1024 * 1024;
-/// Inbound requests served at once.
-pub const FORWARDS_IN_FLIGHT_MAX: usize = 64;
-/// Inbound requests served at once for one peer.
-pub const FORWARDS_PER_PEER_MAX: usize = 8;
+/// Inbound requests served at once, once read whole.
+pub const FORWARDS_IN_FLIGHT_MAX: usize = 128;
+/// Inbound streams of one peer open at once (reading or served): a
+/// follower passing a burst of writes to its leader stays under it.
+pub const FORWARDS_PER_PEER_MAX: usize = 32;
+/// Inbound streams still being read, all peers: a request takes a serving
+/// slot only once it has arrived whole, so silent streams hold none.
+pub const FORWARDS_READING_MAX: usize = 256;
 /// A request must arrive whole within this (a peer that opens a stream and
-/// sends nothing holds a slot no longer).
-pub const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// sends nothing holds a reading slot no longer).
+pub const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// Opening a stream to a peer (dialling it if need be) takes at most this:
 /// a cut link drops packets silently, and the caller should hear soon.
 pub const FORWARD_OPEN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -340,6 +345,7 @@ pub(crate) async fn serve_forwards(
         }
     };
     let in_flight = Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX));
+    let reading = Arc::new(Semaphore::new(FORWARDS_READING_MAX));
     let per_peer = PerPeer::default();
     loop {
         let (peer, stream) = tokio::select! {
@@ -349,21 +355,22 @@ pub(crate) async fn serve_forwards(
                 None => return,
             },
         };
-        let permit = in_flight.clone().try_acquire_owned().ok();
+        let read_permit = reading.clone().try_acquire_owned().ok();
         let slot = per_peer.take(peer);
         let inbound = inbound.clone();
+        let in_flight = in_flight.clone();
         tokio::spawn(async move {
-            let busy = match (&permit, &slot) {
+            let busy = match (&read_permit, &slot) {
                 (None, _) => Some(format!(
-                    "{FORWARDS_IN_FLIGHT_MAX} forwarded requests are in flight on this node"
+                    "{FORWARDS_READING_MAX} forwarded requests are arriving at this node"
                 )),
                 (_, None) => Some(format!(
                     "{FORWARDS_PER_PEER_MAX} requests from this peer are in flight"
                 )),
                 _ => None,
             };
-            serve_stream(peer, stream, inbound, busy).await;
-            drop((permit, slot));
+            serve_stream(peer, stream, inbound, busy, read_permit, in_flight).await;
+            drop(slot);
         });
     }
 }
@@ -373,10 +380,12 @@ async fn serve_stream(
     mut stream: Stream,
     inbound: mpsc::Sender<InboundForward>,
     busy: Option<String>,
+    read_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    in_flight: Arc<Semaphore>,
 ) {
     let answer = match busy {
         Some(why) => ForwardResponse::error(503, "busy", &format!("{why}; retry shortly")),
-        None => serve_one(peer, &mut stream, inbound).await,
+        None => serve_one(peer, &mut stream, inbound, read_permit, in_flight).await,
     };
     let mut bytes = encode_response(&answer);
     if bytes.len() > FORWARD_RESPONSE_MAX {
@@ -402,6 +411,8 @@ async fn serve_one(
     peer: PeerId,
     stream: &mut Stream,
     inbound: mpsc::Sender<InboundForward>,
+    read_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    in_flight: Arc<Semaphore>,
 ) -> ForwardResponse {
     let read = tokio::time::timeout(
         FORWARD_READ_TIMEOUT,
@@ -422,12 +433,20 @@ async fn serve_one(
             )
         }
     };
+    drop(read_permit);
     let request = match decode_request(&bytes) {
         Ok(request) => request,
         Err(e) => {
             debug!(%peer, error = %e, "refused a forwarded request");
             return ForwardResponse::error(400, "bad_request", &e);
         }
+    };
+    let Ok(_serving) = in_flight.try_acquire_owned() else {
+        return ForwardResponse::error(
+            503,
+            "busy",
+            &format!("{FORWARDS_IN_FLIGHT_MAX} forwarded requests are in flight on this node; retry shortly"),
+        );
     };
     let (reply, answer) = oneshot::channel();
     let forwarded = InboundForward {

@@ -34,17 +34,20 @@ pub enum Column {
     Tasks,
     /// This node's audit log, keyed by big-endian sequence number.
     Audit,
+    /// Documents of the datasets this node holds, keyed `dataset \0 id`.
+    Documents,
 }
 
 impl Column {
     /// Every column, in a fixed order.
-    pub const ALL: [Column; 6] = [
+    pub const ALL: [Column; 7] = [
         Self::RaftLog,
         Self::RaftMeta,
         Self::StateMachine,
         Self::Snapshot,
         Self::Tasks,
         Self::Audit,
+        Self::Documents,
     ];
 
     /// The column family name on disk.
@@ -56,6 +59,7 @@ impl Column {
             Self::Snapshot => "snapshot",
             Self::Tasks => "tasks",
             Self::Audit => "audit",
+            Self::Documents => "documents",
         }
     }
 }

