@@ -456,3 +456,65 @@ async fn a_request_that_speaks_for_another_node_is_refused() {
     })
     .await;
 }
+
+/// Regression (issue 12, found by the snapshot_chunk fuzz target): an
+/// InstallSnapshot (or AppendEntries) whose vote is not committed reached
+/// openraft, which assumes a replicating leader's vote is committed: its
+/// core hit an assertion and stopped that node's Raft. Refused before it
+/// gets there; the node goes on committing.
+#[tokio::test]
+async fn a_replication_request_with_an_uncommitted_vote_is_refused() {
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest};
+    use openraft::{SnapshotMeta, Vote};
+
+    use crate::rpc::{RaftReply, RaftRequest};
+
+    let (_, peers, groups) = three_voters().await;
+    let follower = groups
+        .iter()
+        .find(|g| !g.is_leader())
+        .cloned()
+        .expect("a follower");
+    let sender = peers
+        .iter()
+        .find(|p| **p != follower.status().node)
+        .cloned()
+        .expect("another peer");
+    let uncommitted = Vote::new(170, crate::types::node_id_of(&sender));
+    let requests = [
+        RaftRequest::InstallSnapshot(InstallSnapshotRequest::<crate::TypeConfig> {
+            vote: uncommitted,
+            meta: SnapshotMeta {
+                snapshot_id: "s".into(),
+                ..Default::default()
+            },
+            offset: 0,
+            data: crate::codec::encode(&crate::RegionState::default()).expect("encode"),
+            done: true,
+        }),
+        RaftRequest::AppendEntries(AppendEntriesRequest {
+            vote: uncommitted,
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        }),
+    ];
+    for request in requests {
+        let bytes = crate::codec::encode(&request).expect("encode");
+        let answer = serve(&follower, &sender, &bytes).await;
+        assert!(
+            matches!(
+                crate::codec::decode::<RaftReply>(&answer),
+                Ok(RaftReply::Refused(_))
+            ),
+            "not refused"
+        );
+    }
+    assert!(follower.stopped().is_none(), "the follower's Raft runs on");
+    on_leader(
+        &groups,
+        "a write after the uncommitted votes",
+        |l| async move { l.set_policy(policy(78)).await.map(|a| a.version) },
+    )
+    .await;
+}

@@ -156,6 +156,20 @@ pub async fn serve(group: &RegionGroup, from: &str, request: &[u8]) -> Vec<u8> {
 /// The node a request speaks for must be the peer that sent it.
 fn speaks_for_itself(request: &RaftRequest, from: &str) -> Result<(), String> {
     let sender = crate::types::node_id_of(from);
+    // Only an elected leader replicates: its vote is committed. openraft
+    // assumes so (an uncommitted one trips an assertion in the Raft core
+    // that stops the node's Raft; found by fuzzing, issue 12).
+    let uncommitted = match request {
+        RaftRequest::AppendEntries(rpc) => !rpc.vote.is_committed(),
+        RaftRequest::InstallSnapshot(rpc) => !rpc.vote.is_committed(),
+        _ => false,
+    };
+    if uncommitted {
+        return Err(
+            "a replication request whose vote is not committed (only an elected leader replicates)"
+                .into(),
+        );
+    }
     let (what, claimed) = match request {
         RaftRequest::AppendEntries(rpc) => ("AppendEntries", rpc.vote.leader_id().voted_for()),
         RaftRequest::InstallSnapshot(rpc) => ("InstallSnapshot", rpc.vote.leader_id().voted_for()),

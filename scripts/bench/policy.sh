@@ -69,8 +69,12 @@ run_load() { # URL METHOD BODY CLIENTS
 
 # --- agentmesh: three nodes of one region, default settings (every log append fsynced).
 log "starting a 3-node agentmesh region"
-start_node "$bin" "$work" a eu-west; seed=$(sed -E 's/.* listen=([^, ]+).*/\1/' <<<"$ready"); api=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
-start_node "$bin" "$work" b eu-west "$seed"; start_node "$bin" "$work" c eu-west "$seed"
+# Each node's peer id and API address, from its ready line (nodes do not
+# advertise their API: see --advertise-api).
+apis="$work/apis"
+note_api() { sed -E 's/.*peer_id=([^ ]+) api=([^ ]+).*/\1 \2/' <<<"$ready" >>"$apis"; }
+start_node "$bin" "$work" a eu-west; note_api; seed=$(sed -E 's/.* listen=([^, ]+).*/\1/' <<<"$ready"); api=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
+start_node "$bin" "$work" b eu-west "$seed"; note_api; start_node "$bin" "$work" c eu-west "$seed"; note_api
 for _ in $(seq 100); do
     [ "$("$bin" members --api "$api" --json | grep -c '"state": "alive"')" -eq 3 ] && break; sleep 0.1
 done
@@ -79,9 +83,7 @@ leader_api=$("$bin" region status --region eu-west --json --api "$api" | python3
 import json, sys
 s = json.load(sys.stdin)
 print(s["leader"])')
-leader_api=$("$bin" members --api "$api" --json | python3 -c "
-import json, sys
-print(next(m['api'] for m in json.load(sys.stdin) if m['peer_id'] == '$leader_api'))")
+leader_api=$(awk -v p="$leader_api" '$1 == p { print $2 }' "$apis")
 log "agentmesh leader API: $leader_api"
 am1=$(run_load "http://$leader_api/v1/regions/eu-west/policy" PUT "$work/policy.json" 1)
 am64=$(run_load "http://$leader_api/v1/regions/eu-west/policy" PUT "$work/policy.json" 64)

@@ -102,7 +102,8 @@ pub struct NodeRecord {
     pub datasets: Vec<String>,
     /// Current load (later issue).
     pub load: Load,
-    /// HTTP API address, so any node can forward a request to this one.
+    /// The API address its operator advertises to people (`--advertise-api`);
+    /// nodes never use it: node-to-node requests go over libp2p.
     pub api: Option<String>,
     /// Role in its region's Raft group; `None` before the region is bootstrapped.
     pub raft: Option<RaftRole>,
