@@ -4,8 +4,11 @@
 # group bootstrapped and given a policy through one of its nodes, and read
 # back through a node of another region (reads and tasks are forwarded
 # anywhere; writes only by a region's own voters until admission control
-# exists); the mesh and the region as the nodes see them. Stops everything it
-# started, also on Ctrl-C or failure.
+# exists); the mesh and the region as the nodes see them; a dataset tagged
+# pii-eu put on one node, a search agent placed next to it, a task refused
+# by residency in us-east and answered in eu-west with its provenance, and
+# the host's audit log verified. Stops everything it started, also on
+# Ctrl-C or failure.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 "$AGENTMESH_ROOT/scripts/setup.sh"
@@ -33,6 +36,7 @@ api1=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
 for spec in eu-2:eu-west eu-3:eu-west us-1:us-east us-2:us-east; do
     start "${spec%%:*}" "${spec##*:}" "$seed"
     last_api=$(sed -E 's/.* api=([^ ]+).*/\1/' <<<"$ready")
+    [ "${spec%%:*}" = eu-2 ] && api2=$last_api
 done
 
 say "waiting until every node sees all 5 alive"
@@ -75,6 +79,29 @@ say "agentmesh model run all-minilm-l6-v2 --input \"The cat sits on the mat.\""
 echo
 say "agentmesh model run smollm2-135m-instruct-q4_1 --raw --input \"The capital of France is\" --max-tokens 8"
 "$AGENTMESH_BIN" model run smollm2-135m-instruct-q4_1 --raw --input "The capital of France is" --max-tokens 8 --api "$api1"
+echo
+say "agentmesh data put --dataset docs-eu --file examples/data/docs-eu.jsonl --tag pii-eu (on eu-1: the documents stay there)"
+"$AGENTMESH_BIN" data put --dataset docs-eu --file "$AGENTMESH_ROOT/examples/data/docs-eu.jsonl" --tag pii-eu --api "$api1"
+echo
+say "agentmesh agent deploy -f examples/agents/docs-search.toml (the leader places it where its data is)"
+"$AGENTMESH_BIN" agent deploy -f "$AGENTMESH_ROOT/examples/agents/docs-search.toml" --api "$api1"
+for _ in $(seq 100); do
+    "$AGENTMESH_BIN" agent list --api "$api1" --json | grep -q '"status": "active"' && break
+    sleep 0.1
+done
+"$AGENTMESH_BIN" agent list --api "$api1"
+echo
+question="How many days of paid leave do I get?"
+say "a task on pii-eu data entered through us-east: refused by residency before anything runs"
+if "$AGENTMESH_BIN" task submit --agent docs-search --input "$question" --api "$last_api"; then
+    die "residency did not refuse a pii-eu result bound for us-east"
+fi
+echo
+say "the same task entered through eu-2: it runs next to the data (eu-1) and comes back with its provenance"
+"$AGENTMESH_BIN" task submit --agent docs-search --input "$question" --api "$api2"
+echo
+say "agentmesh audit verify (on eu-1, the host: its record of every task, hash-chained)"
+"$AGENTMESH_BIN" audit verify --api "$api1"
 echo
 say "stopping us-2 with SIGTERM: it announces that it leaves"
 kill -TERM "${pids[4]}"

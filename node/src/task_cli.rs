@@ -21,6 +21,17 @@ fn print_answer(answer: &TaskAnswer) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match &answer.output {
         serde_json::Value::String(text) => writeln!(out, "{text}")?,
+        serde_json::Value::Object(o) if o.get("hits").is_some_and(|h| h.is_array()) => {
+            for hit in o["hits"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "{:.3}  {:<12} {}",
+                    hit["score"].as_f64().unwrap_or(0.0),
+                    hit["id"].as_str().unwrap_or("?"),
+                    hit["text"].as_str().unwrap_or("")
+                )?;
+            }
+        }
         other => writeln!(out, "{}", serde_json::to_string_pretty(other)?)?,
     }
     let p = &answer.provenance;
