@@ -174,4 +174,95 @@ fn a_search_agent_runs_next_to_its_data() {
     assert_eq!(hits.len(), 5);
     assert_eq!(hits[0]["id"], "hr-1", "{hits:?}");
     assert!(hits[0]["score"].as_f64().unwrap_or(0.0) > hits[4]["score"].as_f64().unwrap_or(1.0));
+
+    // rag: search, then an answer from the generation model that cites the
+    // documents of the dataset it used.
+    let rag = examples().join("agents/docs-rag.toml");
+    run(&[
+        "agent",
+        "deploy",
+        "-f",
+        rag.to_str().expect("utf-8"),
+        "--json",
+        "--api",
+        &nodes[0].api,
+    ])
+    .expect("deploy rag");
+    let ask = |agent: &str, input: &str, session: Option<&str>| {
+        let mut args = vec![
+            "task",
+            "submit",
+            "--agent",
+            agent,
+            "--input",
+            input,
+            "--json",
+            "--api",
+            &nodes[1].api,
+        ];
+        if let Some(s) = session {
+            args.extend(["--session", s]);
+        }
+        run(&args)
+    };
+    wait_until("the rag agent answers", WITHIN, || {
+        ask("docs-rag", "When are expense reports due?", None).is_ok()
+    });
+    let answer = ask("docs-rag", "When are expense reports due?", None).expect("rag");
+    let cited = answer["output"]["cited"].as_array().expect("cited");
+    assert!(!cited.is_empty(), "{answer}");
+    let ids: Vec<&str> = answer["output"]["documents"]
+        .as_array()
+        .expect("documents")
+        .iter()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"fin-1"),
+        "the expense document was given: {ids:?}"
+    );
+    assert!(
+        cited
+            .iter()
+            .all(|c| ids.contains(&c.as_str().unwrap_or(""))),
+        "cites only its documents"
+    );
+    assert!(!answer["output"]["answer"].as_str().unwrap_or("").is_empty());
+    let models: Vec<&str> = answer["provenance"]["record"]["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    assert_eq!(models.len(), 2, "both models' sha256 in the provenance");
+
+    // generate: a session remembers the previous turn (kept on the host).
+    let chat = examples().join("agents/chat.toml");
+    run(&[
+        "agent",
+        "deploy",
+        "-f",
+        chat.to_str().expect("utf-8"),
+        "--region",
+        "eu-west",
+        "--json",
+        "--api",
+        &nodes[0].api,
+    ])
+    .expect("deploy chat");
+    wait_until("the chat agent answers", WITHIN, || {
+        ask("chat", "Hello!", None).is_ok()
+    });
+    ask("chat", "My name is Ada. Please remember it.", Some("s-1")).expect("first turn");
+    let second = ask("chat", "What is my name?", Some("s-1")).expect("second turn");
+    let text = second["output"].as_str().unwrap_or("");
+    assert!(
+        text.contains("Ada"),
+        "the session remembered the name: {text}"
+    );
+    let fresh = ask("chat", "What is my name?", Some("s-2")).expect("another session");
+    assert!(
+        !fresh["output"].as_str().unwrap_or("").contains("Ada"),
+        "sessions are separate: {fresh}"
+    );
 }

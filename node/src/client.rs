@@ -21,8 +21,14 @@ pub struct ApiClient {
 impl ApiClient {
     /// A client for the node at `api` (HOST:PORT).
     pub fn new(api: &str) -> Result<Self> {
+        Self::with_timeout(api, REQUEST_TIMEOUT)
+    }
+
+    /// A client that waits up to `timeout` for an answer (a task that
+    /// generates text may take minutes on a busy CPU).
+    pub fn with_timeout(api: &str, timeout: Duration) -> Result<Self> {
         let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| anyhow!("cannot build an HTTP client: {e}"))?;

@@ -64,7 +64,7 @@ fn print_answer(answer: &TaskAnswer) -> Result<()> {
 
 /// `task submit`
 pub async fn submit(api: &str, request: TaskRequest, json: bool) -> Result<()> {
-    let answer: TaskAnswer = ApiClient::new(api)?
+    let answer: TaskAnswer = ApiClient::with_timeout(api, crate::api::REQUEST_TIMEOUT)?
         .send(Method::POST, "/v1/tasks", Some(&request))
         .await?;
     if json {

@@ -10,7 +10,9 @@
 //!
 //! The task id is the idempotency key: the host keeps every result under
 //! it, and a resubmission gets the stored result without running again.
-//! Implemented kinds so far: `echo`; the others answer 501 until they land.
+//! Kinds: `echo`, `embed`, `generate` (a conversation per `--session`, kept
+//! on the host as agent state, written with the task's audit record),
+//! `search` and `rag` (at the dataset's node).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,8 +35,94 @@ pub const INPUT_MAX: usize = 32 * 1024;
 /// Most tags on a task, and their longest length.
 pub const TAGS_MAX: usize = 32;
 const TAG_LEN_MAX: usize = 64;
+/// How long a forwarded task may take end to end (a generation on a busy
+/// node's CPU takes tens of seconds; the API cuts any request at 300 s).
+pub const TASK_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(240);
+
+/// The state with the forwarding deadline of tasks.
+fn for_tasks(state: &ApiState) -> ApiState {
+    let mut state = state.clone();
+    state.forward_timeout = TASK_FORWARD_TIMEOUT;
+    state
+}
+
 /// Documents a search returns.
 pub const SEARCH_TOP_K: usize = 5;
+/// Documents a rag answer is given.
+pub const RAG_DOCUMENTS: usize = 3;
+/// Turns of a conversation kept per session.
+pub const SESSION_TURNS_MAX: usize = 8;
+/// New tokens of a generated answer at most.
+pub const ANSWER_TOKENS_MAX: usize = 96;
+
+/// A conversation: (user, assistant) turns, oldest first.
+type Turns = Vec<(String, String)>;
+
+fn session_key(agent: &str, session: &str) -> Vec<u8> {
+    format!("session\0{agent}\0{session}").into_bytes()
+}
+
+/// A chat prompt (SmolLM2's template) with earlier turns and, for rag, the
+/// documents to answer from.
+fn chat(history: &[(String, String)], user: &str, documents: Option<&str>) -> String {
+    let system = match documents {
+        None => "You are a helpful assistant. Answer briefly.".to_owned(),
+        Some(docs) => format!(
+            "Answer the question using only these documents, and cite the ones you use by their id in brackets, like [hr-1].\n{docs}"
+        ),
+    };
+    let mut prompt = format!("<|im_start|>system\n{system}<|im_end|>\n");
+    for (question, answer) in history {
+        prompt.push_str(&format!(
+            "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+        ));
+    }
+    prompt.push_str(&format!(
+        "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    ));
+    prompt
+}
+
+/// Generates with this node's generation model.
+async fn generate(state: &ApiState, prompt: String) -> Result<String, ApiError> {
+    let service = state
+        .models
+        .services()
+        .find_map(|(_, s)| match s {
+            crate::models::Service::Generate(g) => Some(g.clone()),
+            crate::models::Service::Embed(_) => None,
+        })
+        .ok_or_else(|| {
+            error(
+                StatusCode::CONFLICT,
+                "no_generation_model",
+                "this node runs no generation model: start it with --models-dir".into(),
+            )
+        })?;
+    let params = models::Params {
+        max_tokens: ANSWER_TOKENS_MAX,
+        ..models::Params::default()
+    };
+    let busy =
+        |e: models::ServeError| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string());
+    let mut pieces = service.generate(prompt, params).map_err(busy)?;
+    loop {
+        match pieces.recv().await {
+            Some(models::Piece::Text(_)) => {}
+            Some(models::Piece::Done { text, .. }) => return Ok(text.trim().to_owned()),
+            Some(models::Piece::Failed(e)) => {
+                return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "model_failed", e))
+            }
+            None => {
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "model_stopped",
+                    "the generation model stopped before it answered".into(),
+                ))
+            }
+        }
+    }
+}
 /// Longest task id a client may choose.
 pub const TASK_ID_MAX: usize = 128;
 
@@ -112,6 +200,19 @@ impl TaskHost {
             store,
             running: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The remembered turns of a conversation.
+    pub fn session(&self, agent: &str, session: &str) -> Result<Turns, ApiError> {
+        match self
+            .store
+            .get(Column::Tasks, &session_key(agent, session))
+            .map_err(|e| internal(format!("reading session {session}: {e}")))?
+        {
+            None => Ok(Vec::new()),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| internal(format!("session {session} is unreadable: {e}"))),
+        }
     }
 
     /// The node's store (tasks, audit log, documents).
@@ -258,6 +359,7 @@ pub async fn submit(
     headers: HeaderMap,
     Json(mut request): Json<TaskRequest>,
 ) -> Result<Response, ApiError> {
+    let state = for_tasks(&state);
     check_request(&request)?;
     let task_id = request.task_id.clone().unwrap_or_else(new_id);
     request.task_id = Some(task_id.clone());
@@ -349,6 +451,7 @@ pub async fn region_task(
     headers: HeaderMap,
     Json(run): Json<TaskRun>,
 ) -> Result<Response, ApiError> {
+    let state = for_tasks(&state);
     let region = parse_region(&name)?;
     check_request(&run.request)?;
     if region != state.region {
@@ -493,6 +596,8 @@ async fn run_here(
     }
     let started = Instant::now();
     let started_at_ms = unix_ms();
+    // (session, history, new answer) of a generate task with a session.
+    let mut session_turn: Option<(String, Turns, String)> = None;
     let output = match manifest.kind {
         AgentKind::Echo => serde_json::Value::String(request.input.clone()),
         AgentKind::Search => {
@@ -527,15 +632,76 @@ async fn run_here(
             let hits = crate::datasets::search(&*store, &dataset.name, &query, SEARCH_TOP_K)?;
             serde_json::json!({ "hits": hits })
         }
-        other => {
-            return Err(error(
-                StatusCode::NOT_IMPLEMENTED,
-                "kind_not_implemented",
-                format!(
-                    "agents of kind {} do not run yet on this build; echo does",
-                    other.as_str()
-                ),
-            ))
+        AgentKind::Embed => {
+            let (_, embedder) = crate::datasets::embedder(state)?;
+            let vector = embedder
+                .embed(vec![request.input.clone()])
+                .await
+                .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string()))?
+                .pop()
+                .unwrap_or_default();
+            serde_json::json!({ "dims": vector.len(), "vector": vector })
+        }
+        AgentKind::Generate => {
+            let history = match &request.session {
+                Some(session) => state.tasks.session(&manifest.name, session)?,
+                None => Vec::new(),
+            };
+            let prompt = chat(&history, &request.input, None);
+            let text = generate(state, prompt).await?;
+            session_turn = request
+                .session
+                .as_ref()
+                .map(|session| (session.clone(), history, text.clone()));
+            serde_json::Value::String(text)
+        }
+        AgentKind::Rag => {
+            let dataset = dataset.as_ref().ok_or_else(|| {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "dataset_not_registered",
+                    format!(
+                        "dataset {:?} is not registered in region {} yet",
+                        manifest.dataset, state.region
+                    ),
+                )
+            })?;
+            if dataset.node != state.peer_id {
+                return Err(error(
+                    StatusCode::CONFLICT,
+                    "data_elsewhere",
+                    format!(
+                        "dataset {} is on node {}; the agent is being moved there, retry shortly",
+                        dataset.name, dataset.node
+                    ),
+                ));
+            }
+            let (_, embedder) = crate::datasets::embedder(state)?;
+            let query = embedder
+                .embed(vec![request.input.clone()])
+                .await
+                .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string()))?
+                .pop()
+                .unwrap_or_default();
+            let store = state.tasks.store();
+            let hits = crate::datasets::search(&*store, &dataset.name, &query, RAG_DOCUMENTS)?;
+            let context: String = hits
+                .iter()
+                .map(|h| format!("[{}] {}\n", h.id, h.text))
+                .collect();
+            let prompt = chat(&[], &request.input, Some(&context));
+            let answer = generate(state, prompt).await?;
+            let mut cited: Vec<&str> = hits
+                .iter()
+                .map(|h| h.id.as_str())
+                .filter(|id| answer.contains(&format!("[{id}]")) || answer.contains(id))
+                .collect();
+            // The model used what it was given: when it names none, the
+            // documents it was given are its sources.
+            if cited.is_empty() {
+                cited = hits.iter().map(|h| h.id.as_str()).collect();
+            }
+            serde_json::json!({ "answer": answer, "cited": cited, "documents": hits })
         }
     };
     let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -572,7 +738,7 @@ async fn run_here(
         replayed: false,
         provenance: sealed.clone(),
     };
-    let ops = vec![
+    let mut ops = vec![
         WriteOp::Put {
             column: Column::Audit,
             key: sealed.seq.to_be_bytes().to_vec(),
@@ -584,6 +750,18 @@ async fn run_here(
             value: serde_json::to_vec(&answer).map_err(|e| internal(e.to_string()))?,
         },
     ];
+    // The conversation, as agent state, in the same batch: a turn is
+    // remembered exactly when its task is recorded.
+    if let Some((session, mut history, text)) = session_turn {
+        history.push((request.input.clone(), text));
+        let keep = history.len().saturating_sub(SESSION_TURNS_MAX);
+        history.drain(..keep);
+        ops.push(WriteOp::Put {
+            column: Column::Tasks,
+            key: session_key(&manifest.name, &session),
+            value: serde_json::to_vec(&history).map_err(|e| internal(e.to_string()))?,
+        });
+    }
     let store = state.tasks.store.clone();
     tokio::task::spawn_blocking(move || store.write(ops, Durability::Sync))
         .await
