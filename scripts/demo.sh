@@ -100,8 +100,8 @@ echo
 say "the same task entered through eu-2: it runs next to the data (eu-1) and comes back with its provenance"
 "$AGENTMESH_BIN" task submit --agent docs-search --input "$question" --api "$api2"
 echo
-say "agentmesh audit verify (on eu-1, the host: its record of every task, hash-chained)"
-"$AGENTMESH_BIN" audit verify --api "$api1"
+say "agentmesh audit verify --all (every node's hash-chained record of the tasks it ran; no task ran twice)"
+"$AGENTMESH_BIN" audit verify --all --api "$api1"
 echo
 say "stopping us-2 with SIGTERM: it announces that it leaves"
 kill -TERM "${pids[4]}"

@@ -181,6 +181,9 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     // The host's chain holds; an edited record is detected.
     let i = eu.iter().position(|n| n.peer_id == host).expect("host");
     run(&["audit", "verify", "--json", "--api", &eu[i].api]).expect("the chain holds");
+    // Every node's chain, read through a node of another region; no task twice.
+    let all = run(&["audit", "verify", "--all", "--json", "--api", &us.api]).expect("--all holds");
+    assert_eq!(all["nodes"].as_array().map(Vec::len), Some(4), "{all}");
     eu[i].terminate(Duration::from_secs(10));
     {
         let store =
@@ -203,11 +206,27 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
             .write(vec![op], mesh_store::Durability::Sync)
             .expect("edit");
     }
-    let mut again_spec = spec(&dirs[i], ["a", "b", "c"][i], "eu-west", None);
+    let mut again_spec = spec(
+        &dirs[i],
+        ["a", "b", "c"][i],
+        "eu-west",
+        Some(&eu[(i + 1) % 3]),
+    );
     again_spec.config = Some(&config);
     eu[i] = start(&again_spec);
     let out = cli(&["audit", "verify", "--api", &eu[i].api]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("audit record 1 was changed"), "{e}");
+    let restarted = eu[i].peer_id.clone();
+    wait_until("us-east sees the restarted host alive", WITHIN, || {
+        us.state_of(&restarted).as_deref() == Some("alive")
+    });
+    let out = cli(&["audit", "verify", "--all", "--api", &us.api]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains(&eu[i].peer_id) && e.contains("was changed"),
+        "{e}"
+    );
 }

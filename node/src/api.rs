@@ -285,6 +285,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/audit", get(crate::tasks::audit_log))
         .route("/v1/audit/verify", get(crate::tasks::audit_verify))
+        .route(
+            "/v1/regions/{region}/audit/{peer}",
+            get(crate::tasks::node_audit),
+        )
         .route("/v1/models", get(crate::models::list))
         .route("/v1/models/{name}/run", post(crate::models::run))
         .route(

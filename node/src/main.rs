@@ -260,6 +260,9 @@ struct AuditArgs {
 enum AuditCommand {
     /// Check that the node's audit log is whole: no record changed, removed or reordered.
     Verify {
+        /// Every live node's log, and that no task id ran twice across the mesh.
+        #[arg(long)]
+        all: bool,
         /// The node's HTTP API.
         #[arg(long, default_value = DEFAULT_API)]
         api: String,
@@ -558,9 +561,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(args) => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             match args.verify {
-                Some(AuditCommand::Verify { api, json }) => {
-                    runtime.block_on(task_cli::verify(&api, json))
-                }
+                Some(AuditCommand::Verify {
+                    all: true,
+                    api,
+                    json,
+                }) => runtime.block_on(task_cli::verify_all(&api, json)),
+                Some(AuditCommand::Verify {
+                    all: false,
+                    api,
+                    json,
+                }) => runtime.block_on(task_cli::verify(&api, json)),
                 None => runtime.block_on(task_cli::audit(
                     &args.api, args.agent, args.since, args.json,
                 )),

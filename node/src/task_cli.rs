@@ -142,3 +142,63 @@ pub async fn verify(api: &str, json: bool) -> Result<()> {
         )),
     }
 }
+
+/// `audit verify --all`: every live node's chain, read through this node,
+/// and no task id executed twice across the mesh.
+pub async fn verify_all(api: &str, json: bool) -> Result<()> {
+    let client = ApiClient::new(api)?;
+    let members: Vec<mesh_types::MemberView> = client.get("/v1/members").await?;
+    let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+    let mut problems = Vec::new();
+    let mut report = Vec::new();
+    for m in members
+        .iter()
+        .filter(|m| m.state == mesh_types::MemberState::Alive)
+    {
+        let path = format!("/v1/regions/{}/audit/{}", m.region, m.peer_id.0);
+        let records: Vec<mesh_agent::SealedRecord> = match client.get(&path).await {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(format!("{}: cannot read its audit log: {e}", m.peer_id.0));
+                continue;
+            }
+        };
+        match mesh_agent::audit::verify(&records) {
+            Ok(n) => report.push(serde_json::json!({"node": m.peer_id.0, "records": n})),
+            Err(e) => problems.push(format!("{}: {e}", m.peer_id.0)),
+        }
+        for r in &records {
+            if let Some(other) = seen.insert(r.record.task_id.clone(), m.peer_id.0.clone()) {
+                problems.push(format!(
+                    "task {} was executed twice: on {other} and on {}",
+                    r.record.task_id, m.peer_id.0
+                ));
+            }
+        }
+    }
+    if json {
+        print_json(&serde_json::json!({"nodes": report, "problems": problems}))?;
+    } else {
+        for r in &report {
+            println!(
+                "{}: {} records, chained",
+                r["node"].as_str().unwrap_or("?"),
+                r["records"]
+            );
+        }
+    }
+    if problems.is_empty() {
+        if !json {
+            println!(
+                "every node's audit log holds, and no task ran twice ({} tasks)",
+                seen.len()
+            );
+        }
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "the audit does not hold:\n  - {}",
+            problems.join("\n  - ")
+        ))
+    }
+}

@@ -837,3 +837,25 @@ pub async fn audit_verify(State(state): State<ApiState>) -> Result<Response, Api
     })
     .into_response())
 }
+
+/// `GET /v1/regions/{region}/audit/{peer}`: the audit records of node
+/// `peer` (of that region), read through any node (`audit verify --all`).
+pub async fn node_audit(
+    State(state): State<ApiState>,
+    Path((name, peer)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let region = parse_region(&name)?;
+    if peer == state.peer_id {
+        return Ok(Json(state.tasks.audit_records()?).into_response());
+    }
+    let target = peer.parse().map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_peer",
+            format!("{peer:?} is not a peer id"),
+        )
+    })?;
+    let path = format!("/v1/regions/{region}/audit/{peer}");
+    forward_to_peer(&state, &headers, target, Method::GET, &path, None).await
+}
