@@ -229,4 +229,60 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
         e.contains(&eu[i].peer_id) && e.contains("was changed"),
         "{e}"
     );
+
+    // Rate limits: a policy allowing a client one task a second in bursts of
+    // two; twelve submitted at once from one address, most are answered 429.
+    let strict = tmp.path().join("strict.toml");
+    std::fs::write(
+        &strict,
+        "[rate_limits.per_agent]\nper_second = 100\nburst = 100\n\n[rate_limits.per_client]\nper_second = 1\nburst = 2\n",
+    )
+    .expect("policy");
+    // (The restarted host may have set off an election: retried until applied.)
+    wait_until("the strict policy is applied", WITHIN, || {
+        cli(&[
+            "policy",
+            "apply",
+            "-f",
+            strict.to_str().expect("utf-8"),
+            "--region",
+            "eu-west",
+            "--api",
+            &eu[0].api,
+        ])
+        .status
+        .success()
+    });
+    let entry = eu[(i + 1) % 3].api.clone();
+    wait_until("the entry node has the strict policy", WITHIN, || {
+        run(&[
+            "policy", "get", "--region", "eu-west", "--json", "--api", &entry,
+        ])
+        .is_ok_and(|p| p["policy"]["rate_limits"]["per_client"]["burst"] == 2)
+    });
+    let children: Vec<_> = (0..12)
+        .map(|n| {
+            std::process::Command::new(common::bin())
+                .args([
+                    "task",
+                    "submit",
+                    "--agent",
+                    "echo",
+                    "--input",
+                    &format!("burst {n}"),
+                    "--api",
+                    &entry,
+                ])
+                .output()
+        })
+        .collect();
+    let limited = children
+        .into_iter()
+        .map(|o| o.expect("run"))
+        .filter(|o| {
+            let e = String::from_utf8_lossy(&o.stderr);
+            !o.status.success() && e.contains("429") && e.contains("retry in")
+        })
+        .count();
+    assert!(limited >= 1, "no task of the burst was rate limited");
 }

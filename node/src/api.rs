@@ -185,6 +185,8 @@ pub struct ApiState {
     pub model_jobs: PerClient,
     /// The tasks this node runs and the audit log it keeps.
     pub tasks: std::sync::Arc<crate::tasks::TaskHost>,
+    /// Rate-limit buckets (per client here, per agent on its host).
+    pub buckets: std::sync::Arc<crate::rate::Buckets>,
     /// The API listens on a loopback address (its Host header is checked).
     pub api_is_loopback: bool,
 }

@@ -19,6 +19,7 @@ mod forward;
 mod members;
 mod model_cli;
 mod models;
+mod rate;
 mod region;
 mod region_cli;
 mod regions_api;

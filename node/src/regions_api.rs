@@ -226,12 +226,31 @@ async fn forward_with_timeout(
         .ok()
         .filter(|s| (200..600).contains(&s.as_u16()))
         .unwrap_or(StatusCode::BAD_GATEWAY);
-    Ok((
+    let mut response = (
         status,
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         answer.body,
     )
-        .into_response())
+        .into_response();
+    // A forwarded answer carries only its body: put Retry-After back.
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, mesh_net::forward::FORWARD_RESPONSE_MAX)
+            .await
+            .unwrap_or_default();
+        let retry = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["retry_after_s"].as_u64());
+        response = Response::from_parts(parts, axum::body::Body::from(bytes));
+        if let Some(retry) = retry {
+            if let Ok(value) = axum::http::HeaderValue::from_str(&retry.to_string()) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, value);
+            }
+        }
+    }
+    Ok(response)
 }
 
 /// Forwards a request about another region to a live node of that region.

@@ -206,6 +206,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         models,
         model_jobs: api::PerClient::default(),
         tasks: Arc::new(crate::tasks::TaskHost::open(task_store)?),
+        buckets: Arc::default(),
         api_is_loopback: api_addr.ip().is_loopback(),
     };
     let network = state.network.clone();

@@ -356,11 +356,33 @@ fn unix_ms() -> u64 {
 /// `POST /v1/tasks` on any node.
 pub async fn submit(
     State(state): State<ApiState>,
+    client: Option<axum::Extension<crate::api::Client>>,
     headers: HeaderMap,
     Json(mut request): Json<TaskRequest>,
 ) -> Result<Response, ApiError> {
     let state = for_tasks(&state);
     check_request(&request)?;
+    // Per client, under this (the entry) node's region policy.
+    let limits = state
+        .group
+        .local_state()
+        .policy
+        .map(|p| p.rate_limits)
+        .unwrap_or_default();
+    let who = client.map(|c| c.0 .0).unwrap_or_default();
+    if let Err(retry) =
+        state
+            .buckets
+            .take(&format!("client:{who}"), &limits.per_client, Instant::now())
+    {
+        return Ok(crate::rate::too_many(
+            format!(
+                "client {who} is past its rate limit ({} tasks/s, bursts of {})",
+                limits.per_client.per_second, limits.per_client.burst
+            ),
+            retry,
+        ));
+    }
     let task_id = request.task_id.clone().unwrap_or_else(new_id);
     request.task_id = Some(task_id.clone());
     if let Some(mut answer) = state.tasks.stored(&task_id)? {
@@ -593,6 +615,26 @@ async fn run_here(
     if let Some(mut answer) = state.tasks.stored(&task_id)? {
         answer.replayed = true;
         return Ok(Json(answer).into_response());
+    }
+    // Per agent, under this (the host) node's region policy; a stored
+    // result above cost nothing.
+    let limits = local
+        .policy
+        .as_ref()
+        .map(|p| p.rate_limits.clone())
+        .unwrap_or_default();
+    if let Err(retry) = state.buckets.take(
+        &format!("agent:{}", manifest.name),
+        &limits.per_agent,
+        Instant::now(),
+    ) {
+        return Ok(crate::rate::too_many(
+            format!(
+                "agent {} is past its rate limit ({} tasks/s, bursts of {})",
+                manifest.name, limits.per_agent.per_second, limits.per_agent.burst
+            ),
+            retry,
+        ));
     }
     let started = Instant::now();
     let started_at_ms = unix_ms();
