@@ -199,9 +199,44 @@ fn an_agent_is_deployed_placed_moved_off_a_dead_node_and_removed() {
         .expect("host is a node");
     nodes[i].kill();
     let survivor = &nodes[(i + 1) % 3];
+    // Right after the crash the lease still names the dead host (it is
+    // declared dead after 3 s): a task tries it directly, then through
+    // another node of the region, and says what it tried.
+    let submit = || {
+        cli(&[
+            "task",
+            "submit",
+            "--agent",
+            "echo",
+            "--input",
+            "after the crash",
+            "--task-id",
+            "t-crash",
+            "--json",
+            "--api",
+            &survivor.api,
+        ])
+    };
+    let out = submit();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("504") && e.contains("directly") && e.contains("then through"),
+        "{e}"
+    );
     wait_until("echo is placed on a survivor", WITHIN, || {
         active(survivor, "echo").is_some_and(|(node, _)| node != host)
     });
+    // The same task id, retried: it runs now, on the new host.
+    let out = submit();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_ne!(answer["provenance"]["record"]["node"], host.as_str());
+    assert_eq!(answer["provenance"]["record"]["epoch"], 2);
     let (_, epoch) = active(survivor, "echo").expect("active");
     assert_eq!(epoch, 2, "one new lease, one epoch");
 

@@ -205,6 +205,11 @@ impl ApiError {
         self.status
     }
 
+    /// What it says for people.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
     /// An error with its status, a short machine-readable name and a detail for people.
     pub fn new(status: StatusCode, error: &'static str, detail: String) -> Self {
         Self {

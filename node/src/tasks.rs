@@ -520,7 +520,69 @@ async fn run_in_region(
         .map_err(|_| internal(format!("the lease names a bad peer id {}", lease.node)))?;
     let path = format!("/v1/regions/{region}/tasks");
     let body = serde_json::to_value(&run).ok();
-    forward_to_peer(state, headers, peer, Method::POST, &path, body).await
+    let direct =
+        match forward_to_peer(state, headers, peer, Method::POST, &path, body.clone()).await {
+            Err(e)
+                if matches!(
+                    e.status(),
+                    StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+                ) =>
+            {
+                e
+            }
+            other => return other,
+        };
+    // The host did not answer: another route, through another node of the
+    // region (its link to the host may work). Safe to repeat: the host runs
+    // a task id once.
+    let members = state.network.snapshot().await?.members;
+    let relay = members
+        .iter()
+        .filter(|m| {
+            &m.region == region
+                && m.state == mesh_types::MemberState::Alive
+                && !m.is_self
+                && m.peer_id.0 != lease.node
+        })
+        .find_map(|m| {
+            m.peer_id
+                .0
+                .parse::<libp2p::PeerId>()
+                .ok()
+                .map(|p| (p, m.peer_id.0.clone()))
+        });
+    let mut tried = vec![format!("{} directly ({})", lease.node, direct.detail())];
+    if let Some((relay, name)) = relay {
+        if crate::regions_api::hops(headers) + 1 < 2 {
+            let failed = |status: StatusCode| {
+                matches!(
+                    status,
+                    StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+                )
+            };
+            match forward_to_peer(state, headers, relay, Method::POST, &path, body).await {
+                Err(e) if failed(e.status()) => {
+                    tried.push(format!("through {name} ({})", e.detail()));
+                }
+                // The relay answered, but could not reach the host either.
+                Ok(r) if failed(r.status()) => {
+                    tried.push(format!(
+                        "through {name} (it could not reach the host either)"
+                    ));
+                }
+                other => return other,
+            }
+        }
+    }
+    Err(error(
+        StatusCode::GATEWAY_TIMEOUT,
+        "host_unreachable",
+        format!(
+            "agent {}'s host did not answer; tried {}. If the host failed, the agent is placed on a survivor within seconds: retry with the same --task-id (it runs once)",
+            run.request.agent,
+            tried.join(", then ")
+        ),
+    ))
 }
 
 fn forbidden(name: &'static str, detail: String) -> ApiError {
