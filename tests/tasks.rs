@@ -175,6 +175,25 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     let big = "x".repeat(40 * 1024);
     let e = submit(&us, &big, &[]).expect_err("too large");
     assert!(e.contains("413") && e.contains("limit"), "{e}");
+    {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&us.api).expect("connect");
+        let body = "{\"agent\": \"echo\", \"input\": ";
+        write!(
+            stream,
+            "POST /v1/tasks HTTP/1.0\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            us.api,
+            body.len()
+        )
+        .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        assert!(response.starts_with("HTTP/1.0 400"), "{response}");
+        assert!(
+            response.contains("line 1 column"),
+            "malformed JSON names the position: {response}"
+        );
+    }
     let e = submit(&us, "x", &["--task-id", "bad id!"]).expect_err("bad id");
     assert!(e.contains("task id"), "{e}");
 
