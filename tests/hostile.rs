@@ -78,7 +78,10 @@ fn slow_clients_are_timed_out() {
     match headers.read(&mut buf) {
         Ok(n) => {
             let text = String::from_utf8_lossy(&buf[..n]);
-            assert!(n == 0 || status_of(&text) == 408, "an unfinished request got {text}");
+            assert!(
+                n == 0 || status_of(&text) == 408,
+                "an unfinished request got {text}"
+            );
         }
         Err(e) => assert!(
             matches!(e.kind(), std::io::ErrorKind::ConnectionReset),
@@ -94,7 +97,9 @@ fn slow_clients_are_timed_out() {
         node.api
     )
     .expect("send the headers and one byte");
-    let n = body.read(&mut buf).expect("an answer to the trickling body");
+    let n = body
+        .read(&mut buf)
+        .expect("an answer to the trickling body");
     let text = String::from_utf8_lossy(&buf[..n]);
     assert_eq!(status_of(&text), 408, "{text}");
     assert!(text.contains("slow_client"), "{text}");
