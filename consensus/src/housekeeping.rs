@@ -82,23 +82,6 @@ impl Housekeeper {
             return None;
         }
         let state_of = |peer: &str| region.iter().find(|(p, _)| p == peer).map(|(_, s)| *s);
-        if let Some((newcomer, _)) = region
-            .iter()
-            .find(|(p, s)| *s == MemberState::Alive && !voters.contains(p) && !learners.contains(p))
-        {
-            if learners.len() < self.max_learners {
-                return Some(Action::AddLearner(newcomer.clone()));
-            }
-            let gone = learners.iter().find(|l| {
-                !matches!(
-                    state_of(l),
-                    Some(MemberState::Alive) | Some(MemberState::Suspect)
-                )
-            });
-            if let Some(gone) = gone {
-                return Some(Action::RemoveLearner(gone.clone()));
-            }
-        }
         self.dead_since.retain(|peer, _| voters.contains(peer));
         for voter in voters {
             match state_of(voter) {
@@ -138,6 +121,25 @@ impl Housekeeper {
                 dead: dead.clone(),
                 learner: learner.clone(),
             });
+        }
+        // Newcomers after the voters: a stream of joining (or fake) nodes
+        // must not keep a dead voter from being replaced.
+        if let Some((newcomer, _)) = region
+            .iter()
+            .find(|(p, s)| *s == MemberState::Alive && !voters.contains(p) && !learners.contains(p))
+        {
+            if learners.len() < self.max_learners {
+                return Some(Action::AddLearner(newcomer.clone()));
+            }
+            let gone = learners.iter().find(|l| {
+                !matches!(
+                    state_of(l),
+                    Some(MemberState::Alive) | Some(MemberState::Suspect)
+                )
+            });
+            if let Some(gone) = gone {
+                return Some(Action::RemoveLearner(gone.clone()));
+            }
         }
         // A voter with no replacement must not keep gone learners forever.
         let gone_learner = self
@@ -263,5 +265,41 @@ mod tests {
             keeper.plan("a", true, &voters, &["l1".to_owned()], &region, now),
             Some(Action::AddLearner("new".into()))
         );
+    }
+
+    #[test]
+    fn a_stream_of_newcomers_does_not_delay_replacing_a_dead_voter() {
+        let t0 = Instant::now();
+        let mut keeper = Housekeeper::new(Duration::from_secs(10), Duration::from_secs(600));
+        let voters = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let learners = vec!["l".to_owned()];
+        let mut region = vec![
+            ("a".to_owned(), MemberState::Alive),
+            ("b".to_owned(), MemberState::Alive),
+            ("c".to_owned(), MemberState::Dead),
+            ("l".to_owned(), MemberState::Alive),
+        ];
+        for round in 0..12u64 {
+            // A new node joins every round.
+            region.push((format!("new-{round}"), MemberState::Alive));
+            let action = keeper.plan(
+                "a",
+                true,
+                &voters,
+                &learners,
+                &region,
+                t0 + Duration::from_secs(round),
+            );
+            if round >= 10 {
+                assert_eq!(
+                    action,
+                    Some(Action::ReplaceVoter {
+                        dead: "c".into(),
+                        learner: "l".into()
+                    }),
+                    "round {round}"
+                );
+            }
+        }
     }
 }

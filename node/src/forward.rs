@@ -43,17 +43,29 @@ pub enum Need {
 }
 
 /// What `method path` needs of its sender (see [`Need`]).
+/// The path is matched whole against the routes' shapes, after refusing
+/// anything a URI parser could read differently (a `#` fragment is dropped
+/// by the router: `.../agents#/tasks` must not pass as a task).
 pub fn need(method: &str, path: &str) -> Need {
+    let plain = path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/-_.~%?=&".contains(&b));
+    if !plain {
+        return Need::Voter;
+    }
     let route = path.split('?').next().unwrap_or(path);
-    let last = route.rsplit('/').next().unwrap_or("");
-    match method {
-        "GET" => Need::Member,
-        "POST" if last == "tasks" => Need::Member,
-        // Harmless once there is a group (it changes nothing then), and
-        // before, the voters are picked from the region's gossip view
-        // whoever asks: the sender adds nothing to trust.
-        "POST" if last == "bootstrap" => Need::Member,
-        "POST" if last == "datasets" => Need::GroupMember,
+    let segments: Vec<&str> = route.split('/').collect();
+    let action = match segments.as_slice() {
+        ["", "v1", "regions", region, action] if !region.is_empty() => *action,
+        _ => "",
+    };
+    match (method, action) {
+        ("GET", _) => Need::Member,
+        ("POST", "tasks") => Need::Member,
+        // Harmless once there is a group (it changes nothing then); before
+        // it, any region node could ask as well (see SECURITY.md).
+        ("POST", "bootstrap") => Need::Member,
+        ("POST", "datasets") => Need::GroupMember,
         _ => Need::Voter,
     }
 }
@@ -102,7 +114,8 @@ async fn answer(
         Err(e) => return ForwardResponse::error(503, "unavailable", &e.to_string()),
     }
     let (voters, learners) = group.members();
-    let allowed = match need(&request.method, &request.path) {
+    let needs = need(&request.method, &request.path);
+    let allowed = match needs {
         Need::Member => true,
         Need::GroupMember => voters.contains(&from) || learners.contains(&from),
         Need::Voter => voters.contains(&from),
@@ -113,7 +126,8 @@ async fn answer(
             403,
             "write_not_forwardable",
             &format!(
-                "a node of region {region} takes forwarded writes only from the voters of its group, until admission control exists: send {} {} with --api to a voter of the region it names (`agentmesh region status --region REGION` lists them)",
+                "a node of region {region} takes this forwarded write only from {} of its group, until admission control exists: send {} {} with --api to a voter of the region it names (`agentmesh region status --region REGION` lists them)",
+                if needs == Need::GroupMember { "the members" } else { "the voters" },
                 request.method, request.path
             ),
         );
@@ -185,6 +199,13 @@ mod tests {
             ("POST", "/v1/regions/eu-west/tasks", Need::Member),
             ("POST", "/v1/regions/eu-west/bootstrap", Need::Member),
             ("POST", "/v1/regions/eu-west/datasets", Need::GroupMember),
+            // Disguised writes: a fragment the router drops, extra segments.
+            ("POST", "/v1/regions/eu-west/agents#/tasks", Need::Voter),
+            ("POST", "/v1/regions/eu-west/agents#/datasets", Need::Voter),
+            ("POST", "/v1/regions/eu-west/agents/x/tasks", Need::Voter),
+            ("POST", "/v1/regions//tasks", Need::Voter),
+            ("POST", "/v1/regions/eu-west/agents\n/tasks", Need::Voter),
+            ("GET", "/v1/regions/eu-west/policy#x", Need::Voter),
         ] {
             assert_eq!(need(method, path), needs, "{method} {path}");
         }

@@ -99,10 +99,21 @@ pub async fn serve_rpcs(
     mut inbound: mpsc::Receiver<InboundRpc>,
 ) {
     let permits = Arc::new(Semaphore::new(RPC_CONCURRENCY));
+    let mut warned: Option<std::time::Instant> = None;
     while let Some(rpc) = inbound.recv().await {
         let from = rpc.from.to_base58();
         if !may_send_raft(&group, &network, &region, &rpc.from, &from).await {
-            tracing::debug!(%from, "refused a Raft RPC from a peer outside the region");
+            let (_, learners) = group.members();
+            if learners.contains(&from)
+                && warned.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(60))
+            {
+                // A learner does not send Raft RPCs: it was promoted and this
+                // node's log has not heard. It cannot catch up from that leader.
+                warned = Some(std::time::Instant::now());
+                warn!(%from, "refusing Raft RPCs of a node this node's log lists as a learner: if it is now a voter (promoted while this node was away), this node cannot catch up; wipe its data dir and let the leader add it again");
+            } else {
+                tracing::debug!(%from, "refused a Raft RPC from a peer outside the region");
+            }
             rpc.reply.send(consensus::rpc::refusal(&format!(
                 "{from} is not a voter of region {region}'s group as this node's log knows it"
             )));

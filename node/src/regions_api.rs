@@ -297,12 +297,19 @@ async fn peer_in_region(
     };
     let found = match preferred {
         Some(p) => {
-            let found = members.iter().filter(live).find(|m| m.peer_id.0 == p);
+            // Named by the group itself (not by gossip): a merely suspect
+            // one is still worth the try.
+            let found = members.iter().find(|m| {
+                m.peer_id.0 == p
+                    && &m.region == region
+                    && !m.is_self
+                    && matches!(m.state, MemberState::Alive | MemberState::Suspect)
+            });
             if found.is_none() {
                 return Err(error(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "leader_unreachable",
-                    format!("the leader of region {region} ({p}) is not alive in this node's view; retry shortly"),
+                    "peer_unreachable",
+                    format!("node {p} of region {region} (the leader, or the voter that starts the group) is not alive in this node's view; retry shortly"),
                 ));
             }
             found
