@@ -203,6 +203,7 @@ async fn forward_with_timeout(
         body: body
             .map(|b| serde_json::to_vec(&b).unwrap_or_default())
             .unwrap_or_default(),
+        deadline_ms: 0,
     };
     let answer = state
         .network
@@ -731,6 +732,7 @@ async fn leader_last_index(state: &ApiState, region: &Region) -> Option<u64> {
         path: format!("/v1/regions/{region}/status"),
         hops: FORWARD_HOPS_MAX,
         body: Vec::new(),
+        deadline_ms: 0,
     };
     let answer = state
         .network

@@ -46,10 +46,13 @@ pub const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// Opening a stream to a peer (dialling it if need be) takes at most this:
 /// a cut link drops packets silently, and the caller should hear soon.
 pub const FORWARD_OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How far ahead of a sender's clock a receiver's may be before a prompt
+/// request looks late (its deadline is the sender's timeout, seconds away).
+pub const FORWARD_CLOCK_SKEW_MS: u64 = 2_000;
 /// Longest an inbound request is served before the stream is abandoned.
 const SERVE_TIMEOUT_MAX: Duration = Duration::from_secs(310);
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// An API request carried to another node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +65,12 @@ pub struct ForwardRequest {
     pub hops: u8,
     /// The JSON body, empty for none.
     pub body: Vec<u8>,
+    /// When the sender stops waiting, in its Unix milliseconds (set by
+    /// [`Forwarder::call`]; 0: no deadline). A request that arrives later
+    /// (held in a dead connection across a partition, delivered after the
+    /// heal) is not served: its sender was told the outcome is unknown and
+    /// may have moved on.
+    pub deadline_ms: u64,
 }
 
 /// The answer: an HTTP status and its JSON body.
@@ -130,6 +139,13 @@ pub enum ForwardError {
         /// The deadline.
         timeout: Duration,
     },
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -252,7 +268,10 @@ impl Forwarder {
         request: &ForwardRequest,
         timeout: Duration,
     ) -> Result<ForwardResponse, ForwardError> {
-        let bytes = encode_request(request);
+        let mut request = request.clone();
+        request.deadline_ms =
+            unix_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        let bytes = encode_request(&request);
         if bytes.len() > FORWARD_REQUEST_MAX {
             return Err(ForwardError::Failed {
                 peer,
@@ -441,6 +460,16 @@ async fn serve_one(
             return ForwardResponse::error(400, "bad_request", &e);
         }
     };
+    if request.deadline_ms != 0
+        && unix_ms() > request.deadline_ms.saturating_add(FORWARD_CLOCK_SKEW_MS)
+    {
+        debug!(%peer, path = %request.path, "a forwarded request arrived after its deadline");
+        return ForwardResponse::error(
+            504,
+            "too_late",
+            "the request arrived after its sender stopped waiting; it was not served",
+        );
+    }
     let Ok(_serving) = in_flight.try_acquire_owned() else {
         return ForwardResponse::error(
             503,
@@ -489,6 +518,7 @@ mod tests {
             path: "/v1/regions/eu-west/policy".into(),
             hops: 1,
             body: b"{\"a\":1}".to_vec(),
+            deadline_ms: 0,
         };
         assert_eq!(decode_request(&encode_request(&request)), Ok(request));
         let answer = ForwardResponse::error(503, "busy", "a \"quoted\"\nline");
@@ -511,6 +541,7 @@ mod tests {
             path: "/".into(),
             hops: 0,
             body: vec![],
+            deadline_ms: 0,
         });
         trailing.push(0);
         assert!(decode_request(&trailing).unwrap_err().contains("trailing"));

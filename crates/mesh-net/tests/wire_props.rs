@@ -119,6 +119,7 @@ fn forward_request() -> impl Strategy<Value = ForwardRequest> {
             path,
             hops,
             body,
+            deadline_ms: u64::from(hops) << 40,
         })
 }
 
