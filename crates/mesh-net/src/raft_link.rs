@@ -325,12 +325,37 @@ impl RaftLinks {
                 request.len()
             ));
         }
-        let link = self.link(peer).await?;
+        // A link that fails at once (the peer's acceptor was busy and
+        // dropped the new stream, or an old connection died) is opened again,
+        // once: Raft requests are safe to repeat.
+        let started = tokio::time::Instant::now();
+        let first = self.call_on_link(peer, request.clone(), CALL_TIMEOUT).await;
+        match first {
+            Err((e, true)) if started.elapsed() < CALL_TIMEOUT / 2 => {
+                debug!(%peer, error = %e, "the Raft link failed at once; opening it again");
+                let left = CALL_TIMEOUT.saturating_sub(started.elapsed());
+                self.call_on_link(peer, request, left)
+                    .await
+                    .map_err(|(e, _)| e)
+            }
+            other => other.map_err(|(e, _)| e),
+        }
+    }
+
+    /// One exchange on the peer's current link; on failure, whether the
+    /// link itself closed.
+    async fn call_on_link(
+        &self,
+        peer: PeerId,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, (String, bool)> {
+        let link = self.link(peer).await.map_err(|e| (e, false))?;
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         link.pending
             .lock()
-            .map_err(|_| "Raft link poisoned")?
+            .map_err(|_| ("Raft link poisoned".to_owned(), false))?
             .insert(id, tx);
         let frame = Frame {
             id,
@@ -352,16 +377,17 @@ impl RaftLinks {
                 Ok(answer) => answer,
             }
         };
-        match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+        match tokio::time::timeout(timeout, exchange).await {
             Err(_) => {
                 forget();
-                Err(format!(
-                    "Raft RPC to {peer}: no answer within {CALL_TIMEOUT:?}"
+                Err((
+                    format!("Raft RPC to {peer}: no answer within {CALL_TIMEOUT:?}"),
+                    false,
                 ))
             }
             Ok(Err(e)) => {
                 forget();
-                Err(e)
+                Err((e, link.closed.load(Ordering::SeqCst)))
             }
             Ok(Ok(answer)) => Ok(answer),
         }
