@@ -139,9 +139,14 @@ fn sigkill_of_every_voter_under_load_loses_no_acknowledged_write() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut nodes = region_of_three(tmp.path());
     let dir = tmp.path().to_owned();
+    // Set just before the kill: until then a failed write (a retryable 503
+    // while the new group settles, on a loaded machine) is tried again;
+    // after it, the first failure ends the load.
+    let killing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let api = nodes[0].api.clone();
         let dir = dir.clone();
+        let killing = killing.clone();
         std::thread::spawn(move || {
             let target = Node {
                 child: None,
@@ -154,11 +159,19 @@ fn sigkill_of_every_voter_under_load_loses_no_acknowledged_write() {
                 netns: None,
             };
             let mut acknowledged = Vec::new();
-            // Each write unique (its burst); stops at the first failure (the kill).
+            // Each write unique (its burst); stops at the first failure once
+            // the kill has begun.
             for burst in 1000.. {
                 match apply(&target, &dir, burst) {
                     Ok(version) => acknowledged.push((version, burst as u64)),
-                    Err(_) => break,
+                    Err(e) if !killing.load(std::sync::atomic::Ordering::SeqCst) => {
+                        eprintln!("a write before the kill failed, retrying with the next: {e}");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    Err(e) => {
+                        eprintln!("the writer stops after {} writes: {e}", acknowledged.len());
+                        break;
+                    }
                 }
             }
             acknowledged
@@ -167,6 +180,7 @@ fn sigkill_of_every_voter_under_load_loses_no_acknowledged_write() {
     wait_until("some writes are acknowledged", WITHIN, || {
         local_policy(&nodes[2]).is_some_and(|(v, _)| v > 20)
     });
+    killing.store(true, std::sync::atomic::Ordering::SeqCst);
     for n in nodes.iter_mut() {
         n.kill();
     }
