@@ -61,6 +61,11 @@ pub fn inflate_marker(bytes: &mut Vec<u8>) {
     bytes.splice(at..at + 5, huge);
 }
 
+/// Commands waiting for the peer's swarm task; a caller past this waits.
+const COMMAND_QUEUE: usize = 64;
+
+/// For encoding what this peer sends (it decodes nothing from the nodes
+/// with bincode; the nodes' decoders carry the limits under test).
 fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
@@ -302,7 +307,7 @@ pub struct HostilePeer {
     pub keypair: Keypair,
     pub peer_id: PeerId,
     control: libp2p_stream::Control,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
     pub seen: Arc<Mutex<Seen>>,
     // Last: dropped after the handles above.
     rt: Runtime,
@@ -342,7 +347,7 @@ impl HostilePeer {
             let incoming = control.accept(SYNC_PROTOCOL).expect("accept sync");
             rt.spawn(answer_syncs(incoming, answer, seen.clone()));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         rt.spawn(drive(swarm, rx, seen.clone()));
         drop(_guard);
         Self {
@@ -364,7 +369,7 @@ impl HostilePeer {
     pub fn connect(&self, nodes: &[(PeerId, Multiaddr)]) {
         for (peer, addr) in nodes {
             self.commands
-                .send(Command::Dial(*peer, addr.clone()))
+                .blocking_send(Command::Dial(*peer, addr.clone()))
                 .expect("swarm task runs");
         }
         self.wait("connected to every node", |s| {
@@ -394,7 +399,7 @@ impl HostilePeer {
     pub fn publish(&self, data: Vec<u8>) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         self.commands
-            .send(Command::Publish(data, tx))
+            .blocking_send(Command::Publish(data, tx))
             .expect("swarm task runs");
         rx.blocking_recv().expect("an answer")
     }
@@ -470,7 +475,7 @@ impl HostilePeer {
 
 async fn drive(
     mut swarm: Swarm<Hostile>,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut commands: mpsc::Receiver<Command>,
     seen: Arc<Mutex<Seen>>,
 ) {
     let topic = IdentTopic::new(MEMBERS_TOPIC);
