@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{cli, start, wait_until, Node, NodeSpec};
+use common::{cli, start_in, wait_until, Node};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -26,18 +26,6 @@ const WITHIN: Duration = Duration::from_secs(30);
 
 fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agents")
-}
-
-fn start_in(tmp: &Path, name: &str, region: &str, bootstrap: Option<&Node>) -> Node {
-    let dir = tmp.join(name);
-    let config = tmp.join("node.toml");
-    start(&NodeSpec {
-        config: Some(&config),
-        bootstrap: bootstrap
-            .map(|b| vec![b.listen[0].clone()])
-            .unwrap_or_default(),
-        ..NodeSpec::new(name, &dir, region)
-    })
 }
 
 fn ok_json(args: &[&str]) -> Value {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{bin, cli, start, wait_until, write_policy, Node, NodeSpec};
+use common::{bin, cli, start, start_in, wait_until, write_policy, Node, NodeSpec};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -67,18 +67,6 @@ fn apply(node: &Node, file: &Path) -> Output {
         "--api",
         &node.api,
     ])
-}
-
-fn start_in(tmp: &Path, name: &str, region: &str, bootstrap: Option<&Node>) -> Node {
-    let dir = tmp.join(name);
-    let config = tmp.join("node.toml");
-    start(&NodeSpec {
-        config: Some(&config),
-        bootstrap: bootstrap
-            .map(|b| vec![b.listen[0].clone()])
-            .unwrap_or_default(),
-        ..NodeSpec::new(name, &dir, region)
-    })
 }
 
 /// Starts `names` as one eu-west region (the first is everyone's bootstrap

@@ -579,8 +579,9 @@ impl RegionGroup {
 
     /// True once the group has a membership (bootstrapped, or joined as learner).
     pub fn is_bootstrapped(&self) -> bool {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
         let bootstrapped = metrics
+            .borrow()
             .membership_config
             .membership()
             .nodes()
@@ -763,6 +764,20 @@ impl RegionGroup {
             }
         }
         (v, l)
+    }
+
+    /// Whether `peer_id` is a voter (`Some(true)`) or a learner
+    /// (`Some(false)`) of the group as this node's log knows it; `None` if
+    /// neither. Reads the metrics in place (it runs for every inbound RPC).
+    pub fn role_of(&self, peer_id: &str) -> Option<bool> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let id = node_id_of(peer_id);
+        membership
+            .get_node(&id)
+            .filter(|n| n.peer_id == peer_id)
+            .map(|_| membership.voter_ids().any(|v| v == id))
     }
 
     /// Checks a snapshot chunk before openraft writes it (issue 12, finding

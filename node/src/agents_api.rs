@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use consensus::{AgentEntry, GroupError, RegionResponse, RegionState};
+use consensus::{AgentEntry, RegionResponse, RegionState};
 use mesh_agent::manifest::{self, ModelInfo};
 use mesh_types::agent::Manifest;
 use mesh_types::{MemberState, MemberView};
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, ApiState};
 use crate::regions_api::{
-    error, forward_to_leader, forward_to_region, group_error, not_bootstrapped, parse_region,
+    error, forward_to_region, group_error, not_bootstrapped, on_leader, parse_region,
 };
 
 /// Answer of a deploy.
@@ -129,25 +129,8 @@ pub async fn deploy(
     if region != state.region {
         return forward_to_region(&state, &headers, &region, Method::POST, &path, json).await;
     }
-    if !state.group.is_bootstrapped() {
-        return Err(not_bootstrapped(&region));
-    }
-    if !state.group.is_leader() {
-        return match state.group.leader() {
-            Some(leader) => {
-                forward_to_leader(
-                    &state,
-                    &headers,
-                    &region,
-                    &leader,
-                    Method::POST,
-                    &path,
-                    json,
-                )
-                .await
-            }
-            None => Err(group_error(&region, GroupError::NotLeader { leader: None })),
-        };
+    if let Some(answer) = on_leader(&state, &headers, &region, Method::POST, &path, json).await {
+        return answer;
     }
     let local = state.group.local_state();
     let datasets: Vec<String> = local.datasets.keys().cloned().collect();
@@ -249,25 +232,8 @@ pub async fn remove(
     if region != state.region {
         return forward_to_region(&state, &headers, &region, Method::DELETE, &path, None).await;
     }
-    if !state.group.is_bootstrapped() {
-        return Err(not_bootstrapped(&region));
-    }
-    if !state.group.is_leader() {
-        return match state.group.leader() {
-            Some(leader) => {
-                forward_to_leader(
-                    &state,
-                    &headers,
-                    &region,
-                    &leader,
-                    Method::DELETE,
-                    &path,
-                    None,
-                )
-                .await
-            }
-            None => Err(group_error(&region, GroupError::NotLeader { leader: None })),
-        };
+    if let Some(answer) = on_leader(&state, &headers, &region, Method::DELETE, &path, None).await {
+        return answer;
     }
     let command = consensus::RegionCommand::RemoveAgent(agent.clone());
     match state.group.propose(command).await {

@@ -15,14 +15,14 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use consensus::{Dataset, GroupError, RegionResponse};
+use consensus::{Dataset, RegionResponse};
 use mesh_store::{Column, Durability, Store, WriteOp};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, ApiState};
 use crate::models::Service;
 use crate::regions_api::{
-    error, forward_to_leader, forward_to_region, group_error, not_bootstrapped, parse_region,
+    error, forward_to_region, group_error, not_bootstrapped, on_leader, parse_region,
 };
 
 /// Most documents in one dataset (exact search stays fast up to here).
@@ -86,6 +86,25 @@ pub fn check_document(doc: &Document) -> Result<(), String> {
         return Err(format!(
             "document {}: metadata of {metadata} bytes, more than {METADATA_MAX}",
             doc.id
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what a node registers (it may come from another node): its
+/// name, its tags, and the sizes of what the region will store.
+fn check_dataset(dataset: &Dataset) -> Result<(), ApiError> {
+    check_name(&dataset.name)?;
+    let tags_ok = dataset.tags.len() <= crate::tasks::TAGS_MAX
+        && dataset.tags.iter().all(|t| !t.is_empty() && t.len() <= 64);
+    if !tags_ok || dataset.node.len() > ID_MAX || dataset.embed_model_sha256.len() > 64 {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_dataset",
+            format!(
+                "a dataset has at most {} tags of 1 to 64 characters, a peer id and a sha256",
+                crate::tasks::TAGS_MAX
+            ),
         ));
     }
     Ok(())
@@ -295,18 +314,6 @@ pub async fn register(
     Json(request): Json<RegisterRequest>,
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
-    if request.tags.len() > crate::tasks::TAGS_MAX
-        || request.tags.iter().any(|t| t.is_empty() || t.len() > 64)
-    {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_tags",
-            format!(
-                "at most {} tags of 1 to 64 characters",
-                crate::tasks::TAGS_MAX
-            ),
-        ));
-    }
     let documents = count(&*state.tasks.store(), &name)?;
     if documents == 0 {
         return Err(error(
@@ -335,17 +342,10 @@ async fn add_dataset(
     dataset: Dataset,
     path: &str,
 ) -> Result<Response, ApiError> {
-    if !state.group.is_bootstrapped() {
-        return Err(not_bootstrapped(region));
-    }
-    if !state.group.is_leader() {
-        let json = serde_json::to_value(&dataset).ok();
-        return match state.group.leader() {
-            Some(leader) => {
-                forward_to_leader(state, headers, region, &leader, Method::POST, path, json).await
-            }
-            None => Err(group_error(region, GroupError::NotLeader { leader: None })),
-        };
+    check_dataset(&dataset)?;
+    let json = serde_json::to_value(&dataset).ok();
+    if let Some(answer) = on_leader(state, headers, region, Method::POST, path, json).await {
+        return answer;
     }
     let name = dataset.name.clone();
     // One holder per name: another node cannot take a dataset over (and the

@@ -103,8 +103,7 @@ pub async fn serve_rpcs(
     while let Some(rpc) = inbound.recv().await {
         let from = rpc.from.to_base58();
         if !may_send_raft(&group, &network, &region, &rpc.from, &from).await {
-            let (_, learners) = group.members();
-            if learners.contains(&from)
+            if group.role_of(&from) == Some(false)
                 && warned.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(60))
             {
                 // A learner does not send Raft RPCs: it was promoted and this
@@ -138,12 +137,10 @@ async fn may_send_raft(
     peer: &PeerId,
     peer_id: &str,
 ) -> bool {
-    let (voters, learners) = group.members();
-    if voters.iter().any(|m| m == peer_id) {
-        return true;
-    }
-    if !voters.is_empty() || !learners.is_empty() {
-        return false;
+    match group.role_of(peer_id) {
+        Some(voter) => return voter,
+        None if group.is_bootstrapped() => return false,
+        None => {}
     }
     matches!(
         network.member(peer).await,

@@ -332,6 +332,31 @@ async fn peer_in_region(
         })
 }
 
+/// A write of this region: `None` when this node leads and makes it
+/// itself, else the leader's answer (forwarded, at most the usual hops) or
+/// why there is none. Every write route starts with this.
+pub(crate) async fn on_leader(
+    state: &ApiState,
+    headers: &HeaderMap,
+    region: &Region,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Option<Result<Response, ApiError>> {
+    if !state.group.is_bootstrapped() {
+        return Some(Err(not_bootstrapped(region)));
+    }
+    if state.group.is_leader() {
+        return None;
+    }
+    Some(match state.group.leader() {
+        Some(leader) if hops(headers) < FORWARD_HOPS_MAX => {
+            forward_to_leader(state, headers, region, &leader, method, path, body).await
+        }
+        _ => Err(group_error(region, GroupError::NotLeader { leader: None })),
+    })
+}
+
 pub(crate) fn not_bootstrapped(region: &Region) -> ApiError {
     error(
         StatusCode::CONFLICT,
@@ -583,25 +608,8 @@ pub async fn remove_member(
     if region != state.region {
         return forward_to_region(&state, &headers, &region, Method::DELETE, &path, None).await;
     }
-    if !state.group.is_bootstrapped() {
-        return Err(not_bootstrapped(&region));
-    }
-    if !state.group.is_leader() {
-        return match state.group.leader() {
-            Some(leader) if hops(&headers) < FORWARD_HOPS_MAX => {
-                forward_to_leader(
-                    &state,
-                    &headers,
-                    &region,
-                    &leader,
-                    Method::DELETE,
-                    &path,
-                    None,
-                )
-                .await
-            }
-            _ => Err(group_error(&region, GroupError::NotLeader { leader: None })),
-        };
+    if let Some(answer) = on_leader(&state, &headers, &region, Method::DELETE, &path, None).await {
+        return answer;
     }
     match state.group.remove_member(&peer).await {
         Ok(()) => {

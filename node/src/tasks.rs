@@ -22,9 +22,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use consensus::Dataset;
 use mesh_agent::audit::{self, AuditRecord, Chain, SealedRecord};
 use mesh_store::{Column, Durability, Store, WriteOp};
-use mesh_types::agent::AgentKind;
+use mesh_types::agent::{AgentKind, Manifest};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, ApiState};
@@ -54,6 +55,79 @@ pub const RAG_DOCUMENTS: usize = 3;
 pub const SESSION_TURNS_MAX: usize = 8;
 /// New tokens of a generated answer at most.
 pub const ANSWER_TOKENS_MAX: usize = 96;
+
+/// Where a forwarded task says it entered decides where its result may go
+/// (residency), so it is checked against the node that forwarded it: the
+/// entry node itself, whose region the gossip view knows, or a node of this
+/// region's group relaying it.
+async fn check_entry(state: &ApiState, by: &str, run: &TaskRun) -> Result<(), ApiError> {
+    let refused = |why: String| Err(error(StatusCode::FORBIDDEN, "bad_entry", why));
+    if by != run.entry_node {
+        if state.group.role_of(by).is_none() {
+            return refused(format!(
+                "{by} relayed a task entered at {} but is not a member of region {}'s group",
+                run.entry_node, state.region
+            ));
+        }
+        return Ok(());
+    }
+    let peer: libp2p::PeerId = match by.parse() {
+        Ok(p) => p,
+        Err(_) => return refused(format!("{by:?} is not a peer id")),
+    };
+    match state.network.member(&peer).await? {
+        Some((_, record)) if record.region.as_str() == run.entry_region => Ok(()),
+        Some((_, record)) => refused(format!(
+            "{by} says the task entered in {}, but it is a node of {}",
+            run.entry_region, record.region
+        )),
+        None => refused(format!("{by} is not a member of the mesh")),
+    }
+}
+
+/// The embedding of `text` by this node's embedding model.
+async fn embed_here(state: &ApiState, text: &str) -> Result<Vec<f32>, ApiError> {
+    let (_, embedder) = crate::datasets::embedder(state)?;
+    Ok(embedder
+        .embed(vec![text.to_owned()])
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string()))?
+        .pop()
+        .unwrap_or_default())
+}
+
+/// The `k` documents of the agent's dataset nearest `query`: the dataset
+/// must be registered, and on this node (the agent moves to its data).
+async fn search_here(
+    state: &ApiState,
+    dataset: Option<&Dataset>,
+    manifest: &Manifest,
+    query: &str,
+    k: usize,
+) -> Result<Vec<crate::datasets::Hit>, ApiError> {
+    let dataset = dataset.ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "dataset_not_registered",
+            format!(
+                "dataset {:?} is not registered in region {} yet",
+                manifest.dataset, state.region
+            ),
+        )
+    })?;
+    if dataset.node != state.peer_id {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "data_elsewhere",
+            format!(
+                "dataset {} is on node {}; the agent is being moved there, retry shortly",
+                dataset.name, dataset.node
+            ),
+        ));
+    }
+    let query = embed_here(state, query).await?;
+    crate::datasets::search(&*state.tasks.store(), &dataset.name, &query, k)
+}
 
 /// A conversation: (user, assistant) turns, oldest first.
 type Turns = Vec<(String, String)>;
@@ -319,6 +393,13 @@ fn check_request(request: &TaskRequest) -> Result<(), ApiError> {
             "at most {TAGS_MAX} tags of 1 to {TAG_LEN_MAX} characters"
         ));
     }
+    if request
+        .session
+        .as_ref()
+        .is_some_and(|s| s.is_empty() || s.len() > TASK_ID_MAX)
+    {
+        problems.push(format!("a session id has 1 to {TASK_ID_MAX} characters"));
+    }
     if let Some(id) = &request.task_id {
         let ok = !id.is_empty()
             && id.len() <= TASK_ID_MAX
@@ -396,8 +477,13 @@ pub async fn submit(
         trace_id: new_id(),
     };
     let body = serde_json::to_value(&run).ok();
-    // The agent's region: this node's own first, then the others it sees.
-    let mut regions = vec![state.region.clone()];
+    // The agent's region: this node's own first, then the others it sees
+    // (the view is read only when this region does not deploy it).
+    let mut tried = Vec::new();
+    let own = run_in_region(&state, &headers, &state.region, run.clone()).await;
+    if let Some(answer) = settle(&state, own, &state.region, &mut tried).await {
+        return answer;
+    }
     let members = state.network.snapshot().await?.members;
     let mut others: Vec<_> = members
         .iter()
@@ -406,25 +492,12 @@ pub async fn submit(
         .collect();
     others.sort();
     others.dedup();
-    regions.extend(others);
-    let mut tried = Vec::new();
-    for region in regions {
+    for region in others {
         let path = format!("/v1/regions/{region}/tasks");
-        let response = if region == state.region {
-            run_in_region(&state, &headers, &region, run.clone()).await
-        } else {
-            forward_to_region(&state, &headers, &region, Method::POST, &path, body.clone()).await
-        };
-        match response {
-            // Not deployed there, or no group there: the next region.
-            Ok(r) if r.status() == StatusCode::NOT_FOUND || r.status() == StatusCode::CONFLICT => {
-                tried.push(region.to_string());
-            }
-            Err(e) if e.status() == StatusCode::NOT_FOUND || e.status() == StatusCode::CONFLICT => {
-                tried.push(region.to_string());
-            }
-            Ok(r) => return Ok(remember_answer(&state, r).await),
-            Err(e) => return Err(e),
+        let response =
+            forward_to_region(&state, &headers, &region, Method::POST, &path, body.clone()).await;
+        if let Some(answer) = settle(&state, response, &region, &mut tried).await {
+            return answer;
         }
     }
     let known: Vec<String> = state.group.local_state().agents.keys().cloned().collect();
@@ -443,6 +516,31 @@ pub async fn submit(
             }
         ),
     ))
+}
+
+/// A region's answer to a task: final (relayed, a success kept at the
+/// entry node), or `None` when the region does not deploy the agent or has
+/// no group (the next region is asked; `tried` names it).
+async fn settle(
+    state: &ApiState,
+    response: Result<Response, ApiError>,
+    region: &mesh_types::Region,
+    tried: &mut Vec<String>,
+) -> Option<Result<Response, ApiError>> {
+    let not_here =
+        |status: StatusCode| status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT;
+    match response {
+        Ok(r) if not_here(r.status()) => {
+            tried.push(region.to_string());
+            None
+        }
+        Err(e) if not_here(e.status()) => {
+            tried.push(region.to_string());
+            None
+        }
+        Ok(r) => Some(Ok(remember_answer(state, r).await)),
+        Err(e) => Some(Err(e)),
+    }
 }
 
 /// Keeps a copy of a successful answer at the entry node and relays it.
@@ -470,12 +568,16 @@ async fn remember_answer(state: &ApiState, response: Response) -> Response {
 pub async fn region_task(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    forwarded_by: Option<axum::Extension<crate::api::ForwardedBy>>,
     headers: HeaderMap,
     Json(run): Json<TaskRun>,
 ) -> Result<Response, ApiError> {
     let state = for_tasks(&state);
     let region = parse_region(&name)?;
     check_request(&run.request)?;
+    if let Some(by) = forwarded_by {
+        check_entry(&state, &by.0 .0, &run).await?;
+    }
     if region != state.region {
         let path = format!("/v1/regions/{region}/tasks");
         let body = serde_json::to_value(&run).ok();
@@ -705,45 +807,18 @@ async fn run_here(
     let output = match manifest.kind {
         AgentKind::Echo => serde_json::Value::String(request.input.clone()),
         AgentKind::Search => {
-            let dataset = dataset.as_ref().ok_or_else(|| {
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "dataset_not_registered",
-                    format!(
-                        "dataset {:?} is not registered in region {} yet",
-                        manifest.dataset, state.region
-                    ),
-                )
-            })?;
-            if dataset.node != state.peer_id {
-                return Err(error(
-                    StatusCode::CONFLICT,
-                    "data_elsewhere",
-                    format!(
-                        "dataset {} is on node {}; the agent is being moved there, retry shortly",
-                        dataset.name, dataset.node
-                    ),
-                ));
-            }
-            let (_, embedder) = crate::datasets::embedder(state)?;
-            let query = embedder
-                .embed(vec![request.input.clone()])
-                .await
-                .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string()))?
-                .pop()
-                .unwrap_or_default();
-            let store = state.tasks.store();
-            let hits = crate::datasets::search(&*store, &dataset.name, &query, SEARCH_TOP_K)?;
+            let hits = search_here(
+                state,
+                dataset.as_ref(),
+                &manifest,
+                &request.input,
+                SEARCH_TOP_K,
+            )
+            .await?;
             serde_json::json!({ "hits": hits })
         }
         AgentKind::Embed => {
-            let (_, embedder) = crate::datasets::embedder(state)?;
-            let vector = embedder
-                .embed(vec![request.input.clone()])
-                .await
-                .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string()))?
-                .pop()
-                .unwrap_or_default();
+            let vector = embed_here(state, &request.input).await?;
             serde_json::json!({ "dims": vector.len(), "vector": vector })
         }
         AgentKind::Generate => {
@@ -760,35 +835,14 @@ async fn run_here(
             serde_json::Value::String(text)
         }
         AgentKind::Rag => {
-            let dataset = dataset.as_ref().ok_or_else(|| {
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "dataset_not_registered",
-                    format!(
-                        "dataset {:?} is not registered in region {} yet",
-                        manifest.dataset, state.region
-                    ),
-                )
-            })?;
-            if dataset.node != state.peer_id {
-                return Err(error(
-                    StatusCode::CONFLICT,
-                    "data_elsewhere",
-                    format!(
-                        "dataset {} is on node {}; the agent is being moved there, retry shortly",
-                        dataset.name, dataset.node
-                    ),
-                ));
-            }
-            let (_, embedder) = crate::datasets::embedder(state)?;
-            let query = embedder
-                .embed(vec![request.input.clone()])
-                .await
-                .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string()))?
-                .pop()
-                .unwrap_or_default();
-            let store = state.tasks.store();
-            let hits = crate::datasets::search(&*store, &dataset.name, &query, RAG_DOCUMENTS)?;
+            let hits = search_here(
+                state,
+                dataset.as_ref(),
+                &manifest,
+                &request.input,
+                RAG_DOCUMENTS,
+            )
+            .await?;
             let context: String = hits
                 .iter()
                 .map(|h| format!("[{}] {}\n", h.id, h.text))

@@ -123,6 +123,20 @@ pub fn start(spec: &NodeSpec<'_>) -> Node {
     }
 }
 
+/// Starts node `name` of `region` with data in `tmp/name` and the config
+/// file `tmp/node.toml`, joining through `bootstrap` if given.
+pub fn start_in(tmp: &Path, name: &str, region: &str, bootstrap: Option<&Node>) -> Node {
+    let dir = tmp.join(name);
+    let config = tmp.join("node.toml");
+    start(&NodeSpec {
+        config: Some(&config),
+        bootstrap: bootstrap
+            .map(|b| vec![b.listen[0].clone()])
+            .unwrap_or_default(),
+        ..NodeSpec::new(name, &dir, region)
+    })
+}
+
 /// A command running the binary under test, inside `netns` if given.
 pub fn in_netns(netns: Option<&str>) -> Command {
     match netns {

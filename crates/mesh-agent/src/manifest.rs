@@ -12,6 +12,11 @@ use mesh_types::Region;
 /// Longest manifest file accepted.
 pub const MANIFEST_BYTES_MAX: usize = 16 * 1024;
 
+/// Most models one manifest lists.
+pub const MODELS_MAX: usize = 16;
+/// Most regions one manifest lists.
+pub const REGIONS_MAX: usize = 64;
+
 /// What the registry says of a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelInfo {
@@ -67,6 +72,11 @@ pub fn check(
         problems.push(format!(
             "version {:?}: give a version of 1 to {NAME_MAX} characters",
             manifest.version
+        ));
+    }
+    if manifest.models.len() > MODELS_MAX || manifest.regions.len() > REGIONS_MAX {
+        problems.push(format!(
+            "a manifest lists at most {MODELS_MAX} models and {REGIONS_MAX} regions"
         ));
     }
     if manifest.regions.is_empty() {

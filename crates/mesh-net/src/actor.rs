@@ -886,15 +886,20 @@ impl NetworkActor {
             Event::Record(r) | Event::SyncedRecord { record: r, .. } => (r.node_id.clone(), r.seq),
             _ => return,
         };
+        // Every announcement (twice a second per member) lands here: the
+        // address book is updated only when a member's addresses change.
+        let before = self.membership.record(&node).map(|r| r.addrs.clone());
         let commands = self.membership.handle(event, unix_now_ms());
         self.execute(commands);
         if let Some(record) = self.membership.record(&node).filter(|r| r.seq == seq) {
-            if let Ok(peer) = node.0.parse::<PeerId>() {
-                let addrs = record.addrs.clone();
-                self.swarm
-                    .behaviour_mut()
-                    .admission
-                    .set_addresses(peer, &addrs);
+            if before.as_ref() != Some(&record.addrs) {
+                if let Ok(peer) = node.0.parse::<PeerId>() {
+                    let addrs = record.addrs.clone();
+                    self.swarm
+                        .behaviour_mut()
+                        .admission
+                        .set_addresses(peer, &addrs);
+                }
             }
             self.envelopes.insert(node, sealed.to_vec());
         }
