@@ -36,7 +36,7 @@ pub use batcher::PolicyApplied;
 pub use group::{GroupError, RaftSettings, RegionGroup, RegionStatus};
 pub use log_store::LogStore;
 pub use log_sync::LogSync;
-pub use state_machine::{AgentEntry, RegionState, RegionStateMachine};
+pub use state_machine::{AgentEntry, Claim, Claims, RegionState, RegionStateMachine};
 pub use types::{Dataset, Lease, RegionCommand, RegionNode, RegionResponse, TypeConfig};
 
 #[cfg(test)]

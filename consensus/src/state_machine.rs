@@ -23,6 +23,17 @@ use crate::types::{Dataset, Lease, NodeId, RegionCommand, RegionNode, RegionResp
 
 const STATE: &[u8] = b"state";
 const SNAPSHOT: &[u8] = b"current";
+/// Claims are kept one key each (`claim\0` + the claim's log index,
+/// big-endian) beside the state, so applying a claim writes one key, not
+/// the whole claim window, and forgetting the oldest is one range delete.
+const CLAIM_PREFIX: &[u8] = b"claim\0";
+const CLAIM_END: &[u8] = b"claim\x01";
+
+fn claim_key(index: u64) -> Vec<u8> {
+    let mut key = CLAIM_PREFIX.to_vec();
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -44,6 +55,188 @@ pub struct RegionState {
     /// The last epoch of each removed agent: deployed again, it goes on
     /// from there, so an epoch is never reused for a name.
     pub retired_epochs: BTreeMap<String, u64>,
+    /// Task ids claimed by their hosts, in the claim window.
+    pub claims: Claims,
+}
+
+/// Claims kept at most per region (the oldest is forgotten first).
+pub const CLAIMS_MAX: usize = 50_000;
+/// Claims are kept this long, by the newest claim's clock.
+pub const CLAIMS_KEPT_MS: u64 = 10 * 60 * 1000;
+
+/// One claimed task id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The agent.
+    pub agent: String,
+    /// The host that claimed it.
+    pub node: String,
+    /// The lease epoch it ran under.
+    pub epoch: u64,
+    /// The log index of the claim.
+    pub index: u64,
+    /// The host's clock at the claim.
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct ClaimTable {
+    by_id: BTreeMap<String, Claim>,
+    /// Task ids by claim index: the oldest first, to forget.
+    order: BTreeMap<u64, String>,
+    /// The newest claim's clock.
+    newest_ms: u64,
+}
+
+/// The task ids the region's hosts claimed before running them, for the
+/// last [`CLAIMS_KEPT_MS`] and at most [`CLAIMS_MAX`]: within that window
+/// a task id runs once in its region, wherever its agent moves. Shared
+/// (copy on write), so reading the region state does not copy it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims(Arc<ClaimTable>);
+
+impl Claims {
+    /// The claim of `task_id`, if it is in the window.
+    pub fn get(&self, task_id: &str) -> Option<&Claim> {
+        self.0.by_id.get(task_id)
+    }
+
+    /// Claims held.
+    pub fn len(&self) -> usize {
+        self.0.by_id.len()
+    }
+
+    /// True when none is held.
+    pub fn is_empty(&self) -> bool {
+        self.0.by_id.is_empty()
+    }
+
+    /// Every claim, by task id.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Claim)> {
+        self.0.by_id.iter()
+    }
+
+    /// The oldest and the newest claim's log index.
+    fn bounds(&self) -> (Option<u64>, Option<u64>) {
+        (
+            self.0.order.keys().next().copied(),
+            self.0.order.keys().next_back().copied(),
+        )
+    }
+
+    /// The writes that turn the stored claims, whose bounds were `before`,
+    /// into these: claims past the newest are new, and claims are
+    /// forgotten oldest first.
+    fn changes_since(
+        &self,
+        before: (Option<u64>, Option<u64>),
+    ) -> Result<Vec<WriteOp>, codec::CodecError> {
+        let mut ops = Vec::new();
+        let (first_now, _) = self.bounds();
+        if let Some(first_before) = before.0 {
+            let kept_from = first_now.unwrap_or(u64::MAX);
+            if kept_from > first_before {
+                ops.push(WriteOp::DeleteRange {
+                    column: Column::StateMachine,
+                    from: claim_key(first_before),
+                    to: claim_key(kept_from),
+                });
+            }
+        }
+        let added = match before.1 {
+            Some(i) => self.0.order.range(i.saturating_add(1)..),
+            None => self.0.order.range(..),
+        };
+        for (index, id) in added {
+            if let Some(claim) = self.0.by_id.get(id) {
+                ops.push(WriteOp::Put {
+                    column: Column::StateMachine,
+                    key: claim_key(*index),
+                    value: codec::encode(&(id, claim))?,
+                });
+            }
+        }
+        Ok(ops)
+    }
+
+    /// The writes that store exactly these claims.
+    fn rewrite(&self) -> Result<Vec<WriteOp>, codec::CodecError> {
+        let mut ops = vec![WriteOp::DeleteRange {
+            column: Column::StateMachine,
+            from: CLAIM_PREFIX.to_vec(),
+            to: CLAIM_END.to_vec(),
+        }];
+        for (index, id) in &self.0.order {
+            if let Some(claim) = self.0.by_id.get(id) {
+                ops.push(WriteOp::Put {
+                    column: Column::StateMachine,
+                    key: claim_key(*index),
+                    value: codec::encode(&(id, claim))?,
+                });
+            }
+        }
+        Ok(ops)
+    }
+
+    /// The claims stored in `store`.
+    fn load(store: &dyn Store) -> Result<Self, String> {
+        let mut table = ClaimTable::default();
+        let mut failed = None;
+        store
+            .scan(
+                Column::StateMachine,
+                CLAIM_PREFIX,
+                Some(CLAIM_END),
+                &mut |k, v| match codec::decode::<(String, Claim)>(v) {
+                    Ok((id, claim)) => {
+                        table.newest_ms = table.newest_ms.max(claim.at_ms);
+                        table.order.insert(claim.index, id.clone());
+                        table.by_id.insert(id, claim);
+                        true
+                    }
+                    Err(e) => {
+                        failed = Some(format!("the stored claim {k:?} is unreadable: {e}"));
+                        false
+                    }
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(Self(Arc::new(table))),
+        }
+    }
+
+    fn insert(&mut self, task_id: String, claim: Claim) {
+        let table = Arc::make_mut(&mut self.0);
+        table.newest_ms = table.newest_ms.max(claim.at_ms);
+        table.order.insert(claim.index, task_id.clone());
+        table.by_id.insert(task_id, claim);
+        while let Some((&index, id)) = table.order.iter().next() {
+            let expired = table
+                .by_id
+                .get(id)
+                .is_some_and(|c| c.at_ms.saturating_add(CLAIMS_KEPT_MS) < table.newest_ms);
+            if table.by_id.len() <= CLAIMS_MAX && !expired {
+                break;
+            }
+            let id = id.clone();
+            table.order.remove(&index);
+            table.by_id.remove(&id);
+        }
+    }
+}
+
+impl Serialize for Claims {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Claims {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Self(Arc::new(ClaimTable::deserialize(deserializer)?)))
+    }
 }
 
 /// An agent deployed to the region.
@@ -110,6 +303,38 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
                 RegionResponse::LeaseGranted { epoch }
             }
         },
+        RegionCommand::ClaimTask {
+            agent,
+            task_id,
+            node,
+            epoch,
+            at_ms,
+        } => {
+            if let Some(claim) = state.claims.get(&task_id) {
+                return RegionResponse::TaskAlreadyClaimed {
+                    node: claim.node.clone(),
+                    epoch: claim.epoch,
+                };
+            }
+            let lease = state.agents.get(&agent).and_then(|e| e.lease.clone());
+            if !lease
+                .as_ref()
+                .is_some_and(|l| l.node == node && l.epoch == epoch)
+            {
+                return RegionResponse::ClaimRefused { lease };
+            }
+            state.claims.insert(
+                task_id,
+                Claim {
+                    agent,
+                    node,
+                    epoch,
+                    index,
+                    at_ms,
+                },
+            );
+            RegionResponse::TaskClaimed { index }
+        }
     }
 }
 
@@ -132,21 +357,47 @@ struct RegionStateV1 {
     policy_version: u64,
 }
 
-/// Decodes a stored region state, of this build or of the one before
-/// (which had no agents or datasets), so a node's store survives the upgrade.
+/// The region state as builds before task claims stored it.
+#[derive(Deserialize)]
+struct RegionStateV2 {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, RegionNode>,
+    policy: Option<Policy>,
+    policy_version: u64,
+    agents: BTreeMap<String, AgentEntry>,
+    datasets: BTreeMap<String, Dataset>,
+    retired_epochs: BTreeMap<String, u64>,
+}
+
+/// Decodes a stored region state, of this build or of the two before
+/// (the first had no agents or datasets, the second no task claims), so a
+/// node's store survives the upgrade.
 fn decode_state(bytes: &[u8]) -> Result<RegionState, codec::CodecError> {
-    match codec::decode::<RegionState>(bytes) {
-        Ok(state) => Ok(state),
-        Err(e) => match codec::decode::<RegionStateV1>(bytes) {
-            Ok(v1) => Ok(RegionState {
-                last_applied: v1.last_applied,
-                membership: v1.membership,
-                policy: v1.policy,
-                policy_version: v1.policy_version,
-                ..RegionState::default()
-            }),
-            Err(_) => Err(e),
-        },
+    let e = match codec::decode::<RegionState>(bytes) {
+        Ok(state) => return Ok(state),
+        Err(e) => e,
+    };
+    if let Ok(v2) = codec::decode::<RegionStateV2>(bytes) {
+        return Ok(RegionState {
+            last_applied: v2.last_applied,
+            membership: v2.membership,
+            policy: v2.policy,
+            policy_version: v2.policy_version,
+            agents: v2.agents,
+            datasets: v2.datasets,
+            retired_epochs: v2.retired_epochs,
+            ..RegionState::default()
+        });
+    }
+    match codec::decode::<RegionStateV1>(bytes) {
+        Ok(v1) => Ok(RegionState {
+            last_applied: v1.last_applied,
+            membership: v1.membership,
+            policy: v1.policy,
+            policy_version: v1.policy_version,
+            ..RegionState::default()
+        }),
+        Err(_) => Err(e),
     }
 }
 
@@ -193,6 +444,9 @@ impl RegionStateMachine {
             Some(bytes) => decode_state(&bytes).map_err(sm_read_err)?,
             None => RegionState::default(),
         };
+        // The claims of the saved state are kept one key each beside it,
+        // written in the same batches.
+        state.claims = Claims::load(&*store).map_err(sm_read_err)?;
         if let Some(bytes) = store.get(Column::Snapshot, SNAPSHOT).map_err(sm_read_err)? {
             let stored: StoredSnapshot = codec::decode(&bytes).map_err(sm_read_err)?;
             if stored.meta.last_log_id > state.last_applied {
@@ -200,6 +454,10 @@ impl RegionStateMachine {
                     decode_state(&stored.data).map_err(sm_read_err)?;
                 from_snapshot.last_applied = stored.meta.last_log_id;
                 from_snapshot.membership = stored.meta.last_membership;
+                // The claim keys belong to the older state: store the
+                // snapshot's before anything is applied on top of it.
+                let ops = from_snapshot.claims.rewrite().map_err(sm_write_err)?;
+                store.write(ops, Durability::Sync).map_err(sm_write_err)?;
                 state = from_snapshot;
             }
         }
@@ -239,17 +497,25 @@ impl RegionStateMachine {
         }
     }
 
+    /// Stores `state` (its claims as `claims` says: one key each) with
+    /// `extra`, then makes it the applied state.
     async fn replace_state(
         &self,
         state: RegionState,
+        claims: Vec<WriteOp>,
         extra: Vec<WriteOp>,
         durability: Durability,
     ) -> StorageResult<()> {
+        let without_claims = RegionState {
+            claims: Claims::default(),
+            ..state.clone()
+        };
         let mut ops = vec![WriteOp::Put {
             column: Column::StateMachine,
             key: STATE.to_vec(),
-            value: codec::encode(&state).map_err(sm_write_err)?,
+            value: codec::encode(&without_claims).map_err(sm_write_err)?,
         }];
+        ops.extend(claims);
         ops.extend(extra);
         self.write(ops, durability).await.map_err(sm_write_err)?;
         let mut guard = self
@@ -313,6 +579,15 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut state = self.state();
+        let claims_before = state.claims.bounds();
+        // The applied state lets go of its claims while this batch applies,
+        // so that adding one does not copy the whole window (copy on
+        // write): a reader meanwhile sees the claims as none. Nothing
+        // decides on the applied state's claims; a claim is answered by
+        // its own apply.
+        if let Ok(mut applied) = self.state.write() {
+            applied.claims = Claims::default();
+        }
         let mut responses = Vec::new();
         for entry in entries {
             state.last_applied = Some(entry.log_id);
@@ -332,7 +607,11 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
         // log, and openraft re-applies the committed entries after it (a
         // follower purges its log only once an installed snapshot is durable:
         // see install_snapshot and vendor/README.md).
-        self.replace_state(state, Vec::new(), Durability::Buffered)
+        let claims = state
+            .claims
+            .changes_since(claims_before)
+            .map_err(sm_write_err)?;
+        self.replace_state(state, claims, Vec::new(), Durability::Buffered)
             .await?;
         Ok(responses)
     }
@@ -351,7 +630,7 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
-        let mut state: RegionState = codec::decode(&data).map_err(snapshot_err)?;
+        let mut state: RegionState = decode_state(&data).map_err(snapshot_err)?;
         #[cfg(feature = "planted-bugs")]
         {
             use crate::group::planted::{on, INSTALL_FAILS};
@@ -375,7 +654,8 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
         // leader once this returns, and purges the log the snapshot covers;
         // after a crash the node must resume from this snapshot, never from
         // an older state with the log it needs purged (issue 11, bug 3).
-        self.replace_state(state, vec![snapshot_op], Durability::Sync)
+        let claims = state.claims.rewrite().map_err(snapshot_err)?;
+        self.replace_state(state, claims, vec![snapshot_op], Durability::Sync)
             .await
     }
 
@@ -534,5 +814,167 @@ mod command_tests {
         // Policy writes still work alongside.
         apply_command(&mut state, 11, RegionCommand::SetPolicy(Policy::default()));
         assert_eq!(state.policy_version, 11);
+    }
+
+    fn claim(task: &str, node: &str, epoch: u64, at_ms: u64) -> RegionCommand {
+        RegionCommand::ClaimTask {
+            agent: "echo".into(),
+            task_id: task.into(),
+            node: node.into(),
+            epoch,
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn a_task_id_is_claimed_once_and_only_by_the_lease_holder() {
+        let mut state = RegionState::default();
+        apply_command(
+            &mut state,
+            1,
+            RegionCommand::DeployAgent(manifest("echo", "1")),
+        );
+        assert!(matches!(
+            apply_command(&mut state, 2, claim("t1", "a", 1, 0)),
+            RegionResponse::ClaimRefused { lease: None }
+        ));
+        apply_command(&mut state, 3, grant("echo", "a", 0));
+        assert_eq!(
+            apply_command(&mut state, 4, claim("t1", "a", 1, 0)),
+            RegionResponse::TaskClaimed { index: 4 }
+        );
+        // The host's own retry is told it holds the claim.
+        assert_eq!(
+            apply_command(&mut state, 5, claim("t1", "a", 1, 0)),
+            RegionResponse::TaskAlreadyClaimed {
+                node: "a".into(),
+                epoch: 1
+            }
+        );
+        // The agent moves; the old host is fenced off, and the new one
+        // does not run what the old one claimed.
+        apply_command(&mut state, 6, grant("echo", "b", 1));
+        assert!(matches!(
+            apply_command(&mut state, 7, claim("t2", "a", 1, 0)),
+            RegionResponse::ClaimRefused {
+                lease: Some(Lease { epoch: 2, .. })
+            }
+        ));
+        assert_eq!(
+            apply_command(&mut state, 8, claim("t1", "b", 2, 0)),
+            RegionResponse::TaskAlreadyClaimed {
+                node: "a".into(),
+                epoch: 1
+            }
+        );
+        assert_eq!(
+            apply_command(&mut state, 9, claim("t2", "b", 2, 0)),
+            RegionResponse::TaskClaimed { index: 9 }
+        );
+    }
+
+    #[test]
+    fn claims_are_forgotten_past_the_window_oldest_first() {
+        let mut state = RegionState::default();
+        apply_command(
+            &mut state,
+            1,
+            RegionCommand::DeployAgent(manifest("echo", "1")),
+        );
+        apply_command(&mut state, 2, grant("echo", "a", 0));
+        apply_command(&mut state, 3, claim("old", "a", 1, 1_000));
+        apply_command(&mut state, 4, claim("mid", "a", 1, 1_000 + CLAIMS_KEPT_MS));
+        assert_eq!(state.claims.len(), 2, "exactly the window: kept");
+        apply_command(&mut state, 5, claim("new", "a", 1, 1_001 + CLAIMS_KEPT_MS));
+        assert!(state.claims.get("old").is_none(), "past the window");
+        assert!(state.claims.get("mid").is_some() && state.claims.get("new").is_some());
+        for i in 0..CLAIMS_MAX as u64 {
+            apply_command(
+                &mut state,
+                10 + i,
+                claim(&format!("t{i}"), "a", 1, 1_001 + CLAIMS_KEPT_MS),
+            );
+        }
+        assert_eq!(state.claims.len(), CLAIMS_MAX);
+        assert!(state.claims.get("mid").is_none() && state.claims.get("new").is_none());
+        assert!(state.claims.get("t0").is_some());
+    }
+
+    #[tokio::test]
+    async fn claims_are_stored_one_key_each_and_survive_a_restart() {
+        use openraft::{CommittedLeaderId, EntryPayload};
+        let store: Arc<dyn Store> = Arc::new(mesh_store::MemStore::default());
+        let mut sm = RegionStateMachine::open(store.clone()).expect("opens");
+        let entry = |index: u64, command: RegionCommand| Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        };
+        sm.apply(vec![
+            entry(1, RegionCommand::DeployAgent(manifest("echo", "1"))),
+            entry(2, grant("echo", "a", 0)),
+            entry(3, claim("old", "a", 1, 1_000)),
+        ])
+        .await
+        .expect("applies");
+        sm.apply(vec![
+            entry(4, claim("kept", "a", 1, 2_000 + CLAIMS_KEPT_MS)),
+            entry(5, claim("kept", "a", 1, 2_000 + CLAIMS_KEPT_MS)),
+        ])
+        .await
+        .expect("applies");
+        let mut keys = 0;
+        store
+            .scan(
+                Column::StateMachine,
+                CLAIM_PREFIX,
+                Some(CLAIM_END),
+                &mut |_, _| {
+                    keys += 1;
+                    true
+                },
+            )
+            .expect("scans");
+        assert_eq!(keys, 1, "the forgotten claim's key is deleted");
+        let reopened = RegionStateMachine::open(store).expect("reopens").state();
+        assert_eq!(reopened.claims, sm.state().claims);
+        assert_eq!(reopened.claims.get("kept").map(|c| c.index), Some(4));
+        assert!(reopened.claims.get("old").is_none());
+    }
+
+    #[test]
+    fn a_state_stored_by_the_build_before_claims_still_opens() {
+        #[derive(Serialize)]
+        struct V2 {
+            last_applied: Option<LogId<NodeId>>,
+            membership: StoredMembership<NodeId, RegionNode>,
+            policy: Option<Policy>,
+            policy_version: u64,
+            agents: BTreeMap<String, AgentEntry>,
+            datasets: BTreeMap<String, Dataset>,
+            retired_epochs: BTreeMap<String, u64>,
+        }
+        let mut agents = BTreeMap::new();
+        agents.insert(
+            "echo".to_owned(),
+            AgentEntry {
+                manifest: manifest("echo", "1"),
+                deployed_at: 3,
+                lease: None,
+                epoch: 2,
+            },
+        );
+        let bytes = codec::encode(&V2 {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            policy: None,
+            policy_version: 7,
+            agents,
+            datasets: BTreeMap::new(),
+            retired_epochs: BTreeMap::new(),
+        })
+        .expect("encode");
+        let state = decode_state(&bytes).expect("decodes");
+        assert_eq!((state.policy_version, state.agents["echo"].epoch), (7, 2));
+        assert!(state.claims.is_empty());
     }
 }

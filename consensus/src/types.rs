@@ -62,6 +62,24 @@ pub enum RegionCommand {
         /// The epoch the placer saw.
         after_epoch: u64,
     },
+    /// A host claims a task id before it runs the task (the fence of
+    /// issue 13): applied only while `node` holds `agent`'s lease at
+    /// `epoch`, and only once per task id in the region's claim window
+    /// (see [`crate::state_machine::Claims`]), so a task runs at most once
+    /// even when its agent moves and its client retries on the new host.
+    ClaimTask {
+        /// The agent.
+        agent: String,
+        /// The task id.
+        task_id: String,
+        /// The host's peer id.
+        node: String,
+        /// The epoch of the lease the host holds.
+        epoch: u64,
+        /// The host's wall clock, in ms since the Unix epoch: claims older
+        /// than the window, by the newest claim's clock, are forgotten.
+        at_ms: u64,
+    },
 }
 
 /// A dataset as the region knows it: the documents stay on their node.
@@ -125,6 +143,25 @@ pub enum RegionResponse {
     LeaseRefused {
         /// The agent's current epoch (0: not deployed).
         epoch: u64,
+    },
+    /// The task id is claimed for this host: run it.
+    TaskClaimed {
+        /// The log index of the claim.
+        index: u64,
+    },
+    /// The task id was claimed before, by `node` at `epoch` (the same
+    /// host and epoch: a retried claim of its own; run it, once).
+    TaskAlreadyClaimed {
+        /// The host that claimed it.
+        node: String,
+        /// Its epoch then.
+        epoch: u64,
+    },
+    /// The claim was refused: the claimer does not hold the lease (any
+    /// more); `lease` is where the agent is now, if it is placed.
+    ClaimRefused {
+        /// The current lease.
+        lease: Option<Lease>,
     },
 }
 

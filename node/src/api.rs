@@ -184,7 +184,7 @@ pub struct ApiState {
     /// Model jobs each client has queued or running.
     pub model_jobs: PerClient,
     /// The tasks this node runs and the audit log it keeps.
-    pub tasks: std::sync::Arc<crate::tasks::TaskHost>,
+    pub tasks: std::sync::Arc<mesh_task::Host>,
     /// Rate-limit buckets (per client here, per agent on its host).
     pub buckets: std::sync::Arc<crate::rate::Buckets>,
     /// The API listens on a loopback address (its Host header is checked).
@@ -289,6 +289,10 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/regions/{region}/tasks",
             post(crate::tasks::region_task),
+        )
+        .route(
+            "/v1/regions/{region}/claims",
+            post(crate::tasks::region_claim),
         )
         .route("/v1/audit", get(crate::tasks::audit_log))
         .route("/v1/audit/verify", get(crate::tasks::audit_verify))

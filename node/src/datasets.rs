@@ -5,18 +5,18 @@
 //! and embedding model.
 //!
 //! Search is exact: a brute-force cosine over every vector of the dataset,
-//! read one at a time (a scan, never the whole dataset in memory). At 384
+//! read one at a time (a scan, never the whole dataset in memory); see
+//! `mesh_task::documents`, which the agent kinds search with. At 384
 //! floats a document that is about 0.3 ms per 1,000 documents here; past
 //! [`DOCUMENTS_MAX`] documents an approximate index (HNSW) would take over.
-
-use std::cmp::Ordering;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use consensus::{Dataset, RegionResponse};
-use mesh_store::{Column, Durability, Store, WriteOp};
+use mesh_store::{Durability, Store};
+use mesh_task::documents;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, ApiState};
@@ -44,27 +44,6 @@ pub struct Document {
     pub text: String,
     /// Anything else, returned with search hits.
     #[serde(default)]
-    pub metadata: serde_json::Value,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct StoredDocument {
-    id: String,
-    text: String,
-    metadata: serde_json::Value,
-    vector: Vec<f32>,
-}
-
-/// A search hit.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Hit {
-    /// The document id.
-    pub id: String,
-    /// Cosine similarity to the query.
-    pub score: f32,
-    /// The text.
-    pub text: String,
-    /// Its metadata.
     pub metadata: serde_json::Value,
 }
 
@@ -128,90 +107,13 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-fn prefix(dataset: &str) -> (Vec<u8>, Vec<u8>) {
-    let mut from = dataset.as_bytes().to_vec();
-    from.push(0);
-    let mut to = dataset.as_bytes().to_vec();
-    to.push(1);
-    (from, to)
-}
-
-fn key(dataset: &str, id: &str) -> Vec<u8> {
-    let (mut k, _) = prefix(dataset);
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
 /// How many documents of `dataset` this node holds.
 pub fn count(store: &dyn Store, dataset: &str) -> Result<u64, ApiError> {
-    let (from, to) = prefix(dataset);
-    let mut n = 0u64;
-    store
-        .scan(Column::Documents, &from, Some(&to), &mut |_, _| {
-            n += 1;
-            true
-        })
-        .map_err(|e| storage(e.to_string()))?;
-    Ok(n)
+    Ok(documents::count(store, dataset)?)
 }
 
 fn storage(detail: String) -> ApiError {
     error(StatusCode::INTERNAL_SERVER_ERROR, "storage", detail)
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let (mut dot, mut na, mut nb) = (0.0f32, 0.0f32, 0.0f32);
-    for (x, y) in a.iter().zip(b) {
-        dot += x * y;
-        na += x * x;
-        nb += y * y;
-    }
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na.sqrt() * nb.sqrt())
-    }
-}
-
-/// The `k` documents of `dataset` most similar to `query`, best first.
-pub fn search(
-    store: &dyn Store,
-    dataset: &str,
-    query: &[f32],
-    k: usize,
-) -> Result<Vec<Hit>, ApiError> {
-    let (from, to) = prefix(dataset);
-    let mut best: Vec<Hit> = Vec::with_capacity(k + 1);
-    let mut failed = None;
-    store
-        .scan(Column::Documents, &from, Some(&to), &mut |_, v| {
-            let doc: StoredDocument = match serde_json::from_slice(v) {
-                Ok(d) => d,
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    return false;
-                }
-            };
-            let score = cosine(query, &doc.vector);
-            if best.len() < k || best.last().is_some_and(|w| score > w.score) {
-                best.push(Hit {
-                    id: doc.id,
-                    score,
-                    text: doc.text,
-                    metadata: doc.metadata,
-                });
-                best.sort_by(|a, b| b.score.partial_cmp(&a.score).unwrap_or(Ordering::Equal));
-                best.truncate(k);
-            }
-            true
-        })
-        .map_err(|e| storage(e.to_string()))?;
-    match failed {
-        Some(e) => Err(storage(format!(
-            "a stored document of {dataset} is unreadable: {e}"
-        ))),
-        None => Ok(best),
-    }
 }
 
 /// This node's embedding model, if it runs one: its sha256 and service.
@@ -272,17 +174,13 @@ pub async fn put_documents(
     })?;
     let mut ops = Vec::with_capacity(docs.len());
     for (doc, vector) in docs.into_iter().zip(vectors) {
-        let stored = StoredDocument {
-            id: doc.id.clone(),
+        let stored = documents::StoredDocument {
+            id: doc.id,
             text: doc.text,
             metadata: doc.metadata,
             vector,
         };
-        ops.push(WriteOp::Put {
-            column: Column::Documents,
-            key: key(&name, &doc.id),
-            value: serde_json::to_vec(&stored).map_err(|e| storage(e.to_string()))?,
-        });
+        ops.push(documents::put(&name, &stored)?);
     }
     let stored = ops.len() as u64;
     let writer = store.clone();

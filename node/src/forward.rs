@@ -66,6 +66,9 @@ pub fn need(method: &str, path: &str) -> Need {
         // it, any region node could ask as well (see SECURITY.md).
         ("POST", "bootstrap") => Need::Member,
         ("POST", "datasets") => Need::GroupMember,
+        // A host (any member of the group, learners too) claims the task
+        // ids it runs; the route checks that it claims for itself.
+        ("POST", "claims") => Need::GroupMember,
         _ => Need::Voter,
     }
 }

@@ -16,7 +16,6 @@ use consensus::housekeeping::{Action, Housekeeper};
 use consensus::rpc::{serve, Transport};
 use consensus::{GroupError, RaftSettings, RegionGroup};
 use libp2p::PeerId;
-use mesh_agent::placement::{place, should_move, Candidate};
 use mesh_net::{InboundRpc, Network};
 use mesh_types::{MemberState, MemberView, RaftRole, Region};
 use tokio::sync::{mpsc, Semaphore};
@@ -230,71 +229,26 @@ pub async fn housekeeping(
     }
 }
 
-/// The leader's placement round: every agent not placed, or whose host is
-/// gone, or whose data is elsewhere, gets a lease on the best node of the
-/// region (see `mesh_agent::placement`), with the next epoch.
+/// The leader's placement round (`mesh_task::placement::round`, which the
+/// simulator runs too): every agent not placed, or whose host is gone, or
+/// whose data is elsewhere, gets a lease on the best node of the region.
 async fn place_agents(group: &RegionGroup, members: &[MemberView], region: &Region) {
     let state = group.local_state();
-    for (name, entry) in &state.agents {
-        let dataset = entry
-            .manifest
-            .dataset
-            .as_ref()
-            .and_then(|d| state.datasets.get(d));
-        let candidates: Vec<Candidate> = members
-            .iter()
-            .filter(|m| &m.region == region)
-            .map(|m| Candidate {
-                node: m.peer_id.0.clone(),
-                alive: m.state == MemberState::Alive,
-                holds_dataset: dataset.is_some_and(|d| d.node == m.peer_id.0),
-                models_held: entry
-                    .manifest
-                    .models
-                    .iter()
-                    .filter(|model| m.models.contains(&model.name))
-                    .count(),
-                load: 0,
-            })
-            .collect();
-        let Some(best) = place(&candidates) else {
-            continue;
-        };
-        // The host keeps its agent while merely suspect (a pause, a slow
-        // link): moving costs a new epoch. Dead, left or forgotten: it moves.
-        let current = entry.lease.as_ref().map(|lease| {
-            let host = members.iter().find(|m| m.peer_id.0 == lease.node);
-            let alive =
-                host.is_some_and(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect));
-            candidates
-                .iter()
-                .find(|c| c.node == lease.node)
-                .cloned()
-                .map(|c| Candidate { alive, ..c })
-                .unwrap_or_else(|| Candidate {
-                    node: lease.node.clone(),
-                    alive: false,
-                    holds_dataset: false,
-                    models_held: 0,
-                    load: 0,
-                })
-        });
-        if !should_move(current.as_ref(), best) {
-            continue;
-        }
-        let command = consensus::RegionCommand::GrantLease {
-            agent: name.clone(),
-            node: best.node.clone(),
-            after_epoch: entry.epoch,
+    for command in mesh_task::placement::round(&state, members, region) {
+        let (agent, node) = match &command {
+            consensus::RegionCommand::GrantLease { agent, node, .. } => {
+                (agent.clone(), node.clone())
+            }
+            _ => continue,
         };
         match group.propose(command).await {
             Ok(consensus::RegionResponse::LeaseGranted { epoch }) => {
-                info!(agent = %name, node = %best.node, epoch, %region, "placed an agent")
+                info!(%agent, %node, epoch, %region, "placed an agent")
             }
             Ok(other) => {
-                info!(agent = %name, ?other, "placement not applied (the agent changed meanwhile)")
+                info!(%agent, ?other, "placement not applied (the agent changed meanwhile)")
             }
-            Err(e) => warn!(agent = %name, error = %e, "cannot place the agent yet"),
+            Err(e) => warn!(%agent, error = %e, "cannot place the agent yet"),
         }
     }
 }

@@ -29,6 +29,10 @@ pub struct SimArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Leave out the task workload (agents, datasets, tasks and their
+    /// invariants): policy writes and reads only.
+    #[arg(long)]
+    pub no_tasks: bool,
     /// Run twice and compare the trace hashes.
     #[arg(long)]
     pub check_determinism: bool,
@@ -133,14 +137,16 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         nodes: args.nodes,
         regions: args.regions,
         duration,
+        tasks: !args.no_tasks,
     };
     let reproduce = format!(
-        "agentmesh sim --scenario {} --seed {} --nodes {} --regions {} --duration {}s",
+        "agentmesh sim --scenario {} --seed {} --nodes {} --regions {} --duration {}s{}",
         args.scenario,
         seed,
         args.nodes,
         args.regions,
-        duration.as_secs()
+        duration.as_secs(),
+        if args.no_tasks { " --no-tasks" } else { "" }
     );
     eprintln!(
         "simulating {:?} ({}): seed {seed}, {} nodes in {} regions, {}s simulated",

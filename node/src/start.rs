@@ -205,7 +205,14 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         forward_timeout: Duration::from_millis(config.raft.write_timeout_ms) + FORWARD_MARGIN,
         models,
         model_jobs: api::PerClient::default(),
-        tasks: Arc::new(crate::tasks::TaskHost::open(task_store)?),
+        tasks: Arc::new(
+            mesh_task::Host::open(
+                task_store,
+                mesh_task::Io::Blocking,
+                Arc::new(mesh_net::actor::unix_now_ms),
+            )
+            .map_err(|e| anyhow::anyhow!("cannot open the task host: {e}"))?,
+        ),
         buckets: Arc::default(),
         api_is_loopback: api_addr.ip().is_loopback(),
     };

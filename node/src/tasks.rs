@@ -9,23 +9,25 @@
 //! ```
 //!
 //! The task id is the idempotency key: the host keeps every result under
-//! it, and a resubmission gets the stored result without running again.
-//! Kinds: `echo`, `embed`, `generate` (a conversation per `--session`, kept
-//! on the host as agent state, written with the task's audit record),
-//! `search` and `rag` (at the dataset's node).
+//! it, and a resubmission gets the stored result without running again;
+//! before it runs a task, the host claims its id through the region's Raft
+//! group (fenced by the lease's epoch), so a task id runs once in its
+//! region even when its agent moves. What the host does is
+//! `mesh_task::Host::execute` (the simulator runs the same code); the
+//! kinds (`echo`, `embed`, `generate`, `search`, `rag`) are
+//! `mesh_task::kinds`. This module is the HTTP and libp2p side: the entry
+//! node, the routing to the host, the node's models and claims.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use consensus::Dataset;
-use mesh_agent::audit::{self, AuditRecord, Chain, SealedRecord};
-use mesh_store::{Column, Durability, Store, WriteOp};
-use mesh_types::agent::{AgentKind, Manifest};
+use consensus::{RegionCommand, RegionResponse};
+use mesh_agent::audit::{self, SealedRecord};
+use mesh_task::TaskError;
+pub use mesh_task::{TaskAnswer, TaskRequest, TaskRun};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, ApiState};
@@ -47,12 +49,6 @@ fn for_tasks(state: &ApiState) -> ApiState {
     state
 }
 
-/// Documents a search returns.
-pub const SEARCH_TOP_K: usize = 5;
-/// Documents a rag answer is given.
-pub const RAG_DOCUMENTS: usize = 3;
-/// Turns of a conversation kept per session.
-pub const SESSION_TURNS_MAX: usize = 8;
 /// New tokens of a generated answer at most.
 pub const ANSWER_TOKENS_MAX: usize = 96;
 
@@ -85,288 +81,204 @@ async fn check_entry(state: &ApiState, by: &str, run: &TaskRun) -> Result<(), Ap
     }
 }
 
-/// The embedding of `text` by this node's embedding model.
-async fn embed_here(state: &ApiState, text: &str) -> Result<Vec<f32>, ApiError> {
-    let (_, embedder) = crate::datasets::embedder(state)?;
-    Ok(embedder
-        .embed(vec![text.to_owned()])
-        .await
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string()))?
-        .pop()
-        .unwrap_or_default())
-}
+/// This node's models, as the agent kinds use them.
+struct NodeModels<'a>(&'a ApiState);
 
-/// The `k` documents of the agent's dataset nearest `query`: the dataset
-/// must be registered, and on this node (the agent moves to its data).
-async fn search_here(
-    state: &ApiState,
-    dataset: Option<&Dataset>,
-    manifest: &Manifest,
-    query: &str,
-    k: usize,
-) -> Result<Vec<crate::datasets::Hit>, ApiError> {
-    let dataset = dataset.ok_or_else(|| {
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "dataset_not_registered",
-            format!(
-                "dataset {:?} is not registered in region {} yet",
-                manifest.dataset, state.region
-            ),
-        )
-    })?;
-    if dataset.node != state.peer_id {
-        return Err(error(
-            StatusCode::CONFLICT,
-            "data_elsewhere",
-            format!(
-                "dataset {} is on node {}; the agent is being moved there, retry shortly",
-                dataset.name, dataset.node
-            ),
-        ));
+#[async_trait::async_trait]
+impl mesh_task::Models for NodeModels<'_> {
+    async fn embed(&self, text: &str) -> Result<Vec<f32>, TaskError> {
+        let (_, embedder) = crate::datasets::embedder(self.0).map_err(task_error)?;
+        Ok(embedder
+            .embed(vec![text.to_owned()])
+            .await
+            .map_err(|e| TaskError::new(503, "model_busy", e.to_string()))?
+            .pop()
+            .unwrap_or_default())
     }
-    let query = embed_here(state, query).await?;
-    crate::datasets::search(&*state.tasks.store(), &dataset.name, &query, k)
-}
 
-/// A conversation: (user, assistant) turns, oldest first.
-type Turns = Vec<(String, String)>;
-
-fn session_key(agent: &str, session: &str) -> Vec<u8> {
-    format!("session\0{agent}\0{session}").into_bytes()
-}
-
-/// A chat prompt (SmolLM2's template) with earlier turns and, for rag, the
-/// documents to answer from.
-fn chat(history: &[(String, String)], user: &str, documents: Option<&str>) -> String {
-    let system = match documents {
-        None => "You are a helpful assistant. Answer briefly.".to_owned(),
-        Some(docs) => format!(
-            "Answer the question using only these documents, and cite the ones you use by their id in brackets, like [hr-1].\n{docs}"
-        ),
-    };
-    let mut prompt = format!("<|im_start|>system\n{system}<|im_end|>\n");
-    for (question, answer) in history {
-        prompt.push_str(&format!(
-            "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
-        ));
-    }
-    prompt.push_str(&format!(
-        "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    ));
-    prompt
-}
-
-/// Generates with this node's generation model.
-async fn generate(state: &ApiState, prompt: String) -> Result<String, ApiError> {
-    let service = state
-        .models
-        .services()
-        .find_map(|(_, s)| match s {
-            crate::models::Service::Generate(g) => Some(g.clone()),
-            crate::models::Service::Embed(_) => None,
-        })
-        .ok_or_else(|| {
-            error(
-                StatusCode::CONFLICT,
-                "no_generation_model",
-                "this node runs no generation model: start it with --models-dir".into(),
-            )
-        })?;
-    let params = models::Params {
-        max_tokens: ANSWER_TOKENS_MAX,
-        ..models::Params::default()
-    };
-    let busy =
-        |e: models::ServeError| error(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.to_string());
-    let mut pieces = service.generate(prompt, params).map_err(busy)?;
-    loop {
-        match pieces.recv().await {
-            Some(models::Piece::Text(_)) => {}
-            Some(models::Piece::Done { text, .. }) => return Ok(text.trim().to_owned()),
-            Some(models::Piece::Failed(e)) => {
-                return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "model_failed", e))
-            }
-            None => {
-                return Err(error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "model_stopped",
-                    "the generation model stopped before it answered".into(),
-                ))
+    async fn generate(&self, prompt: String) -> Result<String, TaskError> {
+        let service = self
+            .0
+            .models
+            .services()
+            .find_map(|(_, s)| match s {
+                crate::models::Service::Generate(g) => Some(g.clone()),
+                crate::models::Service::Embed(_) => None,
+            })
+            .ok_or_else(|| {
+                TaskError::new(
+                    409,
+                    "no_generation_model",
+                    "this node runs no generation model: start it with --models-dir".into(),
+                )
+            })?;
+        let params = models::Params {
+            max_tokens: ANSWER_TOKENS_MAX,
+            ..models::Params::default()
+        };
+        let busy = |e: models::ServeError| TaskError::new(503, "model_busy", e.to_string());
+        let mut pieces = service.generate(prompt, params).map_err(busy)?;
+        loop {
+            match pieces.recv().await {
+                Some(models::Piece::Text(_)) => {}
+                Some(models::Piece::Done { text, .. }) => return Ok(text.trim().to_owned()),
+                Some(models::Piece::Failed(e)) => {
+                    return Err(TaskError::new(500, "model_failed", e))
+                }
+                None => {
+                    return Err(TaskError::new(
+                        503,
+                        "model_stopped",
+                        "the generation model stopped before it answered".into(),
+                    ))
+                }
             }
         }
     }
 }
+
+/// A task error as the API answers it.
+pub(crate) fn task_error_into(e: TaskError) -> ApiError {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(status, e.name, e.detail)
+}
+
+/// An API error as a task error (the models' errors are the API's).
+fn task_error(e: ApiError) -> TaskError {
+    TaskError::new(
+        e.status().as_u16(),
+        "model_unavailable",
+        e.detail().to_owned(),
+    )
+}
+
+impl From<TaskError> for ApiError {
+    fn from(e: TaskError) -> Self {
+        task_error_into(e)
+    }
+}
+
+/// Claims go to the region's leader: proposed here when this node leads,
+/// else forwarded to it over libp2p (`POST /v1/regions/R/claims`).
+struct NodeClaimer<'a>(&'a ApiState);
+
+#[async_trait::async_trait]
+impl mesh_task::Claimer for NodeClaimer<'_> {
+    async fn claim(&self, command: RegionCommand) -> Result<RegionResponse, TaskError> {
+        let state = self.0;
+        let unknown = |detail: String| {
+            TaskError::new(
+                503,
+                "claim_unknown",
+                format!("{detail}; the task did not run: retry with the same task id"),
+            )
+        };
+        if state.group.is_leader() {
+            return state
+                .group
+                .propose(command)
+                .await
+                .map_err(|e| unknown(format!("the claim was not committed: {e}")));
+        }
+        let Some(leader) = state.group.leader() else {
+            return Err(unknown(format!(
+                "region {} has no leader now",
+                state.region
+            )));
+        };
+        let path = format!("/v1/regions/{}/claims", state.region);
+        let body = serde_json::to_value(&command).ok();
+        let response = crate::regions_api::forward_to_leader(
+            state,
+            &HeaderMap::new(),
+            &state.region,
+            &leader,
+            Method::POST,
+            &path,
+            body,
+        )
+        .await
+        .map_err(|e| unknown(format!("the leader did not take the claim: {}", e.detail())))?;
+        let ok = response.status().is_success();
+        let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024)
+            .await
+            .map_err(|e| {
+                unknown(format!(
+                    "the leader's answer to the claim is unreadable: {e}"
+                ))
+            })?;
+        if !ok {
+            return Err(unknown(format!(
+                "the leader refused the claim: {}",
+                String::from_utf8_lossy(&bytes)
+            )));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            unknown(format!(
+                "the leader's answer to the claim is unreadable: {e}"
+            ))
+        })
+    }
+}
+
+/// `POST /v1/regions/{region}/claims`: a host's claim of a task id, on the
+/// leader. Only the host itself may claim for itself.
+pub async fn region_claim(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    forwarded_by: Option<axum::Extension<crate::api::ForwardedBy>>,
+    headers: HeaderMap,
+    Json(command): Json<RegionCommand>,
+) -> Result<Response, ApiError> {
+    let region = parse_region(&name)?;
+    let RegionCommand::ClaimTask {
+        node,
+        task_id,
+        agent,
+        ..
+    } = &command
+    else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_claim",
+            "a claim is a ClaimTask command".into(),
+        ));
+    };
+    let by = forwarded_by.map(|b| b.0 .0.clone());
+    if by.as_deref() != Some(node.as_str()) {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "bad_claim",
+            format!("a claim for node {node} must come from that node over libp2p"),
+        ));
+    }
+    if task_id.is_empty()
+        || task_id.len() > TASK_ID_MAX
+        || agent.len() > mesh_types::agent::NAME_MAX
+    {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_claim",
+            format!("a task id has 1 to {TASK_ID_MAX} characters"),
+        ));
+    }
+    let path = format!("/v1/regions/{region}/claims");
+    let json = serde_json::to_value(&command).ok();
+    if let Some(answer) =
+        crate::regions_api::on_leader(&state, &headers, &region, Method::POST, &path, json).await
+    {
+        return answer;
+    }
+    let response = state
+        .group
+        .propose(command)
+        .await
+        .map_err(|e| crate::regions_api::group_error(&region, e))?;
+    Ok(Json(response).into_response())
+}
+
 /// Longest task id a client may choose.
 pub const TASK_ID_MAX: usize = 128;
-
-/// `POST /v1/tasks`: what a client submits.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskRequest {
-    /// The agent.
-    pub agent: String,
-    /// The input text.
-    pub input: String,
-    /// Data tags of the input (residency rules apply to each).
-    #[serde(default)]
-    pub tags: Vec<String>,
-    /// A conversation, for agents that remember one.
-    #[serde(default)]
-    pub session: Option<String>,
-    /// The idempotency key; one is made when none is given.
-    #[serde(default)]
-    pub task_id: Option<String>,
-}
-
-/// A task on its way to its host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskRun {
-    /// The request, its task id filled in.
-    pub request: TaskRequest,
-    /// The node the client sent it to.
-    pub entry_node: String,
-    /// That node's region: where the result goes back to.
-    pub entry_region: String,
-    /// The trace id.
-    pub trace_id: String,
-}
-
-/// What a task returns.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskAnswer {
-    /// The task id.
-    pub task_id: String,
-    /// The agent.
-    pub agent: String,
-    /// The agent's output.
-    pub output: serde_json::Value,
-    /// Whether the task met the agent's latency budget on its host.
-    pub met_budget: bool,
-    /// How long it ran on its host, in milliseconds.
-    pub millis: u64,
-    /// True when this is a stored result of an earlier submission.
-    #[serde(default)]
-    pub replayed: bool,
-    /// The audit record the host wrote before answering.
-    pub provenance: SealedRecord,
-}
-
-/// The host side: the task results and the audit chain of this node.
-#[derive(Debug)]
-pub struct TaskHost {
-    store: Arc<dyn Store>,
-    chain: tokio::sync::Mutex<Chain>,
-    /// A lock per task id being run, so a task id runs once however many
-    /// submissions of it arrive at once.
-    running: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-impl TaskHost {
-    /// The host over the node's store, its audit chain resumed.
-    pub fn open(store: Arc<dyn Store>) -> anyhow::Result<Self> {
-        let last = match store.last(Column::Audit)? {
-            Some((_, bytes)) => Some(decode_sealed(&bytes)?),
-            None => None,
-        };
-        Ok(Self {
-            chain: tokio::sync::Mutex::new(Chain::after(last.as_ref())),
-            store,
-            running: std::sync::Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// The remembered turns of a conversation.
-    pub fn session(&self, agent: &str, session: &str) -> Result<Turns, ApiError> {
-        match self
-            .store
-            .get(Column::Tasks, &session_key(agent, session))
-            .map_err(|e| internal(format!("reading session {session}: {e}")))?
-        {
-            None => Ok(Vec::new()),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| internal(format!("session {session} is unreadable: {e}"))),
-        }
-    }
-
-    /// The node's store (tasks, audit log, documents).
-    pub fn store(&self) -> Arc<dyn Store> {
-        self.store.clone()
-    }
-
-    /// The stored result of `task_id`, if this node has one.
-    pub fn stored(&self, task_id: &str) -> Result<Option<TaskAnswer>, ApiError> {
-        let bytes = self
-            .store
-            .get(Column::Tasks, task_id.as_bytes())
-            .map_err(|e| internal(format!("reading task {task_id}: {e}")))?;
-        bytes
-            .map(|b| {
-                serde_json::from_slice::<TaskAnswer>(&b)
-                    .map_err(|e| internal(format!("stored task {task_id} is unreadable: {e}")))
-            })
-            .transpose()
-    }
-
-    /// Keeps a copy of a result at the entry node (buffered: the host holds
-    /// the durable one).
-    fn remember(&self, answer: &TaskAnswer) {
-        if let Ok(bytes) = serde_json::to_vec(answer) {
-            let op = WriteOp::Put {
-                column: Column::Tasks,
-                key: answer.task_id.as_bytes().to_vec(),
-                value: bytes,
-            };
-            if let Err(e) = self.store.write(vec![op], Durability::Buffered) {
-                tracing::warn!(task = %answer.task_id, error = %e, "cannot keep a copy of a task result");
-            }
-        }
-    }
-
-    fn lock_for(&self, task_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut running = self
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        running.retain(|_, l| Arc::strong_count(l) > 1);
-        running.entry(task_id.to_owned()).or_default().clone()
-    }
-
-    /// Every audit record of this node, in order.
-    pub fn audit_records(&self) -> Result<Vec<SealedRecord>, ApiError> {
-        let mut records = Vec::new();
-        let mut failed = None;
-        self.store
-            .scan(
-                Column::Audit,
-                &[],
-                None,
-                &mut |_, v| match decode_sealed(v) {
-                    Ok(r) => {
-                        records.push(r);
-                        true
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        false
-                    }
-                },
-            )
-            .map_err(|e| internal(format!("reading the audit log: {e}")))?;
-        match failed {
-            Some(e) => Err(internal(format!("the audit log is unreadable: {e}"))),
-            None => Ok(records),
-        }
-    }
-}
-
-fn decode_sealed(bytes: &[u8]) -> anyhow::Result<SealedRecord> {
-    Ok(serde_json::from_slice(bytes)?)
-}
-
-fn internal(detail: String) -> ApiError {
-    error(StatusCode::INTERNAL_SERVER_ERROR, "storage", detail)
-}
 
 fn check_request(request: &TaskRequest) -> Result<(), ApiError> {
     if request.input.len() > INPUT_MAX {
@@ -428,10 +340,6 @@ fn new_id() -> String {
     let mut bytes = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unix_ms() -> u64 {
-    mesh_net::actor::unix_now_ms()
 }
 
 /// `POST /v1/tasks` on any node.
@@ -559,7 +467,9 @@ async fn remember_answer(state: &ApiState, response: Response) -> Response {
         .into_response();
     };
     if let Ok(answer) = serde_json::from_slice::<TaskAnswer>(&bytes) {
-        state.tasks.remember(&answer);
+        if let Err(e) = state.tasks.remember(&answer) {
+            tracing::warn!(task = %answer.task_id, error = %e, "cannot keep a copy of a task result");
+        }
     }
     Response::from_parts(parts, axum::body::Body::from(bytes))
 }
@@ -687,11 +597,11 @@ async fn run_in_region(
     ))
 }
 
-fn forbidden(name: &'static str, detail: String) -> ApiError {
-    error(StatusCode::FORBIDDEN, name, detail)
+fn internal(detail: String) -> ApiError {
+    error(StatusCode::INTERNAL_SERVER_ERROR, "storage", detail)
 }
 
-/// Runs a task on this node, its host, once per task id.
+/// Runs a task on this node, its host, once per task id (see `mesh_task::host`).
 async fn run_here(
     state: &ApiState,
     run: TaskRun,
@@ -699,238 +609,41 @@ async fn run_here(
     hops: u8,
 ) -> Result<Response, ApiError> {
     let local = state.group.local_state();
-    let request = &run.request;
-    let entry = local
-        .agents
-        .get(&request.agent)
-        .filter(|e| {
-            e.lease
-                .as_ref()
-                .is_some_and(|l| l.node == state.peer_id && l.epoch == epoch)
-        })
-        .ok_or_else(|| {
-            error(
-                StatusCode::CONFLICT,
-                "stale_epoch",
-                format!(
-                    "agent {} moved off this node (epoch {epoch} is stale); retry through any node",
-                    request.agent
-                ),
+    let admit = |manifest: &mesh_types::agent::Manifest,
+                 limits: &mesh_types::policy::RateLimits|
+     -> Result<(), TaskError> {
+        state
+            .buckets
+            .take(
+                &format!("agent:{}", manifest.name),
+                &limits.per_agent,
+                Instant::now(),
             )
-        })?;
-    let manifest = entry.manifest.clone();
-    // Residency: every tag's rule must allow this region to process it and
-    // the entry node's region to receive the result.
-    let dataset = manifest
-        .dataset
-        .as_ref()
-        .and_then(|d| local.datasets.get(d))
-        .cloned();
-    let mut tags = request.tags.clone();
-    if let Some(d) = &dataset {
-        tags.extend(d.tags.iter().cloned());
-    }
-    tags.sort();
-    tags.dedup();
-    if let Some(policy) = &local.policy {
-        for tag in &tags {
-            if let Some(rule) = policy.residency.iter().find(|r| &r.tag == tag) {
-                let allowed: Vec<&str> = rule.regions.iter().map(|r| r.as_str()).collect();
-                if !rule.regions.contains(&state.region) {
-                    return Err(forbidden(
-                        "residency",
-                        format!(
-                            "data tagged {tag} may only be processed in {}; agent {} runs in {}",
-                            allowed.join(", "),
-                            request.agent,
-                            state.region
-                        ),
-                    ));
-                }
-                if !allowed.contains(&run.entry_region.as_str()) {
-                    return Err(forbidden(
-                        "residency",
-                        format!("a result from data tagged {tag} may only go to {}; this task entered in {}: submit it to a node of an allowed region", allowed.join(", "), run.entry_region),
-                    ));
-                }
-            }
-        }
-        if !policy.models.is_empty() {
-            for model in &manifest.models {
-                let allowed = policy
-                    .models
-                    .iter()
-                    .any(|m| m.name == model.name && m.sha256 == model.sha256);
-                if !allowed {
-                    return Err(forbidden(
-                        "model_not_allowed",
-                        format!(
-                            "model {} ({}) is not allowed by region {}'s policy",
-                            model.name, model.sha256, state.region
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-    let task_id = request.task_id.clone().unwrap_or_else(new_id);
-    let lock = state.tasks.lock_for(&task_id);
-    let _running = lock.lock().await;
-    if let Some(mut answer) = state.tasks.stored(&task_id)? {
-        answer.replayed = true;
-        return Ok(Json(answer).into_response());
-    }
-    // Per agent, under this (the host) node's region policy; a stored
-    // result above cost nothing.
-    let limits = local
-        .policy
-        .as_ref()
-        .map(|p| p.rate_limits.clone())
-        .unwrap_or_default();
-    if let Err(retry) = state.buckets.take(
-        &format!("agent:{}", manifest.name),
-        &limits.per_agent,
-        Instant::now(),
-    ) {
-        return Ok(crate::rate::too_many(
-            format!(
-                "agent {} is past its rate limit ({} tasks/s, bursts of {})",
-                manifest.name, limits.per_agent.per_second, limits.per_agent.burst
-            ),
-            retry,
-        ));
-    }
-    let started = Instant::now();
-    let started_at_ms = unix_ms();
-    // (session, history, new answer) of a generate task with a session.
-    let mut session_turn: Option<(String, Turns, String)> = None;
-    let output = match manifest.kind {
-        AgentKind::Echo => serde_json::Value::String(request.input.clone()),
-        AgentKind::Search => {
-            let hits = search_here(
-                state,
-                dataset.as_ref(),
-                &manifest,
-                &request.input,
-                SEARCH_TOP_K,
-            )
-            .await?;
-            serde_json::json!({ "hits": hits })
-        }
-        AgentKind::Embed => {
-            let vector = embed_here(state, &request.input).await?;
-            serde_json::json!({ "dims": vector.len(), "vector": vector })
-        }
-        AgentKind::Generate => {
-            let history = match &request.session {
-                Some(session) => state.tasks.session(&manifest.name, session)?,
-                None => Vec::new(),
-            };
-            let prompt = chat(&history, &request.input, None);
-            let text = generate(state, prompt).await?;
-            session_turn = request
-                .session
-                .as_ref()
-                .map(|session| (session.clone(), history, text.clone()));
-            serde_json::Value::String(text)
-        }
-        AgentKind::Rag => {
-            let hits = search_here(
-                state,
-                dataset.as_ref(),
-                &manifest,
-                &request.input,
-                RAG_DOCUMENTS,
-            )
-            .await?;
-            let context: String = hits
-                .iter()
-                .map(|h| format!("[{}] {}\n", h.id, h.text))
-                .collect();
-            let prompt = chat(&[], &request.input, Some(&context));
-            let answer = generate(state, prompt).await?;
-            let mut cited: Vec<&str> = hits
-                .iter()
-                .map(|h| h.id.as_str())
-                .filter(|id| answer.contains(&format!("[{id}]")) || answer.contains(id))
-                .collect();
-            // The model used what it was given: when it names none, the
-            // documents it was given are its sources.
-            if cited.is_empty() {
-                cited = hits.iter().map(|h| h.id.as_str()).collect();
-            }
-            serde_json::json!({ "answer": answer, "cited": cited, "documents": hits })
-        }
+            .map_err(|retry| {
+                TaskError::too_many(
+                    format!(
+                        "agent {} is past its rate limit ({} tasks/s, bursts of {})",
+                        manifest.name, limits.per_agent.per_second, limits.per_agent.burst
+                    ),
+                    retry,
+                )
+            })
     };
-    let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let output_bytes = serde_json::to_vec(&output).unwrap_or_default();
-    let record = AuditRecord {
-        task_id: task_id.clone(),
-        agent: manifest.name.clone(),
-        agent_version: manifest.version.clone(),
-        epoch,
-        models: manifest.models.iter().map(|m| m.sha256.clone()).collect(),
-        node: state.peer_id.clone(),
-        region: state.region.to_string(),
-        policy_version: local.policy_version,
-        dataset: manifest.dataset.clone(),
-        tags,
-        input_sha256: audit::sha256_hex(request.input.as_bytes()),
-        output_sha256: audit::sha256_hex(&output_bytes),
-        entry_node: run.entry_node.clone(),
-        hops,
-        started_at_ms,
-        finished_at_ms: unix_ms(),
-        trace_id: run.trace_id.clone(),
+    let region = state.region.to_string();
+    let env = mesh_task::Env {
+        node: &state.peer_id,
+        region: &region,
+        models: &NodeModels(state),
+        claimer: &NodeClaimer(state),
+        admit: &admit,
     };
-    // The record and the result in one synced batch, appended in chain order.
-    let mut chain = state.tasks.chain.lock().await;
-    let mut next = chain.clone();
-    let sealed = next.append(record);
-    let answer = TaskAnswer {
-        task_id: task_id.clone(),
-        agent: manifest.name.clone(),
-        output,
-        met_budget: millis <= manifest.latency_budget_ms,
-        millis,
-        replayed: false,
-        provenance: sealed.clone(),
-    };
-    let mut ops = vec![
-        WriteOp::Put {
-            column: Column::Audit,
-            key: sealed.seq.to_be_bytes().to_vec(),
-            value: serde_json::to_vec(&sealed).map_err(|e| internal(e.to_string()))?,
+    match state.tasks.execute(&env, &local, &run, epoch, hops).await {
+        Ok(answer) => Ok(Json(answer).into_response()),
+        Err(e) => match e.retry_after_s {
+            Some(retry) => Ok(crate::rate::too_many(e.detail, retry)),
+            None => Err(e.into()),
         },
-        WriteOp::Put {
-            column: Column::Tasks,
-            key: task_id.as_bytes().to_vec(),
-            value: serde_json::to_vec(&answer).map_err(|e| internal(e.to_string()))?,
-        },
-    ];
-    // The conversation, as agent state, in the same batch: a turn is
-    // remembered exactly when its task is recorded.
-    if let Some((session, mut history, text)) = session_turn {
-        history.push((request.input.clone(), text));
-        let keep = history.len().saturating_sub(SESSION_TURNS_MAX);
-        history.drain(..keep);
-        ops.push(WriteOp::Put {
-            column: Column::Tasks,
-            key: session_key(&manifest.name, &session),
-            value: serde_json::to_vec(&history).map_err(|e| internal(e.to_string()))?,
-        });
     }
-    let store = state.tasks.store.clone();
-    tokio::task::spawn_blocking(move || store.write(ops, Durability::Sync))
-        .await
-        .map_err(|e| internal(format!("the audit write did not finish: {e}")))?
-        .map_err(|e| {
-            internal(format!(
-                "cannot write the audit record: {e}; the task's result is not returned"
-            ))
-        })?;
-    *chain = next;
-    Ok(Json(answer).into_response())
 }
 
 /// `GET /v1/tasks/{id}`: a result this node holds (as host or as entry node).

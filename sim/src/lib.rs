@@ -28,7 +28,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 pub use check::{Op, OpKind};
-pub use report::{InjectedFault, Invariant, Report};
+pub use report::{InjectedFault, Invariant, Report, TaskCounts};
 pub use scenario::{Fault, Scenario, Step, Who, BUILT_IN};
 
 /// What to simulate.
@@ -42,6 +42,9 @@ pub struct SimConfig {
     pub regions: usize,
     /// Simulated time before the final heal.
     pub duration: Duration,
+    /// Whether agents are deployed and tasks submitted (the task workload
+    /// and its invariants); without it, only policy writes and reads.
+    pub tasks: bool,
 }
 
 /// Why a simulation could not run (not: what it found).

@@ -63,10 +63,32 @@ pub struct Report {
     pub unsynced_writes_lost_at_crash: u64,
     /// Linearizable reads answered.
     pub reads: u64,
+    /// Tasks (issue 13): submitted (new task ids), answered, of which
+    /// answered from a stored result, refused before running, and whose
+    /// outcome the client never learned.
+    #[serde(default)]
+    pub tasks: TaskCounts,
     /// Every invariant.
     pub invariants: Vec<Invariant>,
     /// sha256 of the event trace: equal for two runs of the same configuration.
     pub trace_hash: String,
+}
+
+/// What became of the simulated clients' tasks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskCounts {
+    /// New task ids submitted.
+    pub submitted: u64,
+    /// Answers with a result (first runs and replays).
+    pub answered: u64,
+    /// Of those, stored results of earlier submissions.
+    pub replayed: u64,
+    /// Refused before anything ran (residency, not placed, stale epoch, ...).
+    pub refused: u64,
+    /// Submissions whose answer never came back.
+    pub unknown: u64,
+    /// Records in the audit logs at the end (every node's).
+    pub executed: u64,
 }
 
 impl Report {
@@ -105,6 +127,14 @@ impl Report {
             ),
         );
         row("policy reads", self.reads.to_string());
+        let t = &self.tasks;
+        row(
+            "tasks",
+            format!(
+                "{} submitted, {} answered ({} replayed), {} refused, {} unknown, {} executed",
+                t.submitted, t.answered, t.replayed, t.refused, t.unknown, t.executed
+            ),
+        );
         row(
             "unsynced log entries dropped",
             self.unsynced_writes_lost_at_crash.to_string(),

@@ -21,9 +21,11 @@ use tokio::time::Instant;
 
 use crate::check::{linearizable, AppliedLogs, AppliedStates, Elections, EntryDigest, Op, OpKind};
 use crate::disk::{SimDisk, SimStore};
-use crate::report::{InjectedFault, Invariant, Report};
+use crate::report::{InjectedFault, Invariant, Report, TaskCounts};
 use crate::scenario::{Fault, Scenario, Who};
 use crate::SimConfig;
+
+mod tasks;
 
 /// Membership clock of every node at the start (2026-01-01), plus simulated time.
 const EPOCH_MS: u64 = 1_767_225_600_000;
@@ -79,6 +81,8 @@ struct Node {
     /// The running process's store (None while down).
     store: Option<Arc<SimStore>>,
     group: Option<RegionGroup>,
+    /// The running process's task host (None while down).
+    host: Option<Arc<mesh_task::Host>>,
     membership: Option<Membership>,
     keeper: Housekeeper,
     generation: u64,
@@ -126,6 +130,13 @@ struct State {
     injected: Vec<InjectedFault>,
     /// The state each node's state machine held at each index it was seen at.
     states: AppliedStates,
+    /// Tasks answered, by task id.
+    acked: BTreeMap<String, tasks::Acked>,
+    /// Every audit record seen on any node, by (node, seq).
+    audit: BTreeMap<(String, u64), mesh_agent::SealedRecord>,
+    /// The node of every lease seen: (region, agent, epoch) -> node.
+    leases: BTreeMap<(usize, String, u64), String>,
+    tasks: TaskCounts,
 }
 
 impl State {
@@ -322,6 +333,7 @@ async fn start_node(world: &World, i: usize) {
         (n.peer.clone(), n.disk.open(), n.region, n.generation)
     };
     let group = open_group(world, &peer, store.clone()).await;
+    let host = tasks::open_host(world, store.clone());
     let now = now_ms(world);
     let mut s = world.lock();
     let region_name = s.regions[region].clone();
@@ -333,6 +345,7 @@ async fn start_node(world: &World, i: usize) {
         local,
     );
     n.group = Some(group);
+    n.host = Some(host);
     n.store = Some(store);
     n.membership = Some(membership);
     s.log(format!("start {peer} (generation {generation})"));
@@ -364,6 +377,7 @@ fn kill_process(s: &mut State, i: usize, power_loss: bool) -> Option<RegionGroup
     }
     s.nodes[i].membership = None;
     s.nodes[i].store = None;
+    s.nodes[i].host = None;
     s.nodes[i].group.take()
 }
 
@@ -393,6 +407,7 @@ async fn reap(world: &World) {
             if n.group.is_some() && !n.up() {
                 n.membership = None;
                 n.store = None;
+                n.host = None;
                 if let Some(g) = n.group.take() {
                     dead.push((i, g));
                 }
@@ -478,6 +493,7 @@ async fn observe(world: World, stop: Arc<AtomicBool>) {
 
 fn observe_once(world: &World) {
     let mut s = world.lock();
+    tasks::observe_leases(&mut s);
     let mut found = Vec::new();
     let mut states = Vec::new();
     for (i, n) in s.nodes.iter().enumerate() {
@@ -575,9 +591,13 @@ fn values_of(entry: &openraft::Entry<TypeConfig>) -> Vec<u32> {
     }
 }
 
-fn policy(value: u32) -> Policy {
+/// The policy a client writes: its value in a rate limit (the register
+/// the linearizability check reads), and the residency rules of the task
+/// workload, the same in every write.
+fn policy(value: u32, regions: &[Region]) -> Policy {
     let mut p = Policy::default();
     p.rate_limits.per_agent.burst = value;
+    p.residency = tasks::residency(regions);
     p
 }
 
@@ -619,7 +639,8 @@ async fn write(world: &World, region: usize, value: u32) -> Outcome {
         return Outcome::NotApplied;
     };
     for _ in 0..2 {
-        match group.set_policy(policy(value)).await {
+        let regions = world.lock().regions.clone();
+        match group.set_policy(policy(value, &regions)).await {
             Ok(applied) => return Outcome::Done(applied.version),
             Err(e) => match redirect(world, &e) {
                 Some(g) => group = g,
@@ -1028,6 +1049,8 @@ async fn apply_fault(world: &World, fault: &Fault) {
 async fn housekeeping(world: World, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        tasks::scan_audit(&mut world.lock());
+        tasks::place(&world).await;
         let count = world.lock().nodes.len();
         for i in 0..count {
             let plan = {
@@ -1356,6 +1379,7 @@ pub(crate) async fn simulate(
             disk: SimDisk::new(),
             store: None,
             group: None,
+            host: None,
             membership: None,
             keeper: Housekeeper::new(
                 Duration::from_millis(settings().replace_dead_voter_after_ms),
@@ -1389,6 +1413,10 @@ pub(crate) async fn simulate(
         unsynced_lost: 0,
         injected: Vec::new(),
         states: AppliedStates::default(),
+        acked: BTreeMap::new(),
+        audit: BTreeMap::new(),
+        leases: BTreeMap::new(),
+        tasks: TaskCounts::default(),
     })));
     let start = Instant::now();
     for i in 0..config.nodes {
@@ -1413,6 +1441,21 @@ pub(crate) async fn simulate(
 
     let stop_clients = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
+    if config.tasks {
+        clients.push(tokio::spawn(tasks::deploy(world.clone())));
+    }
+    let task_clients = if config.tasks {
+        config.regions * tasks::TASK_CLIENTS_PER_REGION
+    } else {
+        0
+    };
+    for c in 0..task_clients {
+        clients.push(tokio::spawn(tasks::client(
+            world.clone(),
+            c,
+            stop_clients.clone(),
+        )));
+    }
     for r in 0..config.regions {
         for c in 0..CLIENTS_PER_REGION {
             clients.push(tokio::spawn(client(
@@ -1475,6 +1518,8 @@ pub(crate) async fn simulate(
             })
             .collect()
     };
+    // The task invariants read the groups' final states: before they stop.
+    tasks::check_end(&mut world.lock());
     stop.store(true, Ordering::SeqCst);
     for t in tasks.drain(..) {
         let _ = t.await;
@@ -1512,6 +1557,13 @@ pub(crate) async fn simulate(
     let acknowledged = writes.clone().filter(|o| o.return_us.is_some()).count() as u64;
     let unknown = writes.filter(|o| o.return_us.is_none()).count() as u64;
     let reads = s.history.len() as u64 - acknowledged - unknown;
+    let task_invariants = [
+        "tasks-acknowledged-durable",
+        "tasks-once",
+        "residency",
+        "single-lease",
+        "audit-chains",
+    ];
     let invariants = [
         "election-safety",
         "log-matching",
@@ -1525,6 +1577,7 @@ pub(crate) async fn simulate(
         "faults-injected",
     ]
     .iter()
+    .chain(task_invariants.iter().filter(|_| config.tasks))
     .map(|name| Invariant {
         name: (*name).to_owned(),
         checks: s.checks.get(name).copied().unwrap_or(0),
@@ -1548,6 +1601,7 @@ pub(crate) async fn simulate(
         writes_lost: lost,
         unsynced_writes_lost_at_crash: s.unsynced_lost,
         reads,
+        tasks: s.tasks.clone(),
         invariants,
         trace_hash: String::new(),
     };

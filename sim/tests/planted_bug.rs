@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use agentmesh_sim::{run, Report, Scenario, SimConfig};
 use consensus::group::planted;
+use mesh_task::host::planted as task_bugs;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -25,6 +26,11 @@ fn violations(r: &Report, name: &str) -> Vec<String> {
 
 /// Runs `scenario` on `seed` twice with `bug` switched on; returns the first report.
 fn with_bug(bug: &AtomicBool, scenario: &str, seed: u64, nodes: usize) -> Report {
+    with_bug_in(bug, scenario, seed, nodes, true)
+}
+
+/// [`with_bug`], with or without the task workload.
+fn with_bug_in(bug: &AtomicBool, scenario: &str, seed: u64, nodes: usize, tasks: bool) -> Report {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     bug.store(true, Ordering::SeqCst);
     let config = SimConfig {
@@ -32,6 +38,7 @@ fn with_bug(bug: &AtomicBool, scenario: &str, seed: u64, nodes: usize) -> Report
         nodes,
         regions: 2,
         duration: Duration::from_secs(30),
+        tasks,
     };
     let scenario = Scenario::built_in(scenario, seed, 2).expect("built in");
     let first = run(&config, &scenario, &mut |_| {});
@@ -57,14 +64,17 @@ fn stale_reads_are_caught_by_linearizability() {
 }
 
 /// Issue 11, bug 1, planted back: a restarted leader resumes leadership of
-/// its term and reuses log ids it had sent before the power loss.
+/// its term and reuses log ids it had sent before the power loss. Without
+/// the task workload (the run of issue 11), five checkers see it; with
+/// tasks, the two leaders' conflicting leases are seen too.
 #[test]
 fn a_leader_resumed_from_disk_is_caught_by_five_checkers() {
-    let report = with_bug(
+    let report = with_bug_in(
         &planted::RESUME_LEADERSHIP,
         "leader-power-loss-quick-restart",
         2,
         8,
+        false,
     );
     for invariant in [
         "election-safety",
@@ -76,6 +86,24 @@ fn a_leader_resumed_from_disk_is_caught_by_five_checkers() {
         assert!(
             !violations(&report, invariant).is_empty(),
             "{invariant} catches a leader id reused after a restart"
+        );
+    }
+    let report = with_bug(
+        &planted::RESUME_LEADERSHIP,
+        "leader-power-loss-quick-restart",
+        5,
+        8,
+    );
+    for invariant in [
+        "election-safety",
+        "log-matching",
+        "state-machine-safety",
+        "linearizability",
+        "single-lease",
+    ] {
+        assert!(
+            !violations(&report, invariant).is_empty(),
+            "{invariant} catches a leader id reused after a restart, with tasks"
         );
     }
 }
@@ -102,5 +130,51 @@ fn a_split_bootstrap_is_caught_by_log_matching() {
     assert!(
         !violations(&report, "log-matching").is_empty(),
         "two groups apply different first entries"
+    );
+}
+
+/// Issue 13: a host that runs tasks without claiming them. Nothing fences
+/// a host whose agent moved, and nothing stops a task id from running
+/// again on the new host.
+#[test]
+fn a_host_that_skips_the_claim_is_caught_by_single_lease_and_tasks_once() {
+    let report = with_bug(&task_bugs::SKIP_CLAIM, "leader-crash", 1, 9);
+    for invariant in ["single-lease", "tasks-once"] {
+        assert!(
+            !violations(&report, invariant).is_empty(),
+            "{invariant} catches tasks run without their claim"
+        );
+    }
+}
+
+/// Issue 13: residency not checked on the host.
+#[test]
+fn a_host_that_skips_residency_is_caught_by_residency() {
+    let report = with_bug(&task_bugs::SKIP_RESIDENCY, "cold-start", 1, 6);
+    assert!(
+        !violations(&report, "residency").is_empty(),
+        "pii tasks entered from another region run and are answered"
+    );
+}
+
+/// Issue 13: a task's record and result written without a sync; a power
+/// loss of the host takes answered results with it.
+#[test]
+fn unsynced_results_are_caught_by_tasks_acknowledged_durable() {
+    let report = with_bug(&task_bugs::UNSYNCED_RESULTS, "region-power-loss", 1, 6);
+    assert!(
+        !violations(&report, "tasks-acknowledged-durable").is_empty(),
+        "answered tasks are gone after the power loss"
+    );
+}
+
+/// Issue 13: a restarted host that starts a new audit chain over its old
+/// records.
+#[test]
+fn a_host_that_forgets_its_chain_is_caught_by_audit_chains() {
+    let report = with_bug(&task_bugs::FORGET_CHAIN, "rolling-restart", 1, 8);
+    assert!(
+        !violations(&report, "audit-chains").is_empty(),
+        "the restarted host's records overwrite its old ones"
     );
 }

@@ -10,6 +10,7 @@ fn config(seed: u64) -> SimConfig {
         nodes: 8,
         regions: 2,
         duration: Duration::from_secs(40),
+        tasks: true,
     }
 }
 

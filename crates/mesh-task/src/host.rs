@@ -1,0 +1,560 @@
+//! The host side of a task: the checks, the claim, the run, the record.
+//!
+//! ```text
+//!   run(task, epoch) ─ lease is (this node, epoch)? else stale_epoch (where it is now)
+//!                    ─ residency of every tag (processing here, result to the entry region)
+//!                    ─ models allowed by the policy
+//!                    ─ lock the task id; a stored result? replay it, run nothing
+//!                    ─ rate limit of the agent
+//!                    ─ claim the task id through Raft (fenced by the lease's epoch;
+//!                      once per task id in the region, wherever the agent moves)
+//!                    ─ the kind runs
+//!                    ─ audit record + result + session turn: one synced batch,
+//!                      then the in-memory chain moves; then the answer
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use consensus::{RegionCommand, RegionResponse, RegionState};
+use mesh_agent::audit::{self, AuditRecord, Chain, SealedRecord};
+use mesh_store::{Column, Durability, Store, WriteOp};
+use mesh_types::agent::Manifest;
+use mesh_types::policy::{Policy, RateLimits};
+use tokio::time::Instant;
+
+use crate::kinds::{self, Context, Models, Turns};
+use crate::{TaskAnswer, TaskError, TaskRun};
+
+/// Turns of a conversation kept per session.
+pub const SESSION_TURNS_MAX: usize = 8;
+
+/// Commits a task's claim through the region's Raft group (on a follower:
+/// through its leader).
+#[async_trait]
+pub trait Claimer: Send + Sync {
+    /// Proposes `command` (a [`RegionCommand::ClaimTask`]) and returns what
+    /// applying it answered; an error when its outcome is not known.
+    async fn claim(&self, command: RegionCommand) -> Result<RegionResponse, TaskError>;
+}
+
+/// Where synced writes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// On tokio's blocking pool (a node: an fsync never stalls the runtime).
+    Blocking,
+    /// In place (the simulator's disk is memory, and its runtime one thread).
+    Inline,
+}
+
+/// What a host needs besides its own state.
+pub struct Env<'a> {
+    /// This node's peer id.
+    pub node: &'a str,
+    /// This node's region.
+    pub region: &'a str,
+    /// This node's models.
+    pub models: &'a dyn Models,
+    /// How claims reach the leader.
+    pub claimer: &'a dyn Claimer,
+    /// The agent's rate limit (per agent, under this region's policy): `Ok`
+    /// or the error to answer (429 with its retry).
+    pub admit: &'a (dyn Fn(&Manifest, &RateLimits) -> Result<(), TaskError> + Send + Sync),
+}
+
+impl std::fmt::Debug for Env<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env")
+            .field("node", &self.node)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The task results and the audit chain of one node.
+pub struct Host {
+    store: Arc<dyn Store>,
+    chain: tokio::sync::Mutex<Chain>,
+    /// A lock per task id being run, so a task id runs once however many
+    /// submissions of it arrive at once.
+    running: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    io: Io,
+    now_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Set when a synced write failed: what the store shows may not be on
+    /// the disk (a failed fsync drops the dirty pages, yet the process
+    /// still reads them), so this process answers no task and no stored
+    /// result any more; a restart reads what is durable.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("io", &self.io)
+            .finish_non_exhaustive()
+    }
+}
+
+fn session_key(agent: &str, session: &str) -> Vec<u8> {
+    format!("session\0{agent}\0{session}").into_bytes()
+}
+
+fn decode_sealed(bytes: &[u8]) -> Result<SealedRecord, TaskError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| TaskError::storage(format!("an audit record is unreadable: {e}")))
+}
+
+fn forbidden(name: &'static str, detail: String) -> TaskError {
+    TaskError::new(403, name, detail)
+}
+
+/// Residency and models: may a task of `manifest` with `tags` run in
+/// `region` under `policy`, and its result go back to `entry_region`?
+pub fn check_policy(
+    policy: Option<&Policy>,
+    manifest: &Manifest,
+    tags: &[String],
+    region: &str,
+    entry_region: &str,
+) -> Result<(), TaskError> {
+    let Some(policy) = policy else {
+        return Ok(());
+    };
+    #[cfg(feature = "planted-bugs")]
+    let skip_residency = planted::on(&planted::SKIP_RESIDENCY);
+    #[cfg(not(feature = "planted-bugs"))]
+    let skip_residency = false;
+    for tag in tags.iter().filter(|_| !skip_residency) {
+        if let Some(rule) = policy.residency.iter().find(|r| &r.tag == tag) {
+            let allowed: Vec<&str> = rule.regions.iter().map(|r| r.as_str()).collect();
+            if !allowed.contains(&region) {
+                return Err(forbidden(
+                    "residency",
+                    format!(
+                        "data tagged {tag} may only be processed in {}; agent {} runs in {region}",
+                        allowed.join(", "),
+                        manifest.name,
+                    ),
+                ));
+            }
+            if !allowed.contains(&entry_region) {
+                return Err(forbidden(
+                    "residency",
+                    format!("a result from data tagged {tag} may only go to {}; this task entered in {entry_region}: submit it to a node of an allowed region", allowed.join(", ")),
+                ));
+            }
+        }
+    }
+    if !policy.models.is_empty() {
+        for model in &manifest.models {
+            let allowed = policy
+                .models
+                .iter()
+                .any(|m| m.name == model.name && m.sha256 == model.sha256);
+            if !allowed {
+                return Err(forbidden(
+                    "model_not_allowed",
+                    format!(
+                        "model {} ({}) is not allowed by region {region}'s policy",
+                        model.name, model.sha256
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Host {
+    /// The host over the node's store, its audit chain resumed; `now_ms`
+    /// is the wall clock its records are stamped with.
+    pub fn open(
+        store: Arc<dyn Store>,
+        io: Io,
+        now_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
+    ) -> Result<Self, TaskError> {
+        let last = match store
+            .last(Column::Audit)
+            .map_err(|e| TaskError::storage(format!("reading the audit log: {e}")))?
+        {
+            Some((_, bytes)) => Some(decode_sealed(&bytes)?),
+            None => None,
+        };
+        #[cfg(feature = "planted-bugs")]
+        let last = last.filter(|_| !planted::on(&planted::FORGET_CHAIN));
+        Ok(Self {
+            chain: tokio::sync::Mutex::new(Chain::after(last.as_ref())),
+            store,
+            running: std::sync::Mutex::new(HashMap::new()),
+            io,
+            now_ms,
+            failed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The node's store (tasks, audit log, documents).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// The remembered turns of a conversation.
+    pub fn session(&self, agent: &str, session: &str) -> Result<Turns, TaskError> {
+        match self
+            .store
+            .get(Column::Tasks, &session_key(agent, session))
+            .map_err(|e| TaskError::storage(format!("reading session {session}: {e}")))?
+        {
+            None => Ok(Vec::new()),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| TaskError::storage(format!("session {session} is unreadable: {e}"))),
+        }
+    }
+
+    fn check_disk(&self) -> Result<(), TaskError> {
+        if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(TaskError::new(
+                503,
+                "disk_failed",
+                "a synced write of this node failed: it runs no task and answers no stored result until it restarts".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The stored result of `task_id`, if this node has one.
+    pub fn stored(&self, task_id: &str) -> Result<Option<TaskAnswer>, TaskError> {
+        self.check_disk()?;
+        let bytes = self
+            .store
+            .get(Column::Tasks, task_id.as_bytes())
+            .map_err(|e| TaskError::storage(format!("reading task {task_id}: {e}")))?;
+        bytes
+            .map(|b| {
+                serde_json::from_slice::<TaskAnswer>(&b).map_err(|e| {
+                    TaskError::storage(format!("stored task {task_id} is unreadable: {e}"))
+                })
+            })
+            .transpose()
+    }
+
+    /// Keeps a copy of a result at the entry node (buffered: the host holds
+    /// the durable one). Best effort: an error is returned to be logged.
+    pub fn remember(&self, answer: &TaskAnswer) -> Result<(), TaskError> {
+        let bytes = serde_json::to_vec(answer).map_err(|e| TaskError::storage(e.to_string()))?;
+        let op = WriteOp::Put {
+            column: Column::Tasks,
+            key: answer.task_id.as_bytes().to_vec(),
+            value: bytes,
+        };
+        self.store
+            .write(vec![op], Durability::Buffered)
+            .map_err(|e| TaskError::storage(e.to_string()))
+    }
+
+    fn lock_for(&self, task_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running.retain(|_, l| Arc::strong_count(l) > 1);
+        running.entry(task_id.to_owned()).or_default().clone()
+    }
+
+    /// Visits this node's audit records in order, from sequence number
+    /// `from`, until `visit` returns false.
+    pub fn visit_audit(
+        &self,
+        from: u64,
+        visit: &mut dyn FnMut(SealedRecord) -> bool,
+    ) -> Result<(), TaskError> {
+        let mut failed = None;
+        self.store
+            .scan(
+                Column::Audit,
+                &from.to_be_bytes(),
+                None,
+                &mut |_, v| match decode_sealed(v) {
+                    Ok(r) => visit(r),
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                },
+            )
+            .map_err(|e| TaskError::storage(format!("reading the audit log: {e}")))?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every audit record of this node, in order.
+    pub fn audit_records(&self) -> Result<Vec<SealedRecord>, TaskError> {
+        let mut records = Vec::new();
+        self.visit_audit(0, &mut |r| {
+            records.push(r);
+            true
+        })?;
+        Ok(records)
+    }
+
+    /// Runs `run` on this node, its host under the lease of `epoch`, once
+    /// per task id; `state` is this node's applied region state.
+    pub async fn execute(
+        &self,
+        env: &Env<'_>,
+        state: &RegionState,
+        run: &TaskRun,
+        epoch: u64,
+        hops: u8,
+    ) -> Result<TaskAnswer, TaskError> {
+        self.check_disk()?;
+        let request = &run.request;
+        let entry = state
+            .agents
+            .get(&request.agent)
+            .filter(|e| {
+                e.lease
+                    .as_ref()
+                    .is_some_and(|l| l.node == env.node && l.epoch == epoch)
+            })
+            .ok_or_else(|| {
+                TaskError::new(
+                    409,
+                    "stale_epoch",
+                    format!(
+                        "agent {} moved off this node (epoch {epoch} is stale); retry through any node",
+                        request.agent
+                    ),
+                )
+            })?;
+        let manifest = &entry.manifest;
+        // Residency: every tag's rule must allow this region to process it
+        // and the entry node's region to receive the result.
+        let dataset = manifest
+            .dataset
+            .as_ref()
+            .and_then(|d| state.datasets.get(d));
+        let mut tags = request.tags.clone();
+        if let Some(d) = dataset {
+            tags.extend(d.tags.iter().cloned());
+        }
+        tags.sort();
+        tags.dedup();
+        check_policy(
+            state.policy.as_ref(),
+            manifest,
+            &tags,
+            env.region,
+            &run.entry_region,
+        )?;
+        let task_id = request
+            .task_id
+            .clone()
+            .ok_or_else(|| TaskError::new(400, "invalid_task", "a task needs its id".into()))?;
+        let lock = self.lock_for(&task_id);
+        let _running = lock.lock().await;
+        if let Some(mut answer) = self.stored(&task_id)? {
+            answer.replayed = true;
+            return Ok(answer);
+        }
+        // Per agent, under this (the host) node's region policy; a stored
+        // result above cost nothing.
+        let limits = state
+            .policy
+            .as_ref()
+            .map(|p| p.rate_limits.clone())
+            .unwrap_or_default();
+        (env.admit)(manifest, &limits)?;
+        let started = Instant::now();
+        let started_at_ms = (self.now_ms)();
+        self.claim(env, &request.agent, &task_id, epoch).await?;
+        let claimed = started.elapsed().as_secs_f64() * 1000.0;
+        let history = match &request.session {
+            Some(session) => self.session(&manifest.name, session)?,
+            None => Vec::new(),
+        };
+        let mut cx = Context {
+            manifest,
+            input: &request.input,
+            dataset,
+            node: env.node,
+            region: env.region,
+            store: &*self.store,
+            models: env.models,
+            history: &history,
+            remember: None,
+            stages_ms: Default::default(),
+        };
+        cx.stages_ms.insert("claim".into(), claimed);
+        let output = kinds::builtin(manifest.kind).run(&mut cx).await?;
+        let (remember, mut stages_ms) = (cx.remember.take(), std::mem::take(&mut cx.stages_ms));
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let output_bytes = serde_json::to_vec(&output).unwrap_or_default();
+        let record = AuditRecord {
+            task_id: task_id.clone(),
+            agent: manifest.name.clone(),
+            agent_version: manifest.version.clone(),
+            epoch,
+            models: manifest.models.iter().map(|m| m.sha256.clone()).collect(),
+            node: env.node.to_owned(),
+            region: env.region.to_owned(),
+            policy_version: state.policy_version,
+            dataset: manifest.dataset.clone(),
+            tags,
+            input_sha256: audit::sha256_hex(request.input.as_bytes()),
+            output_sha256: audit::sha256_hex(&output_bytes),
+            entry_node: run.entry_node.clone(),
+            hops,
+            started_at_ms,
+            finished_at_ms: (self.now_ms)(),
+            trace_id: run.trace_id.clone(),
+        };
+        // The record and the result in one synced batch, appended in chain order.
+        let recording = Instant::now();
+        let mut chain = self.chain.lock().await;
+        let mut next = chain.clone();
+        let sealed = next.append(record);
+        stages_ms.insert("record".into(), recording.elapsed().as_secs_f64() * 1000.0);
+        let answer = TaskAnswer {
+            task_id: task_id.clone(),
+            agent: manifest.name.clone(),
+            output,
+            met_budget: millis <= manifest.latency_budget_ms,
+            millis,
+            stages_ms,
+            replayed: false,
+            provenance: sealed.clone(),
+        };
+        let encode = |e: serde_json::Error| TaskError::storage(e.to_string());
+        let mut ops = vec![
+            WriteOp::Put {
+                column: Column::Audit,
+                key: sealed.seq.to_be_bytes().to_vec(),
+                value: serde_json::to_vec(&sealed).map_err(encode)?,
+            },
+            WriteOp::Put {
+                column: Column::Tasks,
+                key: task_id.as_bytes().to_vec(),
+                value: serde_json::to_vec(&answer).map_err(encode)?,
+            },
+        ];
+        // The conversation, as agent state, in the same batch: a turn is
+        // remembered exactly when its task is recorded.
+        if let (Some(session), Some(text)) = (&request.session, remember) {
+            let mut history = history;
+            history.push((request.input.clone(), text));
+            let keep = history.len().saturating_sub(SESSION_TURNS_MAX);
+            history.drain(..keep);
+            ops.push(WriteOp::Put {
+                column: Column::Tasks,
+                key: session_key(&manifest.name, session),
+                value: serde_json::to_vec(&history).map_err(encode)?,
+            });
+        }
+        self.write_synced(ops).await.map_err(|e| {
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            TaskError::storage(format!(
+                "cannot write the audit record: {e}; the task's result is not returned"
+            ))
+        })?;
+        *chain = next;
+        Ok(answer)
+    }
+
+    /// Claims `task_id` for this node under the lease of `epoch`.
+    async fn claim(
+        &self,
+        env: &Env<'_>,
+        agent: &str,
+        task_id: &str,
+        epoch: u64,
+    ) -> Result<(), TaskError> {
+        #[cfg(feature = "planted-bugs")]
+        if planted::on(&planted::SKIP_CLAIM) {
+            return Ok(());
+        }
+        let command = RegionCommand::ClaimTask {
+            agent: agent.to_owned(),
+            task_id: task_id.to_owned(),
+            node: env.node.to_owned(),
+            epoch,
+            at_ms: (self.now_ms)(),
+        };
+        match env.claimer.claim(command).await? {
+            RegionResponse::TaskClaimed { .. } => Ok(()),
+            // Our own earlier claim whose answer was lost: its run left no
+            // record (the result would have been found above), so run it.
+            RegionResponse::TaskAlreadyClaimed { node, epoch: e } if node == env.node && e == epoch => {
+                Ok(())
+            }
+            RegionResponse::TaskAlreadyClaimed { node, epoch } => Err(TaskError::new(
+                409,
+                "claimed_elsewhere",
+                format!(
+                    "task {task_id} was started on node {node} (epoch {epoch}) before agent {agent} moved; it is not run twice: its result, if it finished, is on {node} (GET /v1/tasks/{task_id} there)"
+                ),
+            )),
+            RegionResponse::ClaimRefused { lease } => Err(TaskError::new(
+                409,
+                "stale_epoch",
+                match lease {
+                    Some(l) => format!(
+                        "agent {agent} moved to node {} (epoch {}); retry through any node",
+                        l.node, l.epoch
+                    ),
+                    None => format!("agent {agent} is not placed now; retry in a few seconds"),
+                },
+            )),
+            other => Err(TaskError::storage(format!(
+                "the claim of task {task_id} was answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn write_synced(&self, ops: Vec<WriteOp>) -> Result<(), String> {
+        #[cfg(feature = "planted-bugs")]
+        if planted::on(&planted::UNSYNCED_RESULTS) {
+            return self
+                .store
+                .write(ops, Durability::Buffered)
+                .map_err(|e| e.to_string());
+        }
+        match self.io {
+            Io::Inline => self
+                .store
+                .write(ops, Durability::Sync)
+                .map_err(|e| e.to_string()),
+            Io::Blocking => {
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.write(ops, Durability::Sync))
+                    .await
+                    .map_err(|e| format!("the write did not finish: {e}"))?
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Bugs planted on purpose (feature `planted-bugs`): the simulator's test
+/// switches each on and shows that a task checker catches it.
+#[cfg(feature = "planted-bugs")]
+pub mod planted {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The host runs a task without claiming it (no fence, no once-per-id
+    /// across moves).
+    pub static SKIP_CLAIM: AtomicBool = AtomicBool::new(false);
+    /// The residency rules are not checked.
+    pub static SKIP_RESIDENCY: AtomicBool = AtomicBool::new(false);
+    /// A task's record and result are written without a sync.
+    pub static UNSYNCED_RESULTS: AtomicBool = AtomicBool::new(false);
+    /// A restarted host starts a new chain instead of resuming its own.
+    pub static FORGET_CHAIN: AtomicBool = AtomicBool::new(false);
+
+    /// Whether `bug` is on.
+    pub fn on(bug: &AtomicBool) -> bool {
+        bug.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,760 @@
+//! The task workload (issue 13): agents deployed in every region, a
+//! dataset put on a node of each region after its agent was placed (so it
+//! moves to its data), tasks submitted to random nodes throughout the run,
+//! routed as the node routes them, and run on their host by the real
+//! `mesh_task::Host` (checks, claim through Raft, kinds, audit record),
+//! with a fast deterministic model runner.
+//!
+//! Invariants:
+//! - tasks-acknowledged-durable: every answered task's result is on its
+//!   host's disk (what a power loss leaves), under the record it was
+//!   answered with;
+//! - tasks-once: no task id in two audit records, across every node;
+//! - residency: no record of data tagged `pii-rX` processed outside `rX`
+//!   or entered from outside it (the simulated policy keeps each region's
+//!   tag in it), and no such task answered;
+//! - single-lease: an agent's epoch names one node in every node's state
+//!   at every moment, and every executed task ran under the lease its
+//!   claim was committed with;
+//! - audit-chains: every node's audit chain verifies.
+
+use async_trait::async_trait;
+use consensus::{RegionCommand, RegionResponse};
+use mesh_agent::audit::{self, SealedRecord};
+use mesh_task::documents::{self, StoredDocument};
+use mesh_task::{Host, Io, TaskAnswer, TaskError, TaskRequest, TaskRun};
+use mesh_types::agent::{AgentKind, Manifest};
+use mesh_types::policy::ResidencyRule;
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+/// Task clients per region.
+pub(super) const TASK_CLIENTS_PER_REGION: usize = 2;
+/// Documents of each region's dataset.
+const DOCUMENTS: usize = 8;
+/// When the datasets are put, after the agents are deployed.
+const DATA_AFTER: Duration = Duration::from_secs(4);
+
+/// The data tag that region `r`'s policy keeps in `r`.
+fn pii(r: usize) -> String {
+    format!("pii-r{r}")
+}
+
+/// The residency rules of every region's policy: `pii-rX` is processed in,
+/// and returned to, `rX` only.
+pub(super) fn residency(regions: &[Region]) -> Vec<ResidencyRule> {
+    regions
+        .iter()
+        .enumerate()
+        .map(|(r, region)| ResidencyRule {
+            tag: pii(r),
+            regions: vec![region.clone()],
+        })
+        .collect()
+}
+
+fn manifest(name: String, kind: AgentKind, region: &Region, dataset: Option<String>) -> Manifest {
+    Manifest {
+        name,
+        version: "1".into(),
+        kind,
+        models: vec![],
+        dataset,
+        regions: vec![region.clone()],
+        concurrency: 4,
+        latency_budget_ms: 50,
+    }
+}
+
+/// The agents of region `r`: an echo, a chat (generate, with sessions) and
+/// a search over the region's dataset.
+fn agents(r: usize, region: &Region) -> Vec<Manifest> {
+    vec![
+        manifest(format!("echo-r{r}"), AgentKind::Echo, region, None),
+        manifest(format!("chat-r{r}"), AgentKind::Generate, region, None),
+        manifest(
+            format!("search-r{r}"),
+            AgentKind::Search,
+            region,
+            Some(format!("docs-r{r}")),
+        ),
+    ]
+}
+
+/// A fast, deterministic model runner: vectors and answers are hashes of
+/// their input; a generation takes 2 ms of simulated time.
+struct SimModels;
+
+fn digest(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+#[async_trait]
+impl mesh_task::Models for SimModels {
+    async fn embed(&self, text: &str) -> Result<Vec<f32>, TaskError> {
+        Ok(digest(text)[..8]
+            .iter()
+            .map(|b| f32::from(*b) - 127.5)
+            .collect())
+    }
+
+    async fn generate(&self, prompt: String) -> Result<String, TaskError> {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let d = digest(&prompt);
+        Ok(format!("answer {:02x}{:02x}{:02x}", d[0], d[1], d[2]))
+    }
+}
+
+/// Opens node `peer`'s task host on its store (at start and restart).
+pub(super) fn open_host(world: &World, store: Arc<dyn Store>) -> Arc<Host> {
+    let start = world.lock().start;
+    let clock = Arc::new(move || EPOCH_MS + start.elapsed().as_millis() as u64);
+    match Host::open(store, Io::Inline, clock) {
+        Ok(h) => Arc::new(h),
+        // The simulated disk holds only what this code wrote.
+        Err(e) => panic!("cannot open a task host: {e}"),
+    }
+}
+
+/// One hop of a message: its delay, or `None` when it is lost (the caller
+/// has waited as long as a lost message takes to be given up on).
+async fn hop(world: &World, from: &str, to: &str) -> Option<()> {
+    let sent = world.lock().send(from, to);
+    match sent {
+        Some((delay, _)) => {
+            tokio::time::sleep(delay).await;
+            Some(())
+        }
+        None => {
+            tokio::time::sleep(LOST_AFTER).await;
+            None
+        }
+    }
+}
+
+/// A proposal through the region's leader, as the API forwards one.
+async fn propose(world: &World, region: usize, command: RegionCommand) -> Option<RegionResponse> {
+    let mut group = pick(world, region)?;
+    for _ in 0..2 {
+        match group.propose(command.clone()).await {
+            Ok(r) => return Some(r),
+            Err(e) => group = redirect(world, &e)?,
+        }
+    }
+    None
+}
+
+/// Claims go to the leader: proposed on the host's group, or forwarded
+/// once to the leader it names (over the links).
+struct SimClaimer {
+    world: World,
+    me: String,
+}
+
+#[async_trait]
+impl mesh_task::Claimer for SimClaimer {
+    async fn claim(&self, command: RegionCommand) -> Result<RegionResponse, TaskError> {
+        let unknown = |why: String| TaskError::new(503, "claim_unknown", why);
+        let group = self
+            .world
+            .lock()
+            .group_of(&self.me)
+            .ok_or_else(|| unknown("the host is down".into()))?;
+        match group.propose(command.clone()).await {
+            Ok(r) => Ok(r),
+            Err(GroupError::NotLeader {
+                leader: Some(leader),
+            }) => {
+                hop(&self.world, &self.me, &leader)
+                    .await
+                    .ok_or_else(|| unknown(format!("{leader} did not answer")))?;
+                let leader_group = self
+                    .world
+                    .lock()
+                    .group_of(&leader)
+                    .ok_or_else(|| unknown(format!("{leader} is down")))?;
+                let answer = leader_group
+                    .propose(command)
+                    .await
+                    .map_err(|e| unknown(e.to_string()))?;
+                hop(&self.world, &leader, &self.me)
+                    .await
+                    .ok_or_else(|| unknown(format!("no answer from {leader}")))?;
+                Ok(answer)
+            }
+            Err(e) => Err(unknown(e.to_string())),
+        }
+    }
+}
+
+/// Deploys every region's agents (through its leader; retried until they
+/// are in), then, [`DATA_AFTER`] later, puts each region's dataset on its
+/// last node and registers it: the search agent, placed by then, moves to
+/// its data with the next epoch.
+pub(super) async fn deploy(world: World) {
+    let regions = world.lock().regions.clone();
+    for (r, region) in regions.iter().enumerate() {
+        for m in agents(r, region) {
+            for _ in 0..20 {
+                let deployed = propose(&world, r, RegionCommand::DeployAgent(m.clone())).await;
+                if matches!(deployed, Some(RegionResponse::AgentDeployed { .. })) {
+                    world.lock().log(format!("deployed {} in {region}", m.name));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    tokio::time::sleep(DATA_AFTER).await;
+    for (r, region) in regions.iter().enumerate() {
+        let name = format!("docs-r{r}");
+        for _ in 0..40 {
+            let holder = {
+                let s = world.lock();
+                s.nodes
+                    .iter()
+                    .rposition(|n| n.region == r)
+                    .and_then(|i| Some((s.nodes[i].peer.clone(), s.nodes[i].store.clone()?)))
+            };
+            let Some((peer, store)) = holder else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            };
+            let mut ops = Vec::new();
+            for d in 0..DOCUMENTS {
+                let text = format!("document {d} of region {region}");
+                let doc = StoredDocument {
+                    id: format!("doc-{d}"),
+                    vector: SimModels.embed_now(&text),
+                    text,
+                    metadata: serde_json::Value::Null,
+                };
+                if let Ok(op) = documents::put(&name, &doc) {
+                    ops.push(op);
+                }
+            }
+            if store.write(ops, mesh_store::Durability::Sync).is_err() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            let dataset = consensus::Dataset {
+                name: name.clone(),
+                node: peer.clone(),
+                tags: vec![pii(r)],
+                documents: DOCUMENTS as u64,
+                embed_model_sha256: "0".repeat(64),
+            };
+            let registered = propose(&world, r, RegionCommand::RegisterDataset(dataset)).await;
+            if matches!(registered, Some(RegionResponse::DatasetRegistered { .. })) {
+                world.lock().log(format!("dataset {name} put on {peer}"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl SimModels {
+    fn embed_now(&self, text: &str) -> Vec<f32> {
+        digest(text)[..8]
+            .iter()
+            .map(|b| f32::from(*b) - 127.5)
+            .collect()
+    }
+}
+
+/// The leader's placement round on every leader (as a node's housekeeping
+/// runs it), with the leader's own member view.
+pub(super) async fn place(world: &World) {
+    let now = now_ms(world);
+    let rounds: Vec<(usize, RegionGroup, Vec<RegionCommand>)> = {
+        let s = world.lock();
+        s.nodes
+            .iter()
+            .filter(|n| n.up())
+            .filter_map(|n| {
+                let group = n.group.clone().filter(|g| g.is_leader())?;
+                let view = n.membership.as_ref()?.view(clock_of(n, now));
+                let region = &s.regions[n.region];
+                let grants = mesh_task::placement::round(&group.local_state(), &view, region);
+                Some((n.region, group, grants))
+            })
+            .collect()
+    };
+    for (region, group, grants) in rounds {
+        for grant in grants {
+            if let Ok(RegionResponse::LeaseGranted { epoch }) = group.propose(grant.clone()).await {
+                if let RegionCommand::GrantLease { agent, node, .. } = grant {
+                    world.lock().log(format!(
+                        "r{region} placed {agent} on {node} (epoch {epoch})"
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// How a submission ended, as its client sees it.
+enum Submitted {
+    Answer(Box<TaskAnswer>),
+    Refused(TaskError),
+    /// No answer came back: it may or may not have run.
+    Unknown(String),
+}
+
+/// Routes a task as a node does: the entry node reads the lease in its own
+/// state when the agent is of its region, else asks a node of the agent's
+/// region; the task goes to the host, which runs it; the answer comes back
+/// the same way. Every hop crosses the links.
+async fn submit(world: &World, entry: usize, agent_region: usize, run: TaskRun) -> Submitted {
+    let (entry_peer, router) = {
+        let mut s = world.lock();
+        if !s.nodes[entry].up() {
+            return Submitted::Refused(TaskError::new(503, "entry_down", "entry node down".into()));
+        }
+        let entry_peer = s.nodes[entry].peer.clone();
+        let router = if s.nodes[entry].region == agent_region {
+            Some(entry)
+        } else {
+            let live: Vec<usize> = (0..s.nodes.len())
+                .filter(|&i| s.nodes[i].region == agent_region && s.nodes[i].up())
+                .collect();
+            (!live.is_empty()).then(|| live[s.rng.gen_range(0..live.len())])
+        };
+        let Some(router) = router else {
+            return Submitted::Refused(TaskError::new(503, "region_down", "no node up".into()));
+        };
+        (entry_peer, (router, s.nodes[router].peer.clone()))
+    };
+    let (router, router_peer) = router;
+    let mut hops = 0u8;
+    if router != entry {
+        if hop(world, &entry_peer, &router_peer).await.is_none() {
+            return Submitted::Unknown(format!("{router_peer} did not answer"));
+        }
+        hops += 1;
+    }
+    let lease = {
+        let s = world.lock();
+        let Some(group) = s.group_of(&router_peer) else {
+            return Submitted::Unknown(format!("{router_peer} went down"));
+        };
+        match group.local_state().agents.get(&run.request.agent) {
+            None => {
+                return Submitted::Refused(TaskError::new(
+                    404,
+                    "unknown_agent",
+                    "not deployed".into(),
+                ))
+            }
+            Some(entry) => entry.lease.clone(),
+        }
+    };
+    let Some(lease) = lease else {
+        return Submitted::Refused(TaskError::new(503, "not_placed", "not placed yet".into()));
+    };
+    let answer = if lease.node == router_peer {
+        run_on(world, &router_peer, &run, lease.epoch, hops).await
+    } else {
+        if hop(world, &router_peer, &lease.node).await.is_none() {
+            return Submitted::Unknown(format!("host {} did not answer", lease.node));
+        }
+        let answer = run_on(world, &lease.node, &run, lease.epoch, hops + 1).await;
+        if hop(world, &lease.node, &router_peer).await.is_none() {
+            return Submitted::Unknown(format!("no answer from host {}", lease.node));
+        }
+        answer
+    };
+    if router != entry && hop(world, &router_peer, &entry_peer).await.is_none() {
+        return Submitted::Unknown(format!("no answer from {router_peer}"));
+    }
+    answer
+}
+
+/// Runs `run` on node `peer` with the real task host.
+async fn run_on(world: &World, peer: &str, run: &TaskRun, epoch: u64, hops: u8) -> Submitted {
+    let found = {
+        let s = world.lock();
+        s.slot(peer).and_then(|i| {
+            let n = &s.nodes[i];
+            (n.peer == peer && n.up())
+                .then(|| {
+                    Some((
+                        n.host.clone()?,
+                        n.group.clone()?,
+                        s.regions[n.region].to_string(),
+                    ))
+                })
+                .flatten()
+        })
+    };
+    let Some((host, group, region)) = found else {
+        return Submitted::Unknown(format!("{peer} is down"));
+    };
+    let claimer = SimClaimer {
+        world: world.clone(),
+        me: peer.to_owned(),
+    };
+    let admit = |_: &Manifest, _: &mesh_types::policy::RateLimits| Ok(());
+    let env = mesh_task::Env {
+        node: peer,
+        region: &region,
+        models: &SimModels,
+        claimer: &claimer,
+        admit: &admit,
+    };
+    let state = group.local_state();
+    match host.execute(&env, &state, run, epoch, hops).await {
+        Ok(answer) => Submitted::Answer(Box::new(answer)),
+        // Not known to have run, nor not to: the claim or the write.
+        Err(e)
+            if e.name == "claim_unknown"
+                || e.name == "storage"
+                || e.name == "claimed_elsewhere" =>
+        {
+            Submitted::Unknown(e.to_string())
+        }
+        Err(e) => Submitted::Refused(e),
+    }
+}
+
+/// What the world remembers of an answered task.
+#[derive(Debug, Clone)]
+pub(super) struct Acked {
+    /// The host.
+    node: String,
+    /// The hash of the audit record it was answered with.
+    record: String,
+}
+
+/// Whether a task of `agent_region`'s agent with `tags` (its input's and
+/// its dataset's), entered in `entry_region`, may run at all.
+fn allowed(tags: &[String], agent_region: usize, entry_region: usize) -> bool {
+    tags.iter().all(|t| {
+        let Some(r) = t
+            .strip_prefix("pii-r")
+            .and_then(|r| r.parse::<usize>().ok())
+        else {
+            return true;
+        };
+        r == agent_region && r == entry_region
+    })
+}
+
+/// A task client: new tasks (85 %) to random agents through random entry
+/// nodes, and resubmissions of answered task ids (15 %), which must get
+/// the same result; a task whose answer is lost is retried with its id.
+pub(super) async fn client(world: World, id: usize, stop: Arc<AtomicBool>) {
+    let mut next = 0u64;
+    let mut answered: Vec<(TaskRun, usize)> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let (pause, resubmit, entry, pick_agent, tag) = {
+            let mut s = world.lock();
+            let regions = s.regions.len();
+            let nodes = s.nodes.len();
+            (
+                s.rng.gen_range(50..250),
+                !answered.is_empty() && s.rng.gen_bool(0.15),
+                s.rng.gen_range(0..nodes),
+                (s.rng.gen_range(0..regions), s.rng.gen_range(0..3)),
+                s.rng.gen_bool(0.2).then(|| s.rng.gen_range(0..regions)),
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let (run, agent_region) = if resubmit {
+            let i = world.lock().rng.gen_range(0..answered.len());
+            answered[i].clone()
+        } else {
+            next += 1;
+            let (r, kind) = pick_agent;
+            let agent = ["echo", "chat", "search"][kind];
+            let entry_region = world.lock().nodes[entry].region;
+            let request = TaskRequest {
+                agent: format!("{agent}-r{r}"),
+                input: format!("question {next} of client {id}"),
+                tags: tag.map(pii).into_iter().collect(),
+                session: (agent == "chat").then(|| format!("s{id}")),
+                task_id: Some(format!("c{id}-{next}")),
+            };
+            world.lock().tasks.submitted += 1;
+            let run = TaskRun {
+                request,
+                entry_node: String::new(),
+                entry_region: world.lock().regions[entry_region].to_string(),
+                trace_id: format!("trace-c{id}-{next}"),
+            };
+            (run, r)
+        };
+        for attempt in 0..3 {
+            let entry = if attempt == 0 {
+                entry
+            } else {
+                let mut s = world.lock();
+                let n = s.nodes.len();
+                s.rng.gen_range(0..n)
+            };
+            let mut run = run.clone();
+            {
+                let s = world.lock();
+                run.entry_node = s.nodes[entry].peer.clone();
+                run.entry_region = s.regions[s.nodes[entry].region].to_string();
+            }
+            let entry_region = world.lock().nodes[entry].region;
+            let outcome = submit(&world, entry, agent_region, run.clone()).await;
+            let task_id = run.request.task_id.clone().unwrap_or_default();
+            let mut s = world.lock();
+            match outcome {
+                Submitted::Answer(answer) => {
+                    s.tasks.answered += 1;
+                    if answer.replayed {
+                        s.tasks.replayed += 1;
+                    }
+                    let record = answer.provenance.hash.clone();
+                    let tags = answer.provenance.record.tags.clone();
+                    let in_force = answer.provenance.record.policy_version > 0;
+                    s.check("residency");
+                    if in_force && !allowed(&tags, agent_region, entry_region) {
+                        s.violate(
+                            "residency",
+                            format!("task {task_id} with tags {tags:?} of an agent of r{agent_region} was answered to r{entry_region}"),
+                        );
+                    }
+                    s.check("tasks-once");
+                    match s.acked.get(&task_id) {
+                        Some(earlier) if earlier.record != record => {
+                            let what = format!(
+                                "task {task_id} was answered twice with different records ({} on {}, then {record} on {})",
+                                earlier.record, earlier.node, answer.provenance.record.node
+                            );
+                            s.violate("tasks-once", what);
+                        }
+                        Some(_) => {}
+                        None => {
+                            s.acked.insert(
+                                task_id.clone(),
+                                Acked {
+                                    node: answer.provenance.record.node.clone(),
+                                    record,
+                                },
+                            );
+                            answered.push((run.clone(), agent_region));
+                        }
+                    }
+                    s.log(format!(
+                        "task {task_id} answered by {} (epoch {}){}",
+                        answer.provenance.record.node,
+                        answer.provenance.record.epoch,
+                        if answer.replayed { ", replayed" } else { "" }
+                    ));
+                    break;
+                }
+                Submitted::Refused(e) => {
+                    s.tasks.refused += 1;
+                    s.log(format!("task {task_id} refused: {}", e.name));
+                    break;
+                }
+                Submitted::Unknown(why) => {
+                    s.tasks.unknown += 1;
+                    s.log(format!("task {task_id} unknown: {why}"));
+                }
+            }
+        }
+    }
+}
+
+/// Reads every node's audit log (the running process's store, else the
+/// disk) into the world's record of what ran; a record that changed under
+/// its (node, seq) is a broken chain.
+pub(super) fn scan_audit(s: &mut State) {
+    let mut seen = Vec::new();
+    for n in &s.nodes {
+        let store: &dyn Store = match &n.store {
+            Some(st) if !st.dead() => &**st,
+            _ => n.disk.durable(),
+        };
+        let _ = store.scan(Column::Audit, &[], None, &mut |_, v| {
+            if let Ok(r) = serde_json::from_slice::<SealedRecord>(v) {
+                seen.push(r);
+            }
+            true
+        });
+    }
+    for r in seen {
+        let key = (r.record.node.clone(), r.seq);
+        s.audit.entry(key).or_insert(r);
+    }
+}
+
+/// The lease of every agent at every epoch, as each node's state holds it:
+/// one node per epoch (single-lease, every 50 ms).
+pub(super) fn observe_leases(s: &mut State) {
+    let mut found = Vec::new();
+    for n in s.nodes.iter().filter(|n| n.up()) {
+        if let Some(g) = &n.group {
+            for (agent, entry) in g.local_state().agents {
+                if let Some(lease) = entry.lease {
+                    found.push((n.region, agent, lease.epoch, lease.node, n.peer.clone()));
+                }
+            }
+        }
+    }
+    for (region, agent, epoch, node, seen_by) in found {
+        s.check("single-lease");
+        let known = s
+            .leases
+            .entry((region, agent.clone(), epoch))
+            .or_insert_with(|| node.clone())
+            .clone();
+        if known != node {
+            s.violate(
+                "single-lease",
+                format!("{agent} of r{region} at epoch {epoch} is on {known} and, as {seen_by} sees it, on {node}"),
+            );
+        }
+    }
+}
+
+/// The end: every answered task durable on its host, no task id run twice,
+/// residency kept, every run fenced by its lease's claim, every chain whole.
+pub(super) fn check_end(s: &mut State) {
+    scan_audit(s);
+    s.tasks.executed = s.audit.len() as u64;
+    // tasks-acknowledged-durable
+    let acked: Vec<(String, Acked)> = s
+        .acked
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (task_id, ack) in acked {
+        s.check("tasks-acknowledged-durable");
+        let Some(i) = s.slot(&ack.node) else { continue };
+        if s.nodes[i].peer != ack.node {
+            // The host's disk was destroyed (a wipe): a result lives on
+            // its host (and its entry node) only.
+            s.log(format!("task {task_id}'s host {} lost its disk", ack.node));
+            continue;
+        }
+        let stored = s.nodes[i]
+            .disk
+            .durable()
+            .get(Column::Tasks, task_id.as_bytes())
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<TaskAnswer>(&b).ok());
+        match stored {
+            Some(a) if a.provenance.hash == ack.record => {}
+            Some(a) => s.violate(
+                "tasks-acknowledged-durable",
+                format!(
+                    "task {task_id} on {} holds record {}, not the one answered ({})",
+                    ack.node, a.provenance.hash, ack.record
+                ),
+            ),
+            None => s.violate(
+                "tasks-acknowledged-durable",
+                format!(
+                    "task {task_id}, answered by {}, is not on its disk",
+                    ack.node
+                ),
+            ),
+        }
+    }
+    // tasks-once
+    let mut runs: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+    for ((node, seq), r) in &s.audit {
+        runs.entry(r.record.task_id.clone())
+            .or_default()
+            .push((node.clone(), *seq));
+    }
+    for (task_id, where_) in runs {
+        s.check("tasks-once");
+        if where_.len() > 1 {
+            s.violate(
+                "tasks-once",
+                format!("task {task_id} ran {} times: {where_:?}", where_.len()),
+            );
+        }
+    }
+    // residency, and single-lease's fence: the lease at the record's epoch,
+    // and the region's claim of the task id.
+    let records: Vec<SealedRecord> = s.audit.values().cloned().collect();
+    let claims: Vec<consensus::Claims> = (0..s.regions.len())
+        .map(|r| {
+            s.nodes
+                .iter()
+                .filter(|n| n.region == r && n.up())
+                .filter_map(|n| n.group.as_ref().map(|g| g.local_state()))
+                .max_by_key(|st| st.last_applied.map(|l| l.index))
+                .map(|st| st.claims)
+                .unwrap_or_default()
+        })
+        .collect();
+    for r in records {
+        let rec = &r.record;
+        let region = s.regions.iter().position(|g| g.as_str() == rec.region);
+        let entry_region = s.slot(&rec.entry_node).map(|i| s.nodes[i].region);
+        s.check("residency");
+        // The rules are those of the policy in force; before the first
+        // policy write there are none.
+        for tag in rec.tags.iter().filter(|_| rec.policy_version > 0) {
+            let Some(home) = tag
+                .strip_prefix("pii-r")
+                .and_then(|t| t.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            if region != Some(home) || entry_region != Some(home) {
+                s.violate(
+                    "residency",
+                    format!(
+                        "task {} with data tagged {tag} ran in {} for an entry node in {:?}",
+                        rec.task_id,
+                        rec.region,
+                        entry_region.map(|e| s.regions[e].to_string())
+                    ),
+                );
+            }
+        }
+        s.check("single-lease");
+        let Some(region) = region else { continue };
+        match s.leases.get(&(region, rec.agent.clone(), rec.epoch)) {
+            Some(node) if *node == rec.node => {}
+            other => {
+                let what = format!(
+                    "task {} ran on {} at epoch {} of {}, whose lease was {other:?}",
+                    rec.task_id, rec.node, rec.epoch, rec.agent
+                );
+                s.violate("single-lease", what);
+            }
+        }
+        match claims[region].get(&rec.task_id) {
+            Some(c) if c.node == rec.node && c.epoch == rec.epoch => {}
+            other => {
+                let what = format!(
+                    "task {} ran on {} at epoch {} without its claim (the region holds {other:?})",
+                    rec.task_id, rec.node, rec.epoch
+                );
+                s.violate("single-lease", what);
+            }
+        }
+    }
+    // audit-chains
+    for i in 0..s.nodes.len() {
+        let mut records = Vec::new();
+        let _ = s.nodes[i]
+            .disk
+            .durable()
+            .scan(Column::Audit, &[], None, &mut |_, v| {
+                if let Ok(r) = serde_json::from_slice::<SealedRecord>(v) {
+                    records.push(r);
+                }
+                true
+            });
+        s.check("audit-chains");
+        if let Err(e) = audit::verify(&records) {
+            let peer = s.nodes[i].peer.clone();
+            s.violate("audit-chains", format!("{peer}'s audit chain: {e}"));
+        }
+    }
+}
