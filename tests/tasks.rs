@@ -146,6 +146,59 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     let ok = submit(&eu[2], "secret", &["--tag", "pii-eu"]).expect("allowed in eu-west");
     assert_eq!(ok["output"], "secret");
 
+    // Result regions: pii-eu is still processed in eu-west only, but its
+    // results may now go to us-east too; the task entered there is answered.
+    let wider = tmp.path().join("wider.toml");
+    std::fs::write(
+        &wider,
+        "[[residency]]\ntag = \"pii-eu\"\nregions = [\"eu-west\"]\nresults = [\"eu-west\", \"us-east\"]\n\n[rate_limits.per_agent]\nper_second = 10\nburst = 50\n\n[rate_limits.per_client]\nper_second = 5\nburst = 5\n",
+    )
+    .expect("policy");
+    let apply = |file: &Path| {
+        let out = cli(&[
+            "policy",
+            "apply",
+            "-f",
+            file.to_str().expect("utf-8"),
+            "--region",
+            "eu-west",
+            "--api",
+            &eu[0].api,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    apply(&wider);
+    let mut n = 0;
+    wait_until("a pii-eu result may go to us-east", WITHIN, || {
+        n += 1;
+        submit(&us, &format!("secret {n}"), &["--tag", "pii-eu"]).is_ok()
+    });
+    apply(&policy);
+    let e = submit(&us, "secret again", &["--tag", "pii-eu"]);
+    let e = match e {
+        // The host may not have applied the narrower policy yet.
+        Ok(_) => {
+            let mut refused = String::new();
+            wait_until("the narrower policy holds again", WITHIN, || {
+                n += 1;
+                match submit(&us, &format!("secret {n}"), &["--tag", "pii-eu"]) {
+                    Err(e) if e.contains("403") => {
+                        refused = e;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            refused
+        }
+        Err(e) => e,
+    };
+    assert!(e.contains("may only go to eu-west"), "{e}");
+
     // One task id, three submissions through three nodes: it runs once.
     let first = submit(&us, "once", &["--task-id", "t-42"]).expect("first");
     let again = submit(&eu[0], "once", &["--task-id", "t-42"]).expect("again");
@@ -196,6 +249,31 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     }
     let e = submit(&us, "x", &["--task-id", "bad id!"]).expect_err("bad id");
     assert!(e.contains("task id"), "{e}");
+    // A claim is a host's, over libp2p: one sent over HTTP, even for the
+    // real host, is refused and claims nothing.
+    {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&eu[0].api).expect("connect");
+        let body = format!(
+            "{{\"ClaimTask\": {{\"agent\": \"echo\", \"task_id\": \"t-forged\", \"node\": \"{host}\", \"epoch\": 1, \"at_ms\": 0}}}}"
+        );
+        write!(
+            stream,
+            "POST /v1/regions/eu-west/claims HTTP/1.0\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            eu[0].api,
+            body.len()
+        )
+        .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        assert!(response.starts_with("HTTP/1.0 403"), "{response}");
+        assert!(response.contains("over libp2p"), "{response}");
+        let forged = submit(&us, "forged", &["--task-id", "t-forged"]).expect("runs");
+        assert_eq!(
+            forged["replayed"], false,
+            "the forged claim claimed nothing"
+        );
+    }
 
     // The host's chain holds; an edited record is detected.
     let i = eu.iter().position(|n| n.peer_id == host).expect("host");

@@ -37,7 +37,10 @@ pub use group::{GroupError, RaftSettings, RegionGroup, RegionStatus};
 pub use log_store::LogStore;
 pub use log_sync::LogSync;
 pub use state_machine::{AgentEntry, Claim, Claims, RegionState, RegionStateMachine};
-pub use types::{Dataset, Lease, RegionCommand, RegionNode, RegionResponse, TypeConfig};
+pub use types::{
+    Dataset, Lease, PolicyV1, RegionCommand, RegionNode, RegionResponse, ResidencyRuleV1,
+    TypeConfig,
+};
 
 #[cfg(test)]
 mod suite;

@@ -19,9 +19,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::log_sync::LogSync;
-use crate::types::{Dataset, Lease, NodeId, RegionCommand, RegionNode, RegionResponse, TypeConfig};
+use crate::types::{
+    Dataset, Lease, NodeId, PolicyV1, RegionCommand, RegionNode, RegionResponse, TypeConfig,
+};
 
-const STATE: &[u8] = b"state";
+/// The state, in this build's shape. Builds before result regions kept it
+/// under [`STATE_BEFORE_V3`] (read once, then deleted): bincode is not
+/// self-describing, so a new key keeps old and new bytes apart.
+const STATE: &[u8] = b"state3";
+const STATE_BEFORE_V3: &[u8] = b"state";
+/// Snapshot data of this build starts with this; older snapshots do not
+/// (their first byte is an `Option` tag, 0 or 1).
+const SNAPSHOT_MAGIC: &[u8] = b"AMS3";
 const SNAPSHOT: &[u8] = b"current";
 /// Claims are kept one key each (`claim\0` + the claim's log index,
 /// big-endian) beside the state, so applying a claim writes one key, not
@@ -79,48 +88,71 @@ pub struct Claim {
     pub at_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct ClaimTable {
-    by_id: BTreeMap<String, Claim>,
-    /// Task ids by claim index: the oldest first, to forget.
-    order: BTreeMap<u64, String>,
+/// Shards of the claims by task id, and claims per chunk of the order.
+const SHARDS: usize = 64;
+const CHUNK: usize = 256;
+
+/// The task ids the region's hosts claimed before running them, for the
+/// last [`CLAIMS_KEPT_MS`] and at most [`CLAIMS_MAX`]: within that window
+/// a task id runs once in its region, wherever its agent moves.
+///
+/// Every read of the region state clones it, and a claim is applied to a
+/// clone, so it is kept in small shared pieces (copy on write): a clone
+/// copies pointers, and a claim copies one shard of the ids (about
+/// 1/64th) and one chunk of the order (at most 256 entries), never the
+/// whole window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims {
+    /// The claims by task id, in [`SHARDS`] shards by a hash of the id
+    /// (empty while there is none).
+    by_id: Vec<Arc<BTreeMap<String, Claim>>>,
+    /// (log index, task id) of every claim, oldest first, in chunks of at
+    /// most [`CHUNK`].
+    order: std::collections::VecDeque<Arc<Vec<(u64, String)>>>,
+    len: usize,
     /// The newest claim's clock.
     newest_ms: u64,
 }
 
-/// The task ids the region's hosts claimed before running them, for the
-/// last [`CLAIMS_KEPT_MS`] and at most [`CLAIMS_MAX`]: within that window
-/// a task id runs once in its region, wherever its agent moves. Shared
-/// (copy on write), so reading the region state does not copy it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Claims(Arc<ClaimTable>);
+/// FNV-1a: a shard that does not change between builds or processes.
+fn shard_of(task_id: &str) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in task_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % SHARDS as u64) as usize
+}
 
 impl Claims {
     /// The claim of `task_id`, if it is in the window.
     pub fn get(&self, task_id: &str) -> Option<&Claim> {
-        self.0.by_id.get(task_id)
+        self.by_id.get(shard_of(task_id))?.get(task_id)
     }
 
     /// Claims held.
     pub fn len(&self) -> usize {
-        self.0.by_id.len()
+        self.len
     }
 
     /// True when none is held.
     pub fn is_empty(&self) -> bool {
-        self.0.by_id.is_empty()
+        self.len == 0
     }
 
-    /// Every claim, by task id.
+    /// Every claim, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Claim)> {
-        self.0.by_id.iter()
+        self.order
+            .iter()
+            .flat_map(|chunk| chunk.iter())
+            .filter_map(|(_, id)| self.get(id).map(|c| (id, c)))
     }
 
     /// The oldest and the newest claim's log index.
     fn bounds(&self) -> (Option<u64>, Option<u64>) {
         (
-            self.0.order.keys().next().copied(),
-            self.0.order.keys().next_back().copied(),
+            self.order.front().and_then(|c| c.first()).map(|(i, _)| *i),
+            self.order.back().and_then(|c| c.last()).map(|(i, _)| *i),
         )
     }
 
@@ -143,15 +175,20 @@ impl Claims {
                 });
             }
         }
-        let added = match before.1 {
-            Some(i) => self.0.order.range(i.saturating_add(1)..),
-            None => self.0.order.range(..),
-        };
-        for (index, id) in added {
-            if let Some(claim) = self.0.by_id.get(id) {
+        let mut added = Vec::new();
+        'chunks: for chunk in self.order.iter().rev() {
+            for (index, id) in chunk.iter().rev() {
+                if before.1.is_some_and(|newest| *index <= newest) {
+                    break 'chunks;
+                }
+                added.push((*index, id));
+            }
+        }
+        for (index, id) in added.into_iter().rev() {
+            if let Some(claim) = self.get(id) {
                 ops.push(WriteOp::Put {
                     column: Column::StateMachine,
-                    key: claim_key(*index),
+                    key: claim_key(index),
                     value: codec::encode(&(id, claim))?,
                 });
             }
@@ -166,21 +203,19 @@ impl Claims {
             from: CLAIM_PREFIX.to_vec(),
             to: CLAIM_END.to_vec(),
         }];
-        for (index, id) in &self.0.order {
-            if let Some(claim) = self.0.by_id.get(id) {
-                ops.push(WriteOp::Put {
-                    column: Column::StateMachine,
-                    key: claim_key(*index),
-                    value: codec::encode(&(id, claim))?,
-                });
-            }
+        for (id, claim) in self.iter() {
+            ops.push(WriteOp::Put {
+                column: Column::StateMachine,
+                key: claim_key(claim.index),
+                value: codec::encode(&(id, claim))?,
+            });
         }
         Ok(ops)
     }
 
     /// The claims stored in `store`.
     fn load(store: &dyn Store) -> Result<Self, String> {
-        let mut table = ClaimTable::default();
+        let mut claims = Claims::default();
         let mut failed = None;
         store
             .scan(
@@ -189,9 +224,7 @@ impl Claims {
                 Some(CLAIM_END),
                 &mut |k, v| match codec::decode::<(String, Claim)>(v) {
                     Ok((id, claim)) => {
-                        table.newest_ms = table.newest_ms.max(claim.at_ms);
-                        table.order.insert(claim.index, id.clone());
-                        table.by_id.insert(id, claim);
+                        claims.push(id, claim);
                         true
                     }
                     Err(e) => {
@@ -203,39 +236,92 @@ impl Claims {
             .map_err(|e| e.to_string())?;
         match failed {
             Some(e) => Err(e),
-            None => Ok(Self(Arc::new(table))),
+            None => Ok(claims),
+        }
+    }
+
+    /// Adds a claim newer than every one held (no forgetting).
+    fn push(&mut self, task_id: String, claim: Claim) {
+        if self.by_id.is_empty() {
+            self.by_id = vec![Arc::new(BTreeMap::new()); SHARDS];
+        }
+        self.newest_ms = self.newest_ms.max(claim.at_ms);
+        let index = claim.index;
+        let shard = shard_of(&task_id);
+        if Arc::make_mut(&mut self.by_id[shard])
+            .insert(task_id.clone(), claim)
+            .is_none()
+        {
+            self.len += 1;
+        }
+        match self.order.back_mut() {
+            Some(chunk) if chunk.len() < CHUNK => Arc::make_mut(chunk).push((index, task_id)),
+            _ => self.order.push_back(Arc::new(vec![(index, task_id)])),
         }
     }
 
     fn insert(&mut self, task_id: String, claim: Claim) {
-        let table = Arc::make_mut(&mut self.0);
-        table.newest_ms = table.newest_ms.max(claim.at_ms);
-        table.order.insert(claim.index, task_id.clone());
-        table.by_id.insert(task_id, claim);
-        while let Some((&index, id)) = table.order.iter().next() {
-            let expired = table
-                .by_id
+        self.push(task_id, claim);
+        // Forget the oldest while past the window.
+        loop {
+            let Some(chunk) = self.order.front() else {
+                break;
+            };
+            let Some((_, id)) = chunk.first() else {
+                self.order.pop_front();
+                continue;
+            };
+            let expired = self
                 .get(id)
-                .is_some_and(|c| c.at_ms.saturating_add(CLAIMS_KEPT_MS) < table.newest_ms);
-            if table.by_id.len() <= CLAIMS_MAX && !expired {
+                .is_some_and(|c| c.at_ms.saturating_add(CLAIMS_KEPT_MS) < self.newest_ms);
+            if self.len <= CLAIMS_MAX && !expired {
                 break;
             }
             let id = id.clone();
-            table.order.remove(&index);
-            table.by_id.remove(&id);
+            if let Some(front) = self.order.front_mut() {
+                let chunk = Arc::make_mut(front);
+                chunk.remove(0);
+                if chunk.is_empty() {
+                    self.order.pop_front();
+                }
+            }
+            if Arc::make_mut(&mut self.by_id[shard_of(&id)])
+                .remove(&id)
+                .is_some()
+            {
+                self.len -= 1;
+            }
         }
     }
 }
 
+/// Claims as they are written in a snapshot: the newest clock, and every
+/// claim oldest first.
+#[derive(Serialize, Deserialize)]
+struct StoredClaims {
+    newest_ms: u64,
+    claims: Vec<(String, Claim)>,
+}
+
 impl Serialize for Claims {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
+        StoredClaims {
+            newest_ms: self.newest_ms,
+            claims: self.iter().map(|(id, c)| (id.clone(), c.clone())).collect(),
+        }
+        .serialize(serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for Claims {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(Self(Arc::new(ClaimTable::deserialize(deserializer)?)))
+        let stored = StoredClaims::deserialize(deserializer)?;
+        let mut claims = Claims::default();
+        for (id, claim) in stored.claims {
+            claims.push(id, claim);
+        }
+        claims.newest_ms = claims.newest_ms.max(stored.newest_ms);
+        Ok(claims)
     }
 }
 
@@ -257,6 +343,12 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
     match command {
         RegionCommand::SetPolicy(policy) => apply_policies(state, index, vec![policy]),
         RegionCommand::SetPolicies(policies) => apply_policies(state, index, policies),
+        RegionCommand::SetPolicyV1(policy) => apply_policies(state, index, vec![policy.into()]),
+        RegionCommand::SetPoliciesV1(policies) => apply_policies(
+            state,
+            index,
+            policies.into_iter().map(Policy::from).collect(),
+        ),
         RegionCommand::DeployAgent(manifest) => {
             let retired = state.retired_epochs.remove(&manifest.name).unwrap_or(0);
             let entry = state
@@ -353,7 +445,7 @@ fn apply_policies(state: &mut RegionState, index: u64, policies: Vec<Policy>) ->
 struct RegionStateV1 {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, RegionNode>,
-    policy: Option<Policy>,
+    policy: Option<PolicyV1>,
     policy_version: u64,
 }
 
@@ -362,43 +454,56 @@ struct RegionStateV1 {
 struct RegionStateV2 {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, RegionNode>,
-    policy: Option<Policy>,
+    policy: Option<PolicyV1>,
     policy_version: u64,
     agents: BTreeMap<String, AgentEntry>,
     datasets: BTreeMap<String, Dataset>,
     retired_epochs: BTreeMap<String, u64>,
 }
 
-/// Decodes a stored region state, of this build or of the two before
-/// (the first had no agents or datasets, the second no task claims), so a
+/// Decodes a region state stored by the builds before result regions (the
+/// first had no agents or datasets, the second no task claims), so a
 /// node's store survives the upgrade.
-fn decode_state(bytes: &[u8]) -> Result<RegionState, codec::CodecError> {
-    let e = match codec::decode::<RegionState>(bytes) {
-        Ok(state) => return Ok(state),
+fn decode_state_before_v3(bytes: &[u8]) -> Result<RegionState, codec::CodecError> {
+    let e = match codec::decode::<RegionStateV2>(bytes) {
+        Ok(v2) => {
+            return Ok(RegionState {
+                last_applied: v2.last_applied,
+                membership: v2.membership,
+                policy: v2.policy.map(Policy::from),
+                policy_version: v2.policy_version,
+                agents: v2.agents,
+                datasets: v2.datasets,
+                retired_epochs: v2.retired_epochs,
+                ..RegionState::default()
+            })
+        }
         Err(e) => e,
     };
-    if let Ok(v2) = codec::decode::<RegionStateV2>(bytes) {
-        return Ok(RegionState {
-            last_applied: v2.last_applied,
-            membership: v2.membership,
-            policy: v2.policy,
-            policy_version: v2.policy_version,
-            agents: v2.agents,
-            datasets: v2.datasets,
-            retired_epochs: v2.retired_epochs,
-            ..RegionState::default()
-        });
-    }
     match codec::decode::<RegionStateV1>(bytes) {
         Ok(v1) => Ok(RegionState {
             last_applied: v1.last_applied,
             membership: v1.membership,
-            policy: v1.policy,
+            policy: v1.policy.map(Policy::from),
             policy_version: v1.policy_version,
             ..RegionState::default()
         }),
         Err(_) => Err(e),
     }
+}
+
+/// Snapshot data: this build's (after [`SNAPSHOT_MAGIC`]) or an older one's.
+fn decode_snapshot_data(bytes: &[u8]) -> Result<RegionState, codec::CodecError> {
+    match bytes.strip_prefix(SNAPSHOT_MAGIC) {
+        Some(rest) => codec::decode::<RegionState>(rest),
+        None => decode_state_before_v3(bytes),
+    }
+}
+
+fn encode_snapshot_data(state: &RegionState) -> Result<Vec<u8>, codec::CodecError> {
+    let mut data = SNAPSHOT_MAGIC.to_vec();
+    data.extend(codec::encode(state)?);
+    Ok(data)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -437,12 +542,18 @@ impl RegionStateMachine {
     /// unsynced, and a crash may land between the two), the snapshot's state
     /// is the one to resume from: the log it covers may be purged already.
     pub fn open(store: Arc<dyn Store>) -> StorageResult<Self> {
+        let old = store
+            .get(Column::StateMachine, STATE_BEFORE_V3)
+            .map_err(sm_read_err)?;
         let mut state = match store
             .get(Column::StateMachine, STATE)
             .map_err(sm_read_err)?
         {
-            Some(bytes) => decode_state(&bytes).map_err(sm_read_err)?,
-            None => RegionState::default(),
+            Some(bytes) => codec::decode::<RegionState>(&bytes).map_err(sm_read_err)?,
+            None => match &old {
+                Some(bytes) => decode_state_before_v3(bytes).map_err(sm_read_err)?,
+                None => RegionState::default(),
+            },
         };
         // The claims of the saved state are kept one key each beside it,
         // written in the same batches.
@@ -451,7 +562,7 @@ impl RegionStateMachine {
             let stored: StoredSnapshot = codec::decode(&bytes).map_err(sm_read_err)?;
             if stored.meta.last_log_id > state.last_applied {
                 let mut from_snapshot: RegionState =
-                    decode_state(&stored.data).map_err(sm_read_err)?;
+                    decode_snapshot_data(&stored.data).map_err(sm_read_err)?;
                 from_snapshot.last_applied = stored.meta.last_log_id;
                 from_snapshot.membership = stored.meta.last_membership;
                 // The claim keys belong to the older state: store the
@@ -460,6 +571,25 @@ impl RegionStateMachine {
                 store.write(ops, Durability::Sync).map_err(sm_write_err)?;
                 state = from_snapshot;
             }
+        }
+        if old.is_some() {
+            // Moved to this build's key, with the old one gone, at once.
+            let without_claims = RegionState {
+                claims: Claims::default(),
+                ..state.clone()
+            };
+            let ops = vec![
+                WriteOp::Put {
+                    column: Column::StateMachine,
+                    key: STATE.to_vec(),
+                    value: codec::encode(&without_claims).map_err(sm_write_err)?,
+                },
+                WriteOp::Delete {
+                    column: Column::StateMachine,
+                    key: STATE_BEFORE_V3.to_vec(),
+                },
+            ];
+            store.write(ops, Durability::Sync).map_err(sm_write_err)?;
         }
         Ok(Self {
             store,
@@ -530,7 +660,7 @@ impl RegionStateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for RegionStateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let state = self.state();
-        let data = codec::encode(&state).map_err(snapshot_err)?;
+        let data = encode_snapshot_data(&state).map_err(snapshot_err)?;
         let n = self
             .snapshots_built
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -580,14 +710,6 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
     {
         let mut state = self.state();
         let claims_before = state.claims.bounds();
-        // The applied state lets go of its claims while this batch applies,
-        // so that adding one does not copy the whole window (copy on
-        // write): a reader meanwhile sees the claims as none. Nothing
-        // decides on the applied state's claims; a claim is answered by
-        // its own apply.
-        if let Ok(mut applied) = self.state.write() {
-            applied.claims = Claims::default();
-        }
         let mut responses = Vec::new();
         for entry in entries {
             state.last_applied = Some(entry.log_id);
@@ -630,7 +752,7 @@ impl RaftStateMachine<TypeConfig> for RegionStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
-        let mut state: RegionState = decode_state(&data).map_err(snapshot_err)?;
+        let mut state: RegionState = decode_snapshot_data(&data).map_err(snapshot_err)?;
         #[cfg(feature = "planted-bugs")]
         {
             use crate::group::planted::{on, INSTALL_FAILS};
@@ -767,28 +889,105 @@ mod command_tests {
         );
     }
 
+    fn old_policy() -> PolicyV1 {
+        PolicyV1 {
+            residency: vec![crate::types::ResidencyRuleV1 {
+                tag: "pii-eu".into(),
+                regions: vec![Region::parse("eu-west").expect("region")],
+            }],
+            models: vec![],
+            rate_limits: Default::default(),
+        }
+    }
+
     #[test]
     fn a_state_stored_by_the_build_before_agents_still_opens() {
         #[derive(Serialize)]
         struct V1 {
             last_applied: Option<LogId<NodeId>>,
             membership: StoredMembership<NodeId, RegionNode>,
-            policy: Option<Policy>,
+            policy: Option<PolicyV1>,
             policy_version: u64,
         }
         let bytes = codec::encode(&V1 {
             last_applied: None,
             membership: StoredMembership::default(),
-            policy: Some(Policy::default()),
+            policy: Some(old_policy()),
             policy_version: 42,
         })
         .expect("encode");
-        let state = decode_state(&bytes).expect("decodes");
+        let state = decode_state_before_v3(&bytes).expect("decodes");
         assert_eq!(state.policy_version, 42);
+        assert_eq!(state.policy, Some(old_policy().into()));
         assert!(state.agents.is_empty());
-        let now = codec::encode(&state).expect("encode");
-        assert_eq!(decode_state(&now).expect("decodes"), state);
-        assert!(decode_state(&now[..now.len() / 2]).is_err());
+        let now = encode_snapshot_data(&state).expect("encode");
+        assert_eq!(decode_snapshot_data(&now).expect("decodes"), state);
+        assert!(decode_snapshot_data(&now[..now.len() / 2]).is_err());
+        // An old build's snapshot data (no magic) still decodes.
+        assert_eq!(decode_snapshot_data(&bytes).expect("decodes"), state);
+    }
+
+    /// Policies gained result regions (issue 13): the log entries and the
+    /// state that builds before wrote still decode, and the state moves to
+    /// its new key when the node opens.
+    #[test]
+    fn old_policy_entries_and_an_old_state_open_after_result_regions() {
+        #[derive(Serialize)]
+        enum OldCommand {
+            SetPolicy(PolicyV1),
+            #[allow(dead_code)]
+            SetPolicies(Vec<PolicyV1>),
+        }
+        let bytes = codec::encode(&OldCommand::SetPolicy(old_policy())).expect("encode");
+        let command: RegionCommand = codec::decode(&bytes).expect("an old entry decodes");
+        let mut state = RegionState::default();
+        apply_command(&mut state, 5, command);
+        let policy = state.policy.clone().expect("applied");
+        assert_eq!(policy.residency[0].tag, "pii-eu");
+        assert!(policy.residency[0].results.is_empty());
+        assert_eq!(state.policy_version, 5);
+
+        #[derive(Serialize)]
+        struct V2 {
+            last_applied: Option<LogId<NodeId>>,
+            membership: StoredMembership<NodeId, RegionNode>,
+            policy: Option<PolicyV1>,
+            policy_version: u64,
+            agents: BTreeMap<String, AgentEntry>,
+            datasets: BTreeMap<String, Dataset>,
+            retired_epochs: BTreeMap<String, u64>,
+        }
+        let old_state = codec::encode(&V2 {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            policy: Some(old_policy()),
+            policy_version: 5,
+            agents: BTreeMap::new(),
+            datasets: BTreeMap::new(),
+            retired_epochs: BTreeMap::new(),
+        })
+        .expect("encode");
+        let store: Arc<dyn Store> = Arc::new(mesh_store::MemStore::default());
+        store
+            .write(
+                vec![WriteOp::Put {
+                    column: Column::StateMachine,
+                    key: STATE_BEFORE_V3.to_vec(),
+                    value: old_state,
+                }],
+                Durability::Sync,
+            )
+            .expect("write");
+        let opened = RegionStateMachine::open(store.clone())
+            .expect("opens")
+            .state();
+        assert_eq!(opened.policy, Some(policy));
+        assert!(store
+            .get(Column::StateMachine, STATE_BEFORE_V3)
+            .expect("read")
+            .is_none());
+        let again = RegionStateMachine::open(store).expect("reopens").state();
+        assert_eq!(again, opened);
     }
 
     #[test]
@@ -947,7 +1146,7 @@ mod command_tests {
         struct V2 {
             last_applied: Option<LogId<NodeId>>,
             membership: StoredMembership<NodeId, RegionNode>,
-            policy: Option<Policy>,
+            policy: Option<PolicyV1>,
             policy_version: u64,
             agents: BTreeMap<String, AgentEntry>,
             datasets: BTreeMap<String, Dataset>,
@@ -973,7 +1172,7 @@ mod command_tests {
             retired_epochs: BTreeMap::new(),
         })
         .expect("encode");
-        let state = decode_state(&bytes).expect("decodes");
+        let state = decode_state_before_v3(&bytes).expect("decodes");
         assert_eq!((state.policy_version, state.agents["echo"].epoch), (7, 2));
         assert!(state.claims.is_empty());
     }

@@ -39,11 +39,11 @@ impl fmt::Display for RegionNode {
 /// A change to the region state, proposed through Raft.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RegionCommand {
-    /// Replace the region policy. The caller MUST have validated it.
-    SetPolicy(Policy),
-    /// Concurrent policy writes committed together (see `crate::batcher`):
-    /// applied in order at one log index; the last one is in force.
-    SetPolicies(Vec<Policy>),
+    /// A policy as builds before result regions wrote it (read from old
+    /// logs, never written): applied as [`RegionCommand::SetPolicy`].
+    SetPolicyV1(PolicyV1),
+    /// Policies as builds before result regions wrote them (never written).
+    SetPoliciesV1(Vec<PolicyV1>),
     /// Deploy an agent, or a new version of it (its lease is kept). The
     /// caller MUST have checked the manifest (`mesh_agent::manifest::check`).
     DeployAgent(Manifest),
@@ -80,6 +80,51 @@ pub enum RegionCommand {
         /// than the window, by the newest claim's clock, are forgotten.
         at_ms: u64,
     },
+    /// Replace the region policy. The caller MUST have validated it.
+    SetPolicy(Policy),
+    /// Concurrent policy writes committed together (see `crate::batcher`):
+    /// applied in order at one log index; the last one is in force.
+    SetPolicies(Vec<Policy>),
+}
+
+/// A policy as it was stored before residency rules named result regions:
+/// the bytes of old log entries and states decode into it (bincode is not
+/// self-describing, so a changed struct needs its old shape kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyV1 {
+    /// Residency rules without result regions.
+    pub residency: Vec<ResidencyRuleV1>,
+    /// Allowed models.
+    pub models: Vec<mesh_types::policy::AllowedModel>,
+    /// Rate limits.
+    pub rate_limits: mesh_types::policy::RateLimits,
+}
+
+/// A residency rule before result regions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResidencyRuleV1 {
+    /// The tag.
+    pub tag: String,
+    /// Where such data may be processed (and, then, returned to).
+    pub regions: Vec<mesh_types::Region>,
+}
+
+impl From<PolicyV1> for Policy {
+    fn from(old: PolicyV1) -> Self {
+        Policy {
+            residency: old
+                .residency
+                .into_iter()
+                .map(|r| mesh_types::policy::ResidencyRule {
+                    tag: r.tag,
+                    regions: r.regions,
+                    results: Vec::new(),
+                })
+                .collect(),
+            models: old.models,
+            rate_limits: old.rate_limits,
+        }
+    }
 }
 
 /// A dataset as the region knows it: the documents stay on their node.

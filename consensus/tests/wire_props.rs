@@ -41,8 +41,16 @@ fn region() -> impl Strategy<Value = Region> {
 fn policy() -> impl Strategy<Value = Policy> {
     (
         prop::collection::vec(
-            (text(), prop::collection::vec(region(), 0..3))
-                .prop_map(|(tag, regions)| ResidencyRule { tag, regions }),
+            (
+                text(),
+                prop::collection::vec(region(), 0..3),
+                prop::collection::vec(region(), 0..3),
+            )
+                .prop_map(|(tag, regions, results)| ResidencyRule {
+                    tag,
+                    regions,
+                    results,
+                }),
             0..3,
         ),
         prop::collection::vec(

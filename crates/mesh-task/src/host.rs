@@ -138,10 +138,11 @@ pub fn check_policy(
                     ),
                 ));
             }
-            if !allowed.contains(&entry_region) {
+            let results: Vec<&str> = rule.result_regions().iter().map(|r| r.as_str()).collect();
+            if !results.contains(&entry_region) {
                 return Err(forbidden(
                     "residency",
-                    format!("a result from data tagged {tag} may only go to {}; this task entered in {entry_region}: submit it to a node of an allowed region", allowed.join(", ")),
+                    format!("a result from data tagged {tag} may only go to {} (the rule for {tag}); this task entered in {entry_region}: submit it to a node of an allowed region", results.join(", ")),
                 ));
             }
         }
@@ -556,5 +557,82 @@ pub mod planted {
     /// Whether `bug` is on.
     pub fn on(bug: &AtomicBool) -> bool {
         bug.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_types::agent::AgentKind;
+    use mesh_types::policy::ResidencyRule;
+    use mesh_types::Region;
+
+    use super::*;
+
+    fn region(name: &str) -> Region {
+        Region::parse(name).expect("region")
+    }
+
+    fn manifest() -> Manifest {
+        Manifest {
+            name: "docs".into(),
+            version: "1".into(),
+            kind: AgentKind::Search,
+            models: vec![],
+            dataset: None,
+            regions: vec![region("eu-west")],
+            concurrency: 1,
+            latency_budget_ms: 100,
+        }
+    }
+
+    #[test]
+    fn residency_names_where_data_is_processed_and_where_results_go() {
+        let policy = Policy {
+            residency: vec![ResidencyRule {
+                tag: "pii-eu".into(),
+                regions: vec![region("eu-west")],
+                results: vec![region("eu-west"), region("eu-central")],
+            }],
+            ..Policy::default()
+        };
+        let tags = vec!["pii-eu".to_owned()];
+        let check = |here: &str, entry: &str| {
+            check_policy(Some(&policy), &manifest(), &tags, here, entry).map_err(|e| e.detail)
+        };
+        assert_eq!(check("eu-west", "eu-west"), Ok(()));
+        assert_eq!(check("eu-west", "eu-central"), Ok(()), "a result region");
+        let e = check("eu-west", "us-east").expect_err("not a result region");
+        assert!(
+            e.contains("may only go to eu-west, eu-central") && e.contains("us-east"),
+            "{e}"
+        );
+        let e = check("eu-central", "eu-central").expect_err("not a processing region");
+        assert!(e.contains("may only be processed in eu-west"), "{e}");
+        // Without result regions, the processing regions are the result regions.
+        let mut same = policy.clone();
+        same.residency[0].results.clear();
+        let e = check_policy(Some(&same), &manifest(), &tags, "eu-west", "eu-central")
+            .expect_err("refused");
+        assert!(e.detail.contains("may only go to eu-west "), "{}", e.detail);
+        assert_eq!(e.status, 403);
+    }
+
+    #[test]
+    fn a_model_the_policy_does_not_list_is_refused() {
+        let policy = Policy {
+            models: vec![mesh_types::policy::AllowedModel {
+                name: "all-minilm-l6-v2".into(),
+                sha256: "a".repeat(64),
+            }],
+            ..Policy::default()
+        };
+        let mut m = manifest();
+        m.models = vec![mesh_types::agent::ModelRef {
+            name: "smollm2-135m-instruct".into(),
+            sha256: "b".repeat(64),
+        }];
+        let e = check_policy(Some(&policy), &m, &[], "eu-west", "eu-west").expect_err("refused");
+        assert_eq!((e.status, e.name), (403, "model_not_allowed"));
+        assert!(e.detail.contains("smollm2-135m-instruct"), "{}", e.detail);
     }
 }

@@ -12,7 +12,8 @@ use crate::Region;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Data residency: data carrying `tag` may only be processed in `regions`.
+    /// Data residency: data carrying `tag` may only be processed in
+    /// `regions`, and a result derived from it returned to `results`.
     #[serde(default)]
     pub residency: Vec<ResidencyRule>,
     /// Models agents may run, by content hash.
@@ -31,6 +32,21 @@ pub struct ResidencyRule {
     pub tag: String,
     /// Regions where such data may be processed; never empty.
     pub regions: Vec<Region>,
+    /// Regions a result derived from such data may be returned to (the
+    /// region a task entered in); empty: the same as `regions`.
+    #[serde(default)]
+    pub results: Vec<Region>,
+}
+
+impl ResidencyRule {
+    /// Where a result derived from this data may go.
+    pub fn result_regions(&self) -> &[Region] {
+        if self.results.is_empty() {
+            &self.regions
+        } else {
+            &self.results
+        }
+    }
 }
 
 /// A model that may run, by name and sha256 of its weights.
@@ -148,6 +164,7 @@ mod tests {
             residency: vec![ResidencyRule {
                 tag: "pii-eu".into(),
                 regions: vec![Region::parse("eu-west").expect("valid")],
+                results: vec![],
             }],
             models: vec![AllowedModel {
                 name: "all-minilm-l6-v2".into(),
@@ -155,6 +172,28 @@ mod tests {
             }],
             rate_limits: RateLimits::default(),
         }
+    }
+
+    #[test]
+    fn results_go_where_the_rule_says_or_where_the_data_is_processed() {
+        let toml = r#"
+            [[residency]]
+            tag = "pii-eu"
+            regions = ["eu-west"]
+            results = ["eu-west", "us-east"]
+
+            [[residency]]
+            tag = "internal"
+            regions = ["us-east"]
+        "#;
+        let p: Policy = toml::from_str(toml).expect("parses");
+        assert_eq!(p.validate(), Ok(()));
+        let names = |rs: &[Region]| rs.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            names(p.residency[0].result_regions()),
+            ["eu-west", "us-east"]
+        );
+        assert_eq!(names(p.residency[1].result_regions()), ["us-east"]);
     }
 
     #[test]
@@ -168,6 +207,7 @@ mod tests {
         p.residency.push(ResidencyRule {
             tag: "pii-eu".into(),
             regions: vec![],
+            results: vec![],
         });
         p.models[0].sha256 = "XYZ".into();
         p.rate_limits.per_client.per_second = 0;

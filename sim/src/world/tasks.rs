@@ -50,6 +50,7 @@ pub(super) fn residency(regions: &[Region]) -> Vec<ResidencyRule> {
         .map(|(r, region)| ResidencyRule {
             tag: pii(r),
             regions: vec![region.clone()],
+            results: vec![region.clone()],
         })
         .collect()
 }
