@@ -243,7 +243,7 @@ impl Claims {
     /// Adds a claim newer than every one held (no forgetting).
     fn push(&mut self, task_id: String, claim: Claim) {
         if self.by_id.is_empty() {
-            self.by_id = vec![Arc::new(BTreeMap::new()); SHARDS];
+            self.by_id = (0..SHARDS).map(|_| Arc::new(BTreeMap::new())).collect();
         }
         self.newest_ms = self.newest_ms.max(claim.at_ms);
         let index = claim.index;
@@ -263,10 +263,7 @@ impl Claims {
     fn insert(&mut self, task_id: String, claim: Claim) {
         self.push(task_id, claim);
         // Forget the oldest while past the window.
-        loop {
-            let Some(chunk) = self.order.front() else {
-                break;
-            };
+        while let Some(chunk) = self.order.front() {
             let Some((_, id)) = chunk.first() else {
                 self.order.pop_front();
                 continue;
