@@ -265,4 +265,51 @@ fn a_search_agent_runs_next_to_its_data() {
         !fresh["output"].as_str().unwrap_or("").contains("Ada"),
         "sessions are separate: {fresh}"
     );
+
+    // --stream: the generated text comes piece by piece (server-sent
+    // events, relayed from the host by an entry node that is not the host),
+    // then the answer.
+    let host = fresh["provenance"]["record"]["node"]
+        .as_str()
+        .expect("host");
+    let entry = nodes
+        .iter()
+        .find(|n| n.peer_id != host)
+        .expect("another node");
+    let out = cli(&[
+        "task",
+        "submit",
+        "--agent",
+        "chat",
+        "--input",
+        "Name three colours.",
+        "--stream",
+        "--json",
+        "--api",
+        &entry.api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event a line"))
+        .collect();
+    let pieces: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "token")
+        .filter_map(|e| e["data"]["text"].as_str())
+        .collect();
+    let last = events.last().expect("events");
+    assert_eq!(last["event"], "result", "{last}");
+    assert!(pieces.len() >= 2, "the text came in pieces: {pieces:?}");
+    let output = last["data"]["output"].as_str().expect("text");
+    assert_eq!(pieces.concat().trim(), output, "the pieces are the answer");
+    assert_eq!(last["data"]["provenance"]["record"]["node"], host);
+    assert_eq!(
+        last["data"]["provenance"]["record"]["entry_node"],
+        entry.peer_id.as_str()
+    );
 }

@@ -187,6 +187,8 @@ pub struct ApiState {
     pub tasks: std::sync::Arc<mesh_task::Host>,
     /// Rate-limit buckets (per client here, per agent on its host).
     pub buckets: std::sync::Arc<crate::rate::Buckets>,
+    /// The buffers of streamed tasks this node hosts.
+    pub streams: std::sync::Arc<crate::streams::Streams>,
     /// The API listens on a loopback address (its Host header is checked).
     pub api_is_loopback: bool,
 }
@@ -289,6 +291,10 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/regions/{region}/tasks",
             post(crate::tasks::region_task),
+        )
+        .route(
+            "/v1/regions/{region}/tasks/{id}/tokens",
+            get(crate::streams_api::region_tokens),
         )
         .route(
             "/v1/regions/{region}/claims",

@@ -38,6 +38,39 @@ impl ApiClient {
         })
     }
 
+    /// POSTs `body` as JSON to `path` and returns the answer as it starts
+    /// to come (for a stream); an error when it is not a success.
+    pub async fn post_streaming<B: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .post(&url)
+            .header("accept", "text/event-stream")
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "cannot reach the agentmesh API at {}: {e}; is a node running there? Start one with `agentmesh node start` or pass --api HOST:PORT",
+                    self.base
+                )
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        let detail = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        Err(anyhow!("{url} answered {status}: {detail}"))
+    }
+
     /// GETs `path` and decodes the JSON answer.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.send(reqwest::Method::GET, path, None::<&()>).await

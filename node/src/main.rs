@@ -25,6 +25,8 @@ mod region_cli;
 mod regions_api;
 mod sim_cli;
 mod start;
+mod streams;
+mod streams_api;
 mod task_cli;
 mod tasks;
 
@@ -185,10 +187,14 @@ enum TaskCommand {
         /// The idempotency key: a task id submitted again returns its stored result.
         #[arg(long)]
         task_id: Option<String>,
+        /// Print generated text as it comes (server-sent events on the API),
+        /// then the answer's provenance.
+        #[arg(long)]
+        stream: bool,
         /// The node's HTTP API.
         #[arg(long, default_value = DEFAULT_API)]
         api: String,
-        /// Print JSON.
+        /// Print JSON (with --stream: one JSON object a line, per event).
         #[arg(long)]
         json: bool,
     },
@@ -528,6 +534,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tags,
             session,
             task_id,
+            stream,
             api,
             json,
         }) => {
@@ -538,6 +545,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tags,
                 session,
                 task_id,
+                stream,
             };
             runtime.block_on(task_cli::submit(&api, request, json))
         }

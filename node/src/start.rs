@@ -214,6 +214,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot open the task host: {e}"))?,
         ),
         buckets: Arc::default(),
+        streams: Arc::default(),
         api_is_loopback: api_addr.ip().is_loopback(),
     };
     let network = state.network.clone();

@@ -62,8 +62,82 @@ fn print_answer(answer: &TaskAnswer) -> Result<()> {
     Ok(())
 }
 
+/// `task submit --stream`: generated text as it comes, then the answer.
+async fn submit_streaming(api: &str, request: TaskRequest, json: bool) -> Result<()> {
+    let mut response = ApiClient::with_timeout(api, crate::api::REQUEST_TIMEOUT)?
+        .post_streaming("/v1/tasks", &request)
+        .await?;
+    let mut pending = String::new();
+    let mut event = String::new();
+    let mut data = String::new();
+    let mut out = std::io::stdout();
+    loop {
+        let chunk = response
+            .chunk()
+            .await
+            .map_err(|e| anyhow!("the stream from {api} broke: {e}"))?;
+        let Some(chunk) = chunk else {
+            return Err(anyhow!(
+                "the stream from {api} ended before the task's answer"
+            ));
+        };
+        pending.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = pending.find('\n') {
+            let line = pending[..end].trim_end_matches('\r').to_owned();
+            pending.drain(..=end);
+            if let Some(name) = line.strip_prefix("event:") {
+                event = name.trim().to_owned();
+            } else if let Some(more) = line.strip_prefix("data:") {
+                data.push_str(more.strip_prefix(' ').unwrap_or(more));
+            } else if line.is_empty() && !event.is_empty() {
+                let value: serde_json::Value = serde_json::from_str(&data)
+                    .map_err(|e| anyhow!("a {event} event from {api} is not JSON ({e})"))?;
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({ "event": event, "data": value })
+                    )?;
+                }
+                match event.as_str() {
+                    "token" if !json => {
+                        write!(out, "{}", value["text"].as_str().unwrap_or(""))?;
+                        out.flush()?;
+                    }
+                    "result" => {
+                        if !json {
+                            let answer: TaskAnswer = serde_json::from_value(value)?;
+                            let mut summary = answer.clone();
+                            // The text came already, as it was generated.
+                            if summary.output.is_string() {
+                                summary.output = serde_json::Value::String(String::new());
+                            }
+                            writeln!(out)?;
+                            print_answer(&summary)?;
+                        }
+                        return Ok(());
+                    }
+                    "error" => {
+                        let detail = value["error"]["detail"]
+                            .as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| value["error"].to_string());
+                        return Err(anyhow!("the task failed ({}): {detail}", value["status"]));
+                    }
+                    _ => {}
+                }
+                event.clear();
+                data.clear();
+            }
+        }
+    }
+}
+
 /// `task submit`
 pub async fn submit(api: &str, request: TaskRequest, json: bool) -> Result<()> {
+    if request.stream {
+        return submit_streaming(api, request, json).await;
+    }
     let answer: TaskAnswer = ApiClient::with_timeout(api, crate::api::REQUEST_TIMEOUT)?
         .send(Method::POST, "/v1/tasks", Some(&request))
         .await?;

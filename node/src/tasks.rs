@@ -96,7 +96,11 @@ impl mesh_task::Models for NodeModels<'_> {
             .unwrap_or_default())
     }
 
-    async fn generate(&self, prompt: String) -> Result<String, TaskError> {
+    async fn generate(
+        &self,
+        prompt: String,
+        tokens: Option<&mesh_task::kinds::TokenSink>,
+    ) -> Result<String, TaskError> {
         let service = self
             .0
             .models
@@ -120,7 +124,11 @@ impl mesh_task::Models for NodeModels<'_> {
         let mut pieces = service.generate(prompt, params).map_err(busy)?;
         loop {
             match pieces.recv().await {
-                Some(models::Piece::Text(_)) => {}
+                Some(models::Piece::Text(piece)) => {
+                    if let Some(sink) = tokens {
+                        sink(&piece);
+                    }
+                }
                 Some(models::Piece::Done { text, .. }) => return Ok(text.trim().to_owned()),
                 Some(models::Piece::Failed(e)) => {
                     return Err(TaskError::new(500, "model_failed", e))
@@ -384,6 +392,21 @@ pub async fn submit(
         entry_region: state.region.to_string(),
         trace_id: new_id(),
     };
+    if run.request.stream {
+        return crate::streams_api::stream(state, headers, run).await;
+    }
+    route(&state, &headers, run).await
+}
+
+/// Runs `run` in the agent's region: this node's own first, then the others
+/// it sees; a success is kept at this (the entry) node.
+pub(crate) async fn route(
+    state: &ApiState,
+    headers: &HeaderMap,
+    run: TaskRun,
+) -> Result<Response, ApiError> {
+    let state = state.clone();
+    let headers = headers.clone();
     let body = serde_json::to_value(&run).ok();
     // The agent's region: this node's own first, then the others it sees
     // (the view is read only when this region does not deploy it).
@@ -630,14 +653,31 @@ async fn run_here(
             })
     };
     let region = state.region.to_string();
+    // A streamed task's pieces go to its buffer, read by the entry node.
+    let stream = run
+        .request
+        .stream
+        .then(|| {
+            run.request
+                .task_id
+                .as_deref()
+                .map(|id| state.streams.open(id, &run.entry_node))
+        })
+        .flatten();
+    let sink = stream.clone().map(|s| move |piece: &str| s.push(piece));
     let env = mesh_task::Env {
         node: &state.peer_id,
         region: &region,
         models: &NodeModels(state),
         claimer: &NodeClaimer(state),
         admit: &admit,
+        tokens: sink.as_ref().map(|f| f as &mesh_task::kinds::TokenSink),
     };
-    match state.tasks.execute(&env, &local, &run, epoch, hops).await {
+    let result = state.tasks.execute(&env, &local, &run, epoch, hops).await;
+    if let Some(s) = &stream {
+        s.finish();
+    }
+    match result {
         Ok(answer) => Ok(Json(answer).into_response()),
         Err(e) => match e.retry_after_s {
             Some(retry) => Ok(crate::rate::too_many(e.detail, retry)),

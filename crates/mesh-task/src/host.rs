@@ -61,6 +61,8 @@ pub struct Env<'a> {
     /// The agent's rate limit (per agent, under this region's policy): `Ok`
     /// or the error to answer (429 with its retry).
     pub admit: &'a (dyn Fn(&Manifest, &RateLimits) -> Result<(), TaskError> + Send + Sync),
+    /// For a streamed task: where generated pieces go as they come.
+    pub tokens: Option<&'a crate::kinds::TokenSink>,
 }
 
 impl std::fmt::Debug for Env<'_> {
@@ -387,6 +389,7 @@ impl Host {
             history: &history,
             remember: None,
             stages_ms: Default::default(),
+            tokens: env.tokens,
         };
         cx.stages_ms.insert("claim".into(), claimed);
         let output = kinds::builtin(manifest.kind).run(&mut cx).await?;

@@ -23,14 +23,22 @@ pub const RAG_DOCUMENTS: usize = 3;
 /// A conversation: (user, assistant) turns, oldest first.
 pub type Turns = Vec<(String, String)>;
 
+/// Where a streamed task's generated text goes, piece by piece, as it is
+/// generated.
+pub type TokenSink = dyn Fn(&str) + Send + Sync;
+
 /// The node's models, as a kind uses them.
 #[async_trait]
 pub trait Models: Send + Sync {
     /// The embedding of `text` by the node's embedding model.
     async fn embed(&self, text: &str) -> Result<Vec<f32>, TaskError>;
     /// A completion of `prompt` (a chat prompt, see [`chat`]) by the node's
-    /// generation model.
-    async fn generate(&self, prompt: String) -> Result<String, TaskError>;
+    /// generation model; each piece also goes to `tokens` as it comes.
+    async fn generate(
+        &self,
+        prompt: String,
+        tokens: Option<&TokenSink>,
+    ) -> Result<String, TaskError>;
 }
 
 /// What a kind works with.
@@ -56,6 +64,8 @@ pub struct Context<'a> {
     pub remember: Option<String>,
     /// Where the time went, by stage, in milliseconds.
     pub stages_ms: BTreeMap<String, f64>,
+    /// A streamed task's generated pieces go here.
+    pub tokens: Option<&'a TokenSink>,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -82,7 +92,7 @@ impl Context<'_> {
 
     async fn generate(&mut self, prompt: String) -> Result<String, TaskError> {
         let started = Instant::now();
-        let text = self.models.generate(prompt).await;
+        let text = self.models.generate(prompt, self.tokens).await;
         self.timed("generate", started);
         text
     }

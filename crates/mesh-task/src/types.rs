@@ -23,6 +23,10 @@ pub struct TaskRequest {
     /// The idempotency key; one is made when none is given.
     #[serde(default)]
     pub task_id: Option<String>,
+    /// Stream generated text as it comes (server-sent events), then the
+    /// answer.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 /// A task on its way to its host.

@@ -100,10 +100,18 @@ impl mesh_task::Models for SimModels {
             .collect())
     }
 
-    async fn generate(&self, prompt: String) -> Result<String, TaskError> {
+    async fn generate(
+        &self,
+        prompt: String,
+        tokens: Option<&mesh_task::kinds::TokenSink>,
+    ) -> Result<String, TaskError> {
         tokio::time::sleep(Duration::from_millis(2)).await;
         let d = digest(&prompt);
-        Ok(format!("answer {:02x}{:02x}{:02x}", d[0], d[1], d[2]))
+        let text = format!("answer {:02x}{:02x}{:02x}", d[0], d[1], d[2]);
+        if let Some(sink) = tokens {
+            sink(&text);
+        }
+        Ok(text)
     }
 }
 
@@ -404,6 +412,7 @@ async fn run_on(world: &World, peer: &str, run: &TaskRun, epoch: u64, hops: u8) 
         models: &SimModels,
         claimer: &claimer,
         admit: &admit,
+        tokens: None,
     };
     let state = group.local_state();
     match host.execute(&env, &state, run, epoch, hops).await {
@@ -477,6 +486,7 @@ pub(super) async fn client(world: World, id: usize, stop: Arc<AtomicBool>) {
                 tags: tag.map(pii).into_iter().collect(),
                 session: (agent == "chat").then(|| format!("s{id}")),
                 task_id: Some(format!("c{id}-{next}")),
+                stream: false,
             };
             world.lock().tasks.submitted += 1;
             let run = TaskRun {
