@@ -383,3 +383,77 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
         .count();
     assert!(limited >= 1, "no task of the burst was rate limited");
 }
+
+/// An audit log larger than one forwarded answer (4 MiB) is read page by
+/// page: `audit verify --all`, sent to another node, checks all of it.
+#[test]
+fn an_audit_log_over_four_mebibytes_is_verified_through_another_node() {
+    const RECORDS: u64 = 9_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("node.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    let mut a_spec = spec(&da, "a", "eu-west", None);
+    a_spec.config = Some(&config);
+    let mut a = start(&a_spec);
+    let a_id = a.peer_id.clone();
+    a.terminate(Duration::from_secs(10));
+    {
+        use mesh_store::Store as _;
+        let store = mesh_store::RocksStore::open(&da.join("raft")).expect("open a's store");
+        let mut chain = mesh_agent::Chain::default();
+        let mut ops = Vec::new();
+        let mut bytes = 0;
+        for i in 0..RECORDS {
+            let sealed = chain.append(mesh_agent::AuditRecord {
+                task_id: format!("t-{i}"),
+                agent: "echo".into(),
+                agent_version: "1".into(),
+                epoch: 1,
+                models: vec![],
+                node: a_id.clone(),
+                region: "eu-west".into(),
+                policy_version: 3,
+                dataset: None,
+                tags: vec![],
+                input_sha256: "a".repeat(64),
+                output_sha256: "b".repeat(64),
+                entry_node: a_id.clone(),
+                hops: 0,
+                started_at_ms: 1,
+                finished_at_ms: 2,
+                trace_id: format!("trace-{i}"),
+            });
+            let value = serde_json::to_vec(&sealed).expect("json");
+            bytes += value.len();
+            ops.push(mesh_store::WriteOp::Put {
+                column: mesh_store::Column::Audit,
+                key: sealed.seq.to_be_bytes().to_vec(),
+                value,
+            });
+        }
+        assert!(
+            bytes > 4 * 1024 * 1024,
+            "the log is past one answer: {bytes} bytes"
+        );
+        store
+            .write(ops, mesh_store::Durability::Sync)
+            .expect("write the log");
+    }
+    let a = start(&a_spec);
+    let mut b_spec = spec(&db, "b", "eu-west", Some(&a));
+    b_spec.config = Some(&config);
+    let b = start(&b_spec);
+    wait_until("b sees a alive", WITHIN, || {
+        b.state_of(&a.peer_id).as_deref() == Some("alive")
+    });
+    let all = run(&["audit", "verify", "--all", "--json", "--api", &b.api]).expect("holds");
+    let of_a = all["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node"] == a.peer_id.as_str())
+        .cloned()
+        .expect("a's log was read");
+    assert_eq!(of_a["records"], RECORDS, "{all}");
+}

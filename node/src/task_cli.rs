@@ -229,14 +229,32 @@ pub async fn verify_all(api: &str, json: bool) -> Result<()> {
         .iter()
         .filter(|m| m.state == mesh_types::MemberState::Alive)
     {
-        let path = format!("/v1/regions/{}/audit/{}", m.region, m.peer_id.0);
-        let records: Vec<mesh_agent::SealedRecord> = match client.get(&path).await {
-            Ok(r) => r,
-            Err(e) => {
-                problems.push(format!("{}: cannot read its audit log: {e}", m.peer_id.0));
-                continue;
+        // Page by page (a forwarded answer is at most 4 MiB).
+        let mut records: Vec<mesh_agent::SealedRecord> = Vec::new();
+        let mut failed = None;
+        loop {
+            let from = records.last().map_or(0, |r| r.seq.saturating_add(1));
+            let path = format!("/v1/regions/{}/audit/{}?from={from}", m.region, m.peer_id.0);
+            match client.get::<Vec<mesh_agent::SealedRecord>>(&path).await {
+                Ok(page) if page.is_empty() => break,
+                Ok(page) if page[0].seq < from => {
+                    failed = Some(format!(
+                        "its audit log answered record {} when asked from {from}",
+                        page[0].seq
+                    ));
+                    break;
+                }
+                Ok(page) => records.extend(page),
+                Err(e) => {
+                    failed = Some(format!("cannot read its audit log: {e}"));
+                    break;
+                }
             }
-        };
+        }
+        if let Some(e) = failed {
+            problems.push(format!("{}: {e}", m.peer_id.0));
+            continue;
+        }
         match mesh_agent::audit::verify(&records) {
             Ok(n) => report.push(serde_json::json!({"node": m.peer_id.0, "records": n})),
             Err(e) => problems.push(format!("{}: {e}", m.peer_id.0)),

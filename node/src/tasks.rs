@@ -749,16 +749,42 @@ pub async fn audit_verify(State(state): State<ApiState>) -> Result<Response, Api
     .into_response())
 }
 
-/// `GET /v1/regions/{region}/audit/{peer}`: the audit records of node
-/// `peer` (of that region), read through any node (`audit verify --all`).
+/// Audit records in one page of `GET /v1/regions/R/audit/PEER`: at most
+/// this much JSON (a forwarded answer is at most 4 MiB).
+pub const AUDIT_PAGE_BYTES: usize = 1024 * 1024;
+
+/// Query of `GET /v1/regions/{region}/audit/{peer}`.
+#[derive(Debug, Deserialize)]
+pub struct AuditPage {
+    /// The first sequence number wanted.
+    #[serde(default)]
+    from: u64,
+}
+
+/// `GET /v1/regions/{region}/audit/{peer}?from=SEQ`: the audit records of
+/// node `peer` (of that region) from `from` on, read through any node
+/// (`audit verify --all`), one page of at most [`AUDIT_PAGE_BYTES`]: ask
+/// again from the last one's seq + 1 until a page is empty.
 pub async fn node_audit(
     State(state): State<ApiState>,
     Path((name, peer)): Path<(String, String)>,
+    Query(page): Query<AuditPage>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let region = parse_region(&name)?;
     if peer == state.peer_id {
-        return Ok(Json(state.tasks.audit_records()?).into_response());
+        let mut records = Vec::new();
+        let mut bytes = 0usize;
+        state.tasks.visit_audit(page.from, &mut |r| {
+            bytes = bytes.saturating_add(serde_json::to_vec(&r).map(|v| v.len() + 1).unwrap_or(0));
+            // Always at least one record, so a page always moves on.
+            if bytes > AUDIT_PAGE_BYTES && !records.is_empty() {
+                return false;
+            }
+            records.push(r);
+            true
+        })?;
+        return Ok(Json(records).into_response());
     }
     let target = peer.parse().map_err(|_| {
         error(
@@ -767,6 +793,6 @@ pub async fn node_audit(
             format!("{peer:?} is not a peer id"),
         )
     })?;
-    let path = format!("/v1/regions/{region}/audit/{peer}");
+    let path = format!("/v1/regions/{region}/audit/{peer}?from={}", page.from);
     forward_to_peer(&state, &headers, target, Method::GET, &path, None).await
 }
