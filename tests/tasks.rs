@@ -137,6 +137,38 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     let host = record["node"].as_str().expect("host").to_owned();
     assert!(eu.iter().any(|n| n.peer_id == host));
 
+    // Many requests forwarded at once over one libp2p connection all arrive
+    // (libp2p-stream drops an inbound stream its acceptor has not taken
+    // yet: the forwarder retries a stream that ends before it is answered).
+    let readers: Vec<_> = (0..48)
+        .map(|_| {
+            let api = us.api.clone();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut stream = std::net::TcpStream::connect(&api).expect("connect");
+                write!(
+                    stream,
+                    "GET /v1/regions/eu-west/agents HTTP/1.0\r\nHost: {api}\r\n\r\n"
+                )
+                .expect("send");
+                let mut response = String::new();
+                stream.read_to_string(&mut response).expect("read");
+                response
+            })
+        })
+        .collect();
+    let failed: Vec<String> = readers
+        .into_iter()
+        .map(|r| r.join().expect("reader"))
+        .filter(|r| !r.starts_with("HTTP/1.0 200"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 48 failed, the first: {}",
+        failed.len(),
+        failed[0]
+    );
+
     // Residency: a pii-eu result may not go to us-east; refused before it runs.
     let e = submit(&us, "secret", &["--tag", "pii-eu"]).expect_err("residency");
     assert!(

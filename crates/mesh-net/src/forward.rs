@@ -49,6 +49,13 @@ pub const FORWARD_OPEN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How far ahead of a sender's clock a receiver's may be before a prompt
 /// request looks late (its deadline is the sender's timeout, seconds away).
 pub const FORWARD_CLOCK_SKEW_MS: u64 = 2_000;
+/// Tries of a forwarded request whose stream the peer dropped unread.
+pub const FORWARD_TRIES: u32 = 6;
+/// A dropped stream is tried again only this soon after the first try.
+pub const FORWARD_RETRY_WITHIN: Duration = Duration::from_secs(1);
+/// Why a stream ended before its answer began.
+const DROPPED: &str =
+    "the stream ended before the answer began (the peer dropped it unread, or failed)";
 /// Longest an inbound request is served before the stream is abandoned.
 const SERVE_TIMEOUT_MAX: Duration = Duration::from_secs(310);
 
@@ -248,6 +255,10 @@ pub struct InboundForward {
 #[derive(Clone)]
 pub(crate) struct Forwarder {
     control: libp2p_stream::Control,
+    /// This node's requests in flight to each peer: at most what a peer
+    /// serves from one sender ([`FORWARDS_PER_PEER_MAX`]); past it a
+    /// request waits here for its turn instead of being refused there.
+    to_peer: Arc<Mutex<HashMap<PeerId, Arc<Semaphore>>>>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -258,7 +269,24 @@ impl std::fmt::Debug for Forwarder {
 
 impl Forwarder {
     pub(crate) fn new(control: libp2p_stream::Control) -> Self {
-        Self { control }
+        Self {
+            control,
+            to_peer: Arc::default(),
+        }
+    }
+
+    /// The turn of one request to `peer`.
+    fn turns(&self, peer: PeerId) -> Arc<Semaphore> {
+        let mut map = self
+            .to_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= 1024 && !map.contains_key(&peer) {
+            map.retain(|_, s| s.available_permits() < FORWARDS_PER_PEER_MAX);
+        }
+        map.entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(FORWARDS_PER_PEER_MAX)))
+            .clone()
     }
 
     /// Sends `request` to `peer` and waits for its answer, at most `timeout`.
@@ -281,6 +309,49 @@ impl Forwarder {
                 ),
             });
         }
+        let started = tokio::time::Instant::now();
+        let turns = self.turns(peer);
+        let _turn = tokio::time::timeout(timeout, turns.acquire_owned())
+            .await
+            .map_err(|_| ForwardError::Timeout { peer, timeout })?
+            .map_err(|_| ForwardError::Failed {
+                peer,
+                reason: "the forwarder stopped".into(),
+            })?;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let left = timeout.saturating_sub(started.elapsed());
+            match self.exchange(peer, &bytes, left).await {
+                // The stream ended before a byte of the answer came, at
+                // once: libp2p-stream drops an inbound stream that its
+                // acceptor has not taken yet (a burst of streams on one
+                // connection; rust-libp2p#5651), so the peer never read
+                // it. A peer that died instead has no connection left, and
+                // the next try fails to open. Up to FORWARD_TRIES tries,
+                // a few milliseconds apart.
+                Err(ForwardError::Failed { reason, .. })
+                    if reason == DROPPED
+                        && attempt < FORWARD_TRIES
+                        && started.elapsed() < FORWARD_RETRY_WITHIN =>
+                {
+                    let pause = 2u64.saturating_pow(attempt).min(50)
+                        + u64::from(std::process::id() % 3)
+                        + (started.elapsed().subsec_nanos() % 5) as u64;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One try: a new stream, the request, the answer.
+    async fn exchange(
+        &self,
+        peer: PeerId,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<ForwardResponse, ForwardError> {
         let mut control = self.control.clone();
         let mut stream = tokio::time::timeout(
             FORWARD_OPEN_TIMEOUT.min(timeout),
@@ -295,19 +366,33 @@ impl Forwarder {
             peer,
             reason: e.to_string(),
         })?;
+        let dropped = || ForwardError::Failed {
+            peer,
+            reason: DROPPED.to_owned(),
+        };
         let exchange = async {
-            write_frame(&mut stream, &bytes).await?;
-            let answer = read_frame(&mut stream, FORWARD_RESPONSE_MAX).await;
+            // A request the peer did not take whole was not served: it reads
+            // the whole frame before it acts.
+            write_frame(&mut stream, bytes)
+                .await
+                .map_err(|_| dropped())?;
+            let mut first = [0u8; 1];
+            let began = stream.read(&mut first).await.map_err(|_| dropped())?;
+            if began == 0 {
+                return Err(dropped());
+            }
+            let answer = read_frame(&mut (&first[..]).chain(&mut stream), FORWARD_RESPONSE_MAX)
+                .await
+                .map_err(|e| ForwardError::Failed {
+                    peer,
+                    reason: e.to_string(),
+                });
             let _ = stream.close().await;
             answer
         };
         let answer = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| ForwardError::Timeout { peer, timeout })?
-            .map_err(|e| ForwardError::Failed {
-                peer,
-                reason: e.to_string(),
-            })?;
+            .map_err(|_| ForwardError::Timeout { peer, timeout })??;
         decode_response(&answer).map_err(|reason| ForwardError::Failed { peer, reason })
     }
 }

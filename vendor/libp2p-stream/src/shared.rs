@@ -4,6 +4,10 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
+/// agentmesh patch: inbound streams of one protocol that may wait for the
+/// acceptor (see `Shared::accept`).
+pub(crate) const INBOUND_STREAMS_BUFFERED: usize = 64;
+
 use futures::channel::mpsc;
 use libp2p_identity::PeerId;
 use libp2p_swarm::{ConnectionId, Stream, StreamProtocol};
@@ -60,7 +64,14 @@ impl Shared {
             return Err(AlreadyRegistered);
         }
 
-        let (sender, receiver) = mpsc::channel(0);
+        // agentmesh patch: room for INBOUND_STREAMS_BUFFERED streams the
+        // acceptor has not taken yet. Upstream's channel(0) holds one, and
+        // the swarm hands over every inbound stream of a poll back to back,
+        // so all but the first of a burst were dropped (rust-libp2p#5651):
+        // 36 to 44 of 48 concurrent forwarded requests failed in
+        // tests/tasks.rs. Past the buffer a stream is still dropped (the
+        // DoS guard upstream wants); the forwarder tries a dropped one again.
+        let (sender, receiver) = mpsc::channel(INBOUND_STREAMS_BUFFERED);
         self.supported_inbound_protocols
             .insert(protocol.clone(), sender);
 
