@@ -83,22 +83,29 @@ echo
 say "agentmesh data put --dataset docs-eu --file examples/data/docs-eu.jsonl --tag pii-eu (on eu-1: the documents stay there)"
 "$AGENTMESH_BIN" data put --dataset docs-eu --file "$AGENTMESH_ROOT/examples/data/docs-eu.jsonl" --tag pii-eu --api "$api1"
 echo
-say "agentmesh agent deploy -f examples/agents/docs-search.toml (the leader places it where its data is)"
-"$AGENTMESH_BIN" agent deploy -f "$AGENTMESH_ROOT/examples/agents/docs-search.toml" --api "$api1"
+say "agentmesh agent deploy -f examples/agents/docs-rag.toml and chat.toml (the leader places each where its data and models are)"
+"$AGENTMESH_BIN" agent deploy -f "$AGENTMESH_ROOT/examples/agents/docs-rag.toml" --api "$api1"
+"$AGENTMESH_BIN" agent deploy -f "$AGENTMESH_ROOT/examples/agents/chat.toml" --region eu-west --api "$api1"
 for _ in $(seq 100); do
-    "$AGENTMESH_BIN" agent list --api "$api1" --json | grep -q '"status": "active"' && break
+    active=$("$AGENTMESH_BIN" agent list --api "$api1" --json | grep -c '"status": "active"' || true)
+    [ "$active" -ge 2 ] && break
     sleep 0.1
 done
 "$AGENTMESH_BIN" agent list --api "$api1"
 echo
 question="How many days of paid leave do I get?"
-say "a task on pii-eu data entered through us-east: refused by residency before anything runs"
-if "$AGENTMESH_BIN" task submit --agent docs-search --input "$question" --api "$last_api"; then
+say "a rag task on pii-eu data entered through us-east: refused by residency before anything runs"
+if "$AGENTMESH_BIN" task submit --agent docs-rag --input "$question" --api "$last_api"; then
     die "residency did not refuse a pii-eu result bound for us-east"
 fi
 echo
-say "the same task entered through eu-2: it runs next to the data (eu-1) and comes back with its provenance"
-"$AGENTMESH_BIN" task submit --agent docs-search --input "$question" --api "$api2"
+say "the same task entered through eu-2: it runs next to the data (eu-1), answers citing its documents, with its provenance"
+"$AGENTMESH_BIN" task submit --agent docs-rag --input "$question" --api "$api2"
+echo
+say "a generate task through us-east, streamed as it is generated (--stream), with a session it remembers"
+"$AGENTMESH_BIN" task submit --agent chat --session demo --input "My name is Ada. Please remember it." --stream --api "$last_api"
+echo
+"$AGENTMESH_BIN" task submit --agent chat --session demo --input "What is my name?" --stream --api "$last_api"
 echo
 say "agentmesh audit verify --all (every node's hash-chained record of the tasks it ran; no task ran twice)"
 "$AGENTMESH_BIN" audit verify --all --api "$api1"

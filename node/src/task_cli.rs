@@ -32,6 +32,25 @@ fn print_answer(answer: &TaskAnswer) -> Result<()> {
                 )?;
             }
         }
+        serde_json::Value::Object(o) if o.get("cited").is_some_and(|c| c.is_array()) => {
+            writeln!(out, "{}", o["answer"].as_str().unwrap_or(""))?;
+            let cited: Vec<&str> = o["cited"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str())
+                .collect();
+            writeln!(out, "\ncited: {}", cited.join(", "))?;
+            for doc in o["documents"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "  [{}] {:.3}  {}",
+                    doc["id"].as_str().unwrap_or("?"),
+                    doc["score"].as_f64().unwrap_or(0.0),
+                    doc["text"].as_str().unwrap_or("")
+                )?;
+            }
+        }
         other => writeln!(out, "{}", serde_json::to_string_pretty(other)?)?,
     }
     let p = &answer.provenance;
