@@ -376,8 +376,17 @@ impl Forwarder {
             write_frame(&mut stream, bytes)
                 .await
                 .map_err(|_| dropped())?;
+            // An end before the answer's first byte (not a reset or any
+            // other error: the peer may have served a request and then
+            // failed) is a stream the peer dropped unread.
             let mut first = [0u8; 1];
-            let began = stream.read(&mut first).await.map_err(|_| dropped())?;
+            let began = stream
+                .read(&mut first)
+                .await
+                .map_err(|e| ForwardError::Failed {
+                    peer,
+                    reason: e.to_string(),
+                })?;
             if began == 0 {
                 return Err(dropped());
             }
