@@ -5,11 +5,12 @@
 #   scripts/bench.sh sim ["SIZES"]
 #   scripts/bench.sh models [RUNS]
 #   scripts/bench.sh models-cuda [RUNS]   (a machine with a GPU and nvcc)
+#   scripts/bench.sh tasks [RUNS] [SECONDS]   (against Ray actor calls)
 # Prints markdown tables for BENCHMARKS.md. Never part of the tests.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"] | models [RUNS] | models-cuda [RUNS]" >&2; exit 2; }
+usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"] | models [RUNS] | models-cuda [RUNS] | tasks [RUNS] [SECONDS]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 what=$1; shift
 
@@ -64,6 +65,20 @@ case "$what" in
         say "building the models benchmark with CUDA (release)"
         (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh-bench --features cuda --bin models-bench)
         "$AGENTMESH_ROOT/scripts/bench/models.sh" "$CARGO_TARGET_DIR/release/models-bench" "$venv/bin/python" "${1:-3}" cuda
+        ;;
+    tasks)
+        apt_install python3 python3-venv
+        venv="$(dirname "$CARGO_TARGET_DIR")/bench-venv-ray"
+        if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import ray" 2>/dev/null; then
+            say "making Ray's venv in $venv (ray from PyPI)"
+            python3 -m venv "$venv"
+            "$venv/bin/pip" install --quiet --disable-pip-version-check ray
+        fi
+        "$AGENTMESH_ROOT/scripts/models.sh"
+        say "building agentmesh and the load generator (release)"
+        (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh -p agentmesh-bench)
+        say "agentmesh tasks against Ray $("$venv/bin/python" -c 'import ray; print(ray.__version__)') on $(nproc) cores"
+        "$AGENTMESH_ROOT/scripts/bench/tasks.sh" "$CARGO_TARGET_DIR/release/agentmesh" "$CARGO_TARGET_DIR/release/loadgen" "$venv/bin/python" "$@"
         ;;
     *) usage ;;
 esac

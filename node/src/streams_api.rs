@@ -49,6 +49,19 @@ pub async fn region_tokens(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let region = parse_region(&name)?;
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= crate::tasks::TASK_ID_MAX
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    };
+    if !plain(&query.agent) || !plain(&query.entry) || !plain(&task_id) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "agent, entry and task id are names: letters, digits and - _ . :".into(),
+        ));
+    }
     let by = forwarded_by.map(|b| b.0 .0.clone());
     let path = tokens_path(
         region.as_str(),

@@ -184,7 +184,7 @@ impl mesh_task::Claimer for NodeClaimer<'_> {
         if state.group.is_leader() {
             return state
                 .group
-                .propose(command)
+                .propose(leader_clock(command))
                 .await
                 .map_err(|e| unknown(format!("the claim was not committed: {e}")));
         }
@@ -279,10 +279,32 @@ pub async fn region_claim(
     }
     let response = state
         .group
-        .propose(command)
+        .propose(leader_clock(command))
         .await
         .map_err(|e| crate::regions_api::group_error(&region, e))?;
     Ok(Json(response).into_response())
+}
+
+/// A claim carries the leader's clock, not the host's: the claim window
+/// is measured by it, and a host whose clock ran ahead must not make the
+/// region forget every claim.
+fn leader_clock(command: RegionCommand) -> RegionCommand {
+    match command {
+        RegionCommand::ClaimTask {
+            agent,
+            task_id,
+            node,
+            epoch,
+            ..
+        } => RegionCommand::ClaimTask {
+            agent,
+            task_id,
+            node,
+            epoch,
+            at_ms: mesh_net::actor::unix_now_ms(),
+        },
+        other => other,
+    }
 }
 
 /// Longest task id a client may choose.
