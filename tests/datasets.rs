@@ -312,4 +312,43 @@ fn a_search_agent_runs_next_to_its_data() {
         last["data"]["provenance"]["record"]["entry_node"],
         entry.peer_id.as_str()
     );
+
+    // A policy that allows only the embedding model: the chat agent's task
+    // is refused on its host (403, model_not_allowed), nothing runs.
+    let only_embed = tmp.path().join("only-embed.toml");
+    std::fs::write(
+        &only_embed,
+        "[[models]]\nname = \"all-minilm-l6-v2\"\nsha256 = \"53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db\"\n",
+    )
+    .expect("policy");
+    wait_until("the narrower policy is applied", WITHIN, || {
+        cli(&[
+            "policy",
+            "apply",
+            "-f",
+            only_embed.to_str().expect("utf-8"),
+            "--region",
+            "eu-west",
+            "--api",
+            &nodes[0].api,
+        ])
+        .status
+        .success()
+    });
+    let mut refused = String::new();
+    wait_until(
+        "the chat task is refused by the models policy",
+        WITHIN,
+        || match ask("chat", "Hello again!", None) {
+            Err(e) if e.contains("403") => {
+                refused = e;
+                true
+            }
+            _ => false,
+        },
+    );
+    assert!(
+        refused.contains("smollm2-135m-instruct-q4_1") && refused.contains("not allowed"),
+        "{refused}"
+    );
 }
