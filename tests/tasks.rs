@@ -252,6 +252,16 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
         })
         .sum();
     assert_eq!(runs, 1, "one audit record over all nodes");
+    // A task id names one task: the same id with another input is refused,
+    // never answered with the first task's result (at the host, and at the
+    // entry node that keeps a copy).
+    for node in [&us, &eu[0]] {
+        let e = submit(node, "another input", &["--task-id", "t-42"]).expect_err("reused id");
+        assert!(
+            e.contains("409") && e.contains("a task id names one task"),
+            "{e}"
+        );
+    }
     let got = run(&["task", "get", "t-42", "--json", "--api", &us.api])
         .expect("task get at the entry node");
     assert_eq!(got["output"], "once");

@@ -72,6 +72,10 @@ pub struct RegionState {
 pub const CLAIMS_MAX: usize = 50_000;
 /// Claims are kept this long, by the newest claim's clock.
 pub const CLAIMS_KEPT_MS: u64 = 10 * 60 * 1000;
+/// How far one claim may move the window's clock forward: a clock that
+/// jumps (a step of NTP, a resumed VM) moves it no faster than this per
+/// claim, so one bad clock cannot make the region forget its claims.
+pub const CLAIM_CLOCK_STEP_MAX_MS: u64 = 5_000;
 
 /// One claimed task id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +150,15 @@ impl Claims {
             .iter()
             .flat_map(|chunk| chunk.iter())
             .filter_map(|(_, id)| self.get(id).map(|c| (id, c)))
+    }
+
+    /// No claims, only the window's clock: what the state blob keeps (the
+    /// claims themselves are kept one key each).
+    fn clock_only(&self) -> Self {
+        Claims {
+            newest_ms: self.newest_ms,
+            ..Claims::default()
+        }
     }
 
     /// The oldest and the newest claim's log index.
@@ -260,7 +273,12 @@ impl Claims {
         }
     }
 
-    fn insert(&mut self, task_id: String, claim: Claim) {
+    fn insert(&mut self, task_id: String, mut claim: Claim) {
+        if self.newest_ms > 0 {
+            claim.at_ms = claim
+                .at_ms
+                .min(self.newest_ms.saturating_add(CLAIM_CLOCK_STEP_MAX_MS));
+        }
         self.push(task_id, claim);
         // Forget the oldest while past the window.
         while let Some(chunk) = self.order.front() {
@@ -401,6 +419,7 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
         } => {
             if let Some(claim) = state.claims.get(&task_id) {
                 return RegionResponse::TaskAlreadyClaimed {
+                    agent: claim.agent.clone(),
                     node: claim.node.clone(),
                     epoch: claim.epoch,
                 };
@@ -553,8 +572,10 @@ impl RegionStateMachine {
             },
         };
         // The claims of the saved state are kept one key each beside it,
-        // written in the same batches.
+        // written in the same batches; the blob keeps the window's clock.
+        let clock = state.claims.newest_ms;
         state.claims = Claims::load(&*store).map_err(sm_read_err)?;
+        state.claims.newest_ms = state.claims.newest_ms.max(clock);
         if let Some(bytes) = store.get(Column::Snapshot, SNAPSHOT).map_err(sm_read_err)? {
             let stored: StoredSnapshot = codec::decode(&bytes).map_err(sm_read_err)?;
             if stored.meta.last_log_id > state.last_applied {
@@ -634,7 +655,7 @@ impl RegionStateMachine {
         durability: Durability,
     ) -> StorageResult<()> {
         let without_claims = RegionState {
-            claims: Claims::default(),
+            claims: state.claims.clock_only(),
             ..state.clone()
         };
         let mut ops = vec![WriteOp::Put {
@@ -1043,6 +1064,7 @@ mod command_tests {
         assert_eq!(
             apply_command(&mut state, 5, claim("t1", "a", 1, 0)),
             RegionResponse::TaskAlreadyClaimed {
+                agent: "echo".into(),
                 node: "a".into(),
                 epoch: 1
             }
@@ -1059,6 +1081,7 @@ mod command_tests {
         assert_eq!(
             apply_command(&mut state, 8, claim("t1", "b", 2, 0)),
             RegionResponse::TaskAlreadyClaimed {
+                agent: "echo".into(),
                 node: "a".into(),
                 epoch: 1
             }
@@ -1079,20 +1102,38 @@ mod command_tests {
         );
         apply_command(&mut state, 2, grant("echo", "a", 0));
         apply_command(&mut state, 3, claim("old", "a", 1, 1_000));
-        apply_command(&mut state, 4, claim("mid", "a", 1, 1_000 + CLAIMS_KEPT_MS));
-        assert_eq!(state.claims.len(), 2, "exactly the window: kept");
-        apply_command(&mut state, 5, claim("new", "a", 1, 1_001 + CLAIMS_KEPT_MS));
+        // The clock moves 5 s a claim, to exactly the window's length.
+        let steps = CLAIMS_KEPT_MS / CLAIM_CLOCK_STEP_MAX_MS;
+        for k in 1..=steps {
+            let at = 1_000 + k * CLAIM_CLOCK_STEP_MAX_MS;
+            apply_command(&mut state, 3 + k, claim(&format!("s{k}"), "a", 1, at));
+        }
+        assert!(
+            state.claims.get("old").is_some(),
+            "exactly the window: kept"
+        );
+        let mid = format!("s{steps}");
+        // A clock that jumps a day ahead moves the window 5 s only.
+        apply_command(
+            &mut state,
+            4 + steps,
+            claim("new", "a", 1, 1_000 + 86_400_000),
+        );
         assert!(state.claims.get("old").is_none(), "past the window");
-        assert!(state.claims.get("mid").is_some() && state.claims.get("new").is_some());
+        assert!(
+            state.claims.get("s1").is_some(),
+            "the jump did not flush the window"
+        );
+        assert!(state.claims.get(&mid).is_some() && state.claims.get("new").is_some());
         for i in 0..CLAIMS_MAX as u64 {
             apply_command(
                 &mut state,
-                10 + i,
-                claim(&format!("t{i}"), "a", 1, 1_001 + CLAIMS_KEPT_MS),
+                1_000 + i,
+                claim(&format!("t{i}"), "a", 1, 1_000 + CLAIMS_KEPT_MS),
             );
         }
         assert_eq!(state.claims.len(), CLAIMS_MAX);
-        assert!(state.claims.get("mid").is_none() && state.claims.get("new").is_none());
+        assert!(state.claims.get(&mid).is_none() && state.claims.get("new").is_none());
         assert!(state.claims.get("t0").is_some());
     }
 
@@ -1112,12 +1153,17 @@ mod command_tests {
         ])
         .await
         .expect("applies");
-        sm.apply(vec![
-            entry(4, claim("kept", "a", 1, 2_000 + CLAIMS_KEPT_MS)),
-            entry(5, claim("kept", "a", 1, 2_000 + CLAIMS_KEPT_MS)),
-        ])
-        .await
-        .expect("applies");
+        // The window's clock moves on, 5 s a claim, past "old".
+        let steps = CLAIMS_KEPT_MS / CLAIM_CLOCK_STEP_MAX_MS + 1;
+        let mut batch: Vec<_> = (1..=steps)
+            .map(|k| {
+                let at = 1_000 + k * CLAIM_CLOCK_STEP_MAX_MS;
+                entry(3 + k, claim(&format!("s{k}"), "a", 1, at))
+            })
+            .collect();
+        batch.push(entry(4 + steps, claim("kept", "a", 1, 999_999_999)));
+        batch.push(entry(5 + steps, claim("kept", "a", 1, 999_999_999)));
+        sm.apply(batch).await.expect("applies");
         let mut keys = 0;
         store
             .scan(
@@ -1130,10 +1176,18 @@ mod command_tests {
                 },
             )
             .expect("scans");
-        assert_eq!(keys, 1, "the forgotten claim's key is deleted");
+        assert_eq!(
+            keys as usize,
+            sm.state().claims.len(),
+            "one key per claim held: the forgotten ones' keys are deleted"
+        );
         let reopened = RegionStateMachine::open(store).expect("reopens").state();
+        // The same claims and the same window clock (kept in the blob).
         assert_eq!(reopened.claims, sm.state().claims);
-        assert_eq!(reopened.claims.get("kept").map(|c| c.index), Some(4));
+        assert_eq!(
+            reopened.claims.get("kept").map(|c| c.index),
+            Some(4 + steps)
+        );
         assert!(reopened.claims.get("old").is_none());
     }
 

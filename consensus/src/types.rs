@@ -194,9 +194,12 @@ pub enum RegionResponse {
         /// The log index of the claim.
         index: u64,
     },
-    /// The task id was claimed before, by `node` at `epoch` (the same
-    /// host and epoch: a retried claim of its own; run it, once).
+    /// The task id was claimed before, for `agent` by `node` at `epoch`
+    /// (the same agent, host and epoch: a retried claim of its own; run
+    /// it, once).
     TaskAlreadyClaimed {
+        /// The agent it was claimed for.
+        agent: String,
         /// The host that claimed it.
         node: String,
         /// Its epoch then.

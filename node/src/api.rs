@@ -207,6 +207,11 @@ impl ApiError {
         self.status
     }
 
+    /// Its stable name (`unknown_agent`, `not_bootstrapped`, ...).
+    pub fn name(&self) -> &'static str {
+        self.error
+    }
+
     /// What it says for people.
     pub fn detail(&self) -> &str {
         &self.detail

@@ -404,8 +404,10 @@ pub async fn submit(
     }
     let task_id = request.task_id.clone().unwrap_or_else(new_id);
     request.task_id = Some(task_id.clone());
-    if let Some(mut answer) = state.tasks.stored(&task_id)? {
-        answer.replayed = true;
+    if let Some(answer) = state
+        .tasks
+        .replay(&task_id, &request.agent, &request.input)?
+    {
         return Ok(Json(answer).into_response());
     }
     let run = TaskRun {
@@ -434,7 +436,7 @@ pub(crate) async fn route(
     // (the view is read only when this region does not deploy it).
     let mut tried = Vec::new();
     let own = run_in_region(&state, &headers, &state.region, run.clone()).await;
-    if let Some(answer) = settle(&state, own, &state.region, &mut tried).await {
+    if let Some(answer) = settle(&state, own, &state.region, &mut tried, &run).await {
         return answer;
     }
     let members = state.network.snapshot().await?.members;
@@ -449,7 +451,7 @@ pub(crate) async fn route(
         let path = format!("/v1/regions/{region}/tasks");
         let response =
             forward_to_region(&state, &headers, &region, Method::POST, &path, body.clone()).await;
-        if let Some(answer) = settle(&state, response, &region, &mut tried).await {
+        if let Some(answer) = settle(&state, response, &region, &mut tried, &run).await {
             return answer;
         }
     }
@@ -473,31 +475,57 @@ pub(crate) async fn route(
 
 /// A region's answer to a task: final (relayed, a success kept at the
 /// entry node), or `None` when the region does not deploy the agent or has
+/// Whether a region's refusal means "not here, ask the next region": it
+/// does not deploy the agent (404) or has no group yet (409
+/// `not_bootstrapped`). Any other refusal (a stale epoch, a task id claimed
+/// elsewhere or reused) is the answer: running the task in another region
+/// could run it twice.
+fn not_here(status: StatusCode, name: &str) -> bool {
+    status == StatusCode::NOT_FOUND
+        || (status == StatusCode::CONFLICT && name == "not_bootstrapped")
+}
+
+/// A region's answer to a task: final (relayed, a success kept at the
+/// entry node), or `None` when the region does not deploy the agent or has
 /// no group (the next region is asked; `tried` names it).
 async fn settle(
     state: &ApiState,
     response: Result<Response, ApiError>,
     region: &mesh_types::Region,
     tried: &mut Vec<String>,
+    run: &TaskRun,
 ) -> Option<Result<Response, ApiError>> {
-    let not_here =
-        |status: StatusCode| status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT;
     match response {
-        Ok(r) if not_here(r.status()) => {
+        Err(e) if not_here(e.status(), e.name()) => {
             tried.push(region.to_string());
             None
         }
-        Err(e) if not_here(e.status()) => {
-            tried.push(region.to_string());
-            None
-        }
-        Ok(r) => Some(Ok(remember_answer(state, r).await)),
         Err(e) => Some(Err(e)),
+        Ok(r) if r.status() == StatusCode::NOT_FOUND || r.status() == StatusCode::CONFLICT => {
+            let (parts, body) = r.into_parts();
+            let bytes = axum::body::to_bytes(body, 64 * 1024)
+                .await
+                .unwrap_or_default();
+            let name = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            if not_here(parts.status, &name) {
+                tried.push(region.to_string());
+                return None;
+            }
+            Some(Ok(Response::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            )))
+        }
+        Ok(r) => Some(Ok(remember_answer(state, r, run).await)),
     }
 }
 
-/// Keeps a copy of a successful answer at the entry node and relays it.
-async fn remember_answer(state: &ApiState, response: Response) -> Response {
+/// Keeps a copy of a successful answer at the entry node and relays it; a
+/// copy only of the answer to this task (its id, agent and input).
+async fn remember_answer(state: &ApiState, response: Response, run: &TaskRun) -> Response {
     if !response.status().is_success() {
         return response;
     }
@@ -512,7 +540,13 @@ async fn remember_answer(state: &ApiState, response: Response) -> Response {
         .into_response();
     };
     if let Ok(answer) = serde_json::from_slice::<TaskAnswer>(&bytes) {
-        if let Err(e) = state.tasks.remember(&answer) {
+        let ours = Some(&answer.task_id) == run.request.task_id.as_ref()
+            && answer.agent == run.request.agent
+            && answer.provenance.record.input_sha256
+                == audit::sha256_hex(run.request.input.as_bytes());
+        if !ours {
+            tracing::warn!(task = ?run.request.task_id, "a task's answer is for another task; not kept");
+        } else if let Err(e) = state.tasks.remember(&answer) {
             tracing::warn!(task = %answer.task_id, error = %e, "cannot keep a copy of a task result");
         }
     }
@@ -713,7 +747,11 @@ pub async fn get(
     State(state): State<ApiState>,
     Path(task_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match state.tasks.stored(&task_id)? {
+    let found = match state.tasks.stored(&task_id)? {
+        Some(a) => Some(a),
+        None => state.tasks.copy(&task_id)?,
+    };
+    match found {
         Some(answer) => Ok(Json(answer).into_response()),
         None => Err(error(
             StatusCode::NOT_FOUND,

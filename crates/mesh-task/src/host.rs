@@ -107,6 +107,15 @@ fn decode_sealed(bytes: &[u8]) -> Result<SealedRecord, TaskError> {
         .map_err(|e| TaskError::storage(format!("an audit record is unreadable: {e}")))
 }
 
+/// A task id used again for another task.
+fn reused(task_id: &str, agent: &str) -> TaskError {
+    TaskError::new(
+        409,
+        "task_id_reused",
+        format!("task id {task_id} is a task of agent {agent} with another input; a task id names one task: choose another id"),
+    )
+}
+
 fn forbidden(name: &'static str, detail: String) -> TaskError {
     TaskError::new(403, name, detail)
 }
@@ -241,13 +250,61 @@ impl Host {
             .transpose()
     }
 
+    /// The result of `task_id` for a resubmission of `agent` with `input`:
+    /// this node's own (as its host), else its copy (as its entry node).
+    /// A task id is one task: the same id for another agent or another
+    /// input is refused (409), never answered with another task's result.
+    pub fn replay(
+        &self,
+        task_id: &str,
+        agent: &str,
+        input: &str,
+    ) -> Result<Option<TaskAnswer>, TaskError> {
+        let found = match self.stored(task_id)? {
+            Some(a) => Some(a),
+            None => self.copy(task_id)?,
+        };
+        let Some(mut answer) = found else {
+            return Ok(None);
+        };
+        if answer.agent != agent
+            || answer.provenance.record.input_sha256 != audit::sha256_hex(input.as_bytes())
+        {
+            return Err(reused(task_id, &answer.agent));
+        }
+        answer.replayed = true;
+        Ok(Some(answer))
+    }
+
+    fn copy_key(task_id: &str) -> Vec<u8> {
+        format!("copy\0{task_id}").into_bytes()
+    }
+
+    /// The copy of `task_id`'s result this node keeps as its entry node.
+    pub fn copy(&self, task_id: &str) -> Result<Option<TaskAnswer>, TaskError> {
+        self.check_disk()?;
+        let bytes = self
+            .store
+            .get(Column::Tasks, &Self::copy_key(task_id))
+            .map_err(|e| TaskError::storage(format!("reading task {task_id}: {e}")))?;
+        bytes
+            .map(|b| {
+                serde_json::from_slice::<TaskAnswer>(&b).map_err(|e| {
+                    TaskError::storage(format!("stored task {task_id} is unreadable: {e}"))
+                })
+            })
+            .transpose()
+    }
+
     /// Keeps a copy of a result at the entry node (buffered: the host holds
-    /// the durable one). Best effort: an error is returned to be logged.
+    /// the durable one), apart from the results this node ran as a host: a
+    /// copy is what another node answered, and a host never replays one.
+    /// Best effort: an error is returned to be logged.
     pub fn remember(&self, answer: &TaskAnswer) -> Result<(), TaskError> {
         let bytes = serde_json::to_vec(answer).map_err(|e| TaskError::storage(e.to_string()))?;
         let op = WriteOp::Put {
             column: Column::Tasks,
-            key: answer.task_id.as_bytes().to_vec(),
+            key: Self::copy_key(&answer.task_id),
             value: bytes,
         };
         self.store
@@ -359,6 +416,12 @@ impl Host {
         let lock = self.lock_for(&task_id);
         let _running = lock.lock().await;
         if let Some(mut answer) = self.stored(&task_id)? {
+            if answer.agent != request.agent
+                || answer.provenance.record.input_sha256
+                    != audit::sha256_hex(request.input.as_bytes())
+            {
+                return Err(reused(&task_id, &answer.agent));
+            }
             answer.replayed = true;
             return Ok(answer);
         }
@@ -488,12 +551,17 @@ impl Host {
         };
         match env.claimer.claim(command).await? {
             RegionResponse::TaskClaimed { .. } => Ok(()),
+            RegionResponse::TaskAlreadyClaimed { agent: owner, .. } if owner != agent => {
+                Err(reused(task_id, &owner))
+            }
             // Our own earlier claim whose answer was lost: its run left no
             // record (the result would have been found above), so run it.
-            RegionResponse::TaskAlreadyClaimed { node, epoch: e } if node == env.node && e == epoch => {
+            RegionResponse::TaskAlreadyClaimed { node, epoch: e, .. }
+                if node == env.node && e == epoch =>
+            {
                 Ok(())
             }
-            RegionResponse::TaskAlreadyClaimed { node, epoch } => Err(TaskError::new(
+            RegionResponse::TaskAlreadyClaimed { node, epoch, .. } => Err(TaskError::new(
                 409,
                 "claimed_elsewhere",
                 format!(
