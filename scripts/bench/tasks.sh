@@ -34,8 +34,11 @@ for _ in $(seq 200); do
     [ "$("$bin" members --api "$api1" --json | grep -c '"state": "alive"')" -eq 6 ] && break; sleep 0.1
 done
 "$bin" region bootstrap --region eu-west --voters 3 --api "$api1" >/dev/null
-# The bench's own policy: rate limits far above what it sends (every task
-# a client sends is admitted; a 429 would count as an error).
+us_api=$(awk '$1=="us-east" {print $3; exit}' "$apis")
+"$bin" region bootstrap --region us-east --voters 3 --api "$us_api" >/dev/null
+# The bench's own policy in both regions: rate limits far above what it
+# sends (every task a client sends is admitted; a 429 counts as an error).
+# Without it a region applies the default limits (20 tasks/s per client).
 cat >"$work/policy.toml" <<'EOF'
 [[residency]]
 tag = "pii-eu"
@@ -49,8 +52,11 @@ burst = 1000000
 per_second = 1000000
 burst = 1000000
 EOF
-for _ in $(seq 50); do
-    "$bin" policy apply -f "$work/policy.toml" --region eu-west --api "$api1" >/dev/null 2>&1 && break; sleep 0.2
+for region_api in eu-west:"$api1" us-east:"$us_api"; do
+    for _ in $(seq 50); do
+        "$bin" policy apply -f "$work/policy.toml" --region "${region_api%%:*}" --api "${region_api#*:}" >/dev/null 2>&1 && break
+        sleep 0.2
+    done
 done
 "$bin" agent deploy -f "$AGENTMESH_ROOT/examples/agents/echo.toml" --region eu-west --api "$api1" >/dev/null
 host=""
