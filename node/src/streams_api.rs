@@ -129,15 +129,7 @@ async fn agent_region(state: &ApiState, headers: &HeaderMap, agent: &str) -> Opt
     if state.group.local_state().agents.contains_key(agent) {
         return Some(state.region.to_string());
     }
-    let members = state.network.snapshot().await.ok()?.members;
-    let mut others: Vec<_> = members
-        .iter()
-        .filter(|m| m.state == mesh_types::MemberState::Alive && m.region != state.region)
-        .map(|m| m.region.clone())
-        .collect();
-    others.sort();
-    others.dedup();
-    for region in others {
+    for region in crate::tasks::other_regions(state).await.ok()? {
         let path = format!("/v1/regions/{region}/agents/{agent}");
         if let Ok(r) = forward_to_region(state, headers, &region, Method::GET, &path, None).await {
             if r.status().is_success() {

@@ -439,15 +439,7 @@ pub(crate) async fn route(
     if let Some(answer) = settle(&state, own, &state.region, &mut tried, &run).await {
         return answer;
     }
-    let members = state.network.snapshot().await?.members;
-    let mut others: Vec<_> = members
-        .iter()
-        .filter(|m| m.state == mesh_types::MemberState::Alive && m.region != state.region)
-        .map(|m| m.region.clone())
-        .collect();
-    others.sort();
-    others.dedup();
-    for region in others {
+    for region in other_regions(&state).await? {
         let path = format!("/v1/regions/{region}/tasks");
         let response =
             forward_to_region(&state, &headers, &region, Method::POST, &path, body.clone()).await;
@@ -475,6 +467,19 @@ pub(crate) async fn route(
 
 /// A region's answer to a task: final (relayed, a success kept at the
 /// entry node), or `None` when the region does not deploy the agent or has
+/// The regions other than this node's that have a live node in its view.
+pub(crate) async fn other_regions(state: &ApiState) -> Result<Vec<mesh_types::Region>, ApiError> {
+    let members = state.network.snapshot().await?.members;
+    let mut others: Vec<_> = members
+        .iter()
+        .filter(|m| m.state == mesh_types::MemberState::Alive && m.region != state.region)
+        .map(|m| m.region.clone())
+        .collect();
+    others.sort();
+    others.dedup();
+    Ok(others)
+}
+
 /// Whether a region's refusal means "not here, ask the next region": it
 /// does not deploy the agent (404) or has no group yet (409
 /// `not_bootstrapped`). Any other refusal (a stale epoch, a task id claimed

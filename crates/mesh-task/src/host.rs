@@ -236,10 +236,15 @@ impl Host {
 
     /// The stored result of `task_id`, if this node has one.
     pub fn stored(&self, task_id: &str) -> Result<Option<TaskAnswer>, TaskError> {
+        self.answer_at(task_id, task_id.as_bytes())
+    }
+
+    /// The answer of `task_id` kept under `key`, if any.
+    fn answer_at(&self, task_id: &str, key: &[u8]) -> Result<Option<TaskAnswer>, TaskError> {
         self.check_disk()?;
         let bytes = self
             .store
-            .get(Column::Tasks, task_id.as_bytes())
+            .get(Column::Tasks, key)
             .map_err(|e| TaskError::storage(format!("reading task {task_id}: {e}")))?;
         bytes
             .map(|b| {
@@ -282,18 +287,7 @@ impl Host {
 
     /// The copy of `task_id`'s result this node keeps as its entry node.
     pub fn copy(&self, task_id: &str) -> Result<Option<TaskAnswer>, TaskError> {
-        self.check_disk()?;
-        let bytes = self
-            .store
-            .get(Column::Tasks, &Self::copy_key(task_id))
-            .map_err(|e| TaskError::storage(format!("reading task {task_id}: {e}")))?;
-        bytes
-            .map(|b| {
-                serde_json::from_slice::<TaskAnswer>(&b).map_err(|e| {
-                    TaskError::storage(format!("stored task {task_id} is unreadable: {e}"))
-                })
-            })
-            .transpose()
+        self.answer_at(task_id, &Self::copy_key(task_id))
     }
 
     /// Keeps a copy of a result at the entry node (buffered: the host holds
