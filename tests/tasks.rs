@@ -358,9 +358,16 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("audit record 1 was changed"), "{e}");
     let restarted = eu[i].peer_id.clone();
-    wait_until("us-east sees the restarted host alive", WITHIN, || {
-        us.state_of(&restarted).as_deref() == Some("alive")
-    });
+    // Both ways: a node serves forwarded requests only from members it
+    // sees alive, and the restarted host learns of us-east by gossip too.
+    wait_until(
+        "us-east and the restarted host see each other alive",
+        WITHIN,
+        || {
+            us.state_of(&restarted).as_deref() == Some("alive")
+                && eu[i].state_of(&us.peer_id).as_deref() == Some("alive")
+        },
+    );
     let out = cli(&["audit", "verify", "--all", "--api", &us.api]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);

@@ -26,7 +26,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-log() { echo "$*" >&2; }
+log() { echo "$(date +%T) $*" >&2; }
 
 # A child in the background, so that cleanup can stop it: run_bg LIMIT CMD...
 run_bg() {
