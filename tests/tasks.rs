@@ -169,6 +169,47 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
         failed[0]
     );
 
+    // The counter kind: its state (a number per key) changes once per task,
+    // wherever the task enters; a replay changes nothing.
+    let counter = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agents/counter.toml");
+    run(&[
+        "agent",
+        "deploy",
+        "-f",
+        counter.to_str().expect("utf-8"),
+        "--region",
+        "eu-west",
+        "--json",
+        "--api",
+        &eu[0].api,
+    ])
+    .expect("deploy counter");
+    let count = |node: &Node, input: &str, id: &str| {
+        run(&[
+            "task",
+            "submit",
+            "--agent",
+            "counter",
+            "--input",
+            input,
+            "--task-id",
+            id,
+            "--json",
+            "--api",
+            &node.api,
+        ])
+    };
+    wait_until("the counter is placed", WITHIN, || {
+        count(&eu[1], "orders", "c-1").is_ok()
+    });
+    count(&us, "orders", "c-2").expect("second");
+    count(&us, "orders", "c-2").expect("the same task again");
+    let last = count(&eu[2], "orders +5", "c-3").expect("third");
+    assert_eq!(
+        last["output"]["value"], 7,
+        "1 + 1 + 5, the replay not counted: {last}"
+    );
+
     // Residency: a pii-eu result may not go to us-east; refused before it runs.
     let e = submit(&us, "secret", &["--tag", "pii-eu"]).expect_err("residency");
     assert!(

@@ -431,6 +431,22 @@ impl Host {
         let started_at_ms = (self.now_ms)();
         self.claim(env, &request.agent, &task_id, epoch).await?;
         let claimed = started.elapsed().as_secs_f64() * 1000.0;
+        // Agent state is read, changed and written under one lock per
+        // state (a counter agent's numbers, a session's turns), so two tasks
+        // at once never both read the same value and lose one change.
+        let state_lock = match (manifest.kind, &request.session) {
+            (mesh_types::agent::AgentKind::Counter, _) => {
+                Some(self.lock_for(&format!("state\0{}", manifest.name)))
+            }
+            (_, Some(session)) => {
+                Some(self.lock_for(&format!("state\0{}\0{session}", manifest.name)))
+            }
+            _ => None,
+        };
+        let _state = match &state_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
         let history = match &request.session {
             Some(session) => self.session(&manifest.name, session)?,
             None => Vec::new(),
@@ -447,10 +463,13 @@ impl Host {
             remember: None,
             stages_ms: Default::default(),
             tokens: env.tokens,
+            epoch,
+            state_writes: Vec::new(),
         };
         cx.stages_ms.insert("claim".into(), claimed);
         let output = kinds::builtin(manifest.kind).run(&mut cx).await?;
         let (remember, mut stages_ms) = (cx.remember.take(), std::mem::take(&mut cx.stages_ms));
+        let state_writes = std::mem::take(&mut cx.state_writes);
         let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let output_bytes = serde_json::to_vec(&output).unwrap_or_default();
         let record = AuditRecord {
@@ -501,6 +520,15 @@ impl Host {
                 value: serde_json::to_vec(&answer).map_err(encode)?,
             },
         ];
+        // The kind's state, in the same batch: a change is kept exactly
+        // when its task is recorded.
+        for (key, value) in state_writes {
+            ops.push(WriteOp::Put {
+                column: Column::Tasks,
+                key,
+                value,
+            });
+        }
         // The conversation, as agent state, in the same batch: a turn is
         // remembered exactly when its task is recorded.
         if let (Some(session), Some(text)) = (&request.session, remember) {
@@ -699,5 +727,142 @@ mod tests {
         let e = check_policy(Some(&policy), &m, &[], "eu-west", "eu-west").expect_err("refused");
         assert_eq!((e.status, e.name), (403, "model_not_allowed"));
         assert!(e.detail.contains("smollm2-135m-instruct"), "{}", e.detail);
+    }
+
+    /// Claims every task (a region group that always answers yes).
+    struct YesClaimer;
+
+    #[async_trait]
+    impl Claimer for YesClaimer {
+        async fn claim(&self, _: RegionCommand) -> Result<RegionResponse, TaskError> {
+            Ok(RegionResponse::TaskClaimed { index: 1 })
+        }
+    }
+
+    /// No models (the counter needs none).
+    struct NoModels;
+
+    #[async_trait]
+    impl Models for NoModels {
+        async fn embed(&self, _: &str) -> Result<Vec<f32>, TaskError> {
+            Err(TaskError::new(409, "no_model", "none".into()))
+        }
+        async fn generate(
+            &self,
+            _: String,
+            _: Option<&crate::kinds::TokenSink>,
+        ) -> Result<String, TaskError> {
+            Err(TaskError::new(409, "no_model", "none".into()))
+        }
+    }
+
+    fn run(input: &str, id: &str) -> TaskRun {
+        TaskRun {
+            request: crate::TaskRequest {
+                agent: "count".into(),
+                input: input.into(),
+                tags: vec![],
+                session: None,
+                task_id: Some(id.into()),
+                stream: false,
+            },
+            entry_node: "n1".into(),
+            entry_region: "eu-west".into(),
+            trace_id: "t".into(),
+        }
+    }
+
+    /// The counter kind: its state changes exactly once per task, even for
+    /// tasks that run at once (its state is read and written under a lock).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_counter_counts_every_task_once_even_at_once() {
+        let store: Arc<dyn Store> = Arc::new(mesh_store::MemStore::default());
+        let host = Arc::new(Host::open(store, Io::Blocking, Arc::new(|| 1)).expect("opens"));
+        let mut state = RegionState::default();
+        let mut m = manifest();
+        m.name = "count".into();
+        m.kind = AgentKind::Counter;
+        state.agents.insert(
+            "count".into(),
+            consensus::AgentEntry {
+                manifest: m,
+                deployed_at: 1,
+                lease: Some(consensus::Lease {
+                    node: "n1".into(),
+                    epoch: 1,
+                    granted_at: 2,
+                }),
+                epoch: 1,
+            },
+        );
+        let state = Arc::new(state);
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let (host, state) = (host.clone(), state.clone());
+                tokio::spawn(async move {
+                    let admit = |_: &Manifest, _: &RateLimits| Ok(());
+                    let env = Env {
+                        node: "n1",
+                        region: "eu-west",
+                        models: &NoModels,
+                        claimer: &YesClaimer,
+                        admit: &admit,
+                        tokens: None,
+                    };
+                    host.execute(&env, &state, &run("k", &format!("t{i}")), 1, 0)
+                        .await
+                        .expect("runs")
+                        .output["value"]
+                        .as_i64()
+                        .expect("a value")
+                })
+            })
+            .collect();
+        let mut values = Vec::new();
+        for t in tasks {
+            values.push(t.await.expect("task"));
+        }
+        values.sort_unstable();
+        assert_eq!(
+            values,
+            (1..=20).collect::<Vec<i64>>(),
+            "each task saw its own count"
+        );
+        let admit = |_: &Manifest, _: &RateLimits| Ok(());
+        let env = Env {
+            node: "n1",
+            region: "eu-west",
+            models: &NoModels,
+            claimer: &YesClaimer,
+            admit: &admit,
+            tokens: None,
+        };
+        let plus = host
+            .execute(&env, &state, &run("k +5", "t-plus"), 1, 0)
+            .await
+            .expect("runs");
+        assert_eq!(plus.output["value"], 25);
+        let minus = host
+            .execute(&env, &state, &run("k -30", "t-minus"), 1, 0)
+            .await
+            .expect("runs");
+        assert_eq!(minus.output["value"], -5);
+        // A replay changes nothing.
+        let again = host
+            .execute(&env, &state, &run("k +5", "t-plus"), 1, 0)
+            .await
+            .expect("replay");
+        assert!(again.replayed);
+        assert_eq!(again.output["value"], 25);
+        let e = host
+            .execute(&env, &state, &run("k two", "t-bad"), 1, 0)
+            .await
+            .expect_err("bad input");
+        assert_eq!((e.status, e.name), (400, "invalid_input"));
+        assert_eq!(
+            host.audit_records().expect("records").len(),
+            22,
+            "one record a task run"
+        );
     }
 }

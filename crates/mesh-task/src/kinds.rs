@@ -66,6 +66,11 @@ pub struct Context<'a> {
     pub stages_ms: BTreeMap<String, f64>,
     /// A streamed task's generated pieces go here.
     pub tokens: Option<&'a TokenSink>,
+    /// The epoch of the lease the task runs under (state is tagged with it).
+    pub epoch: u64,
+    /// Set by a kind with state: (key, value) pairs of `Column::Tasks`,
+    /// written in the same synced batch as the task's audit record.
+    pub state_writes: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -151,6 +156,27 @@ pub struct Search;
 /// `rag`: search, then an answer that cites the documents it used.
 #[derive(Debug)]
 pub struct Rag;
+/// `counter`: a number per key; a task `KEY` adds 1, `KEY +N` or `KEY -N`
+/// adds N, and returns the new value.
+#[derive(Debug)]
+pub struct Counter;
+
+/// Longest counter key.
+pub const COUNTER_KEY_MAX: usize = 128;
+
+/// A counter's value as it is stored: with the epoch it was written under.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct CounterValue {
+    /// The number.
+    pub value: i64,
+    /// The lease epoch of the task that wrote it.
+    pub epoch: u64,
+}
+
+/// Where counter `key` of `agent` is kept.
+pub fn counter_key(agent: &str, key: &str) -> Vec<u8> {
+    format!("counter\0{agent}\0{key}").into_bytes()
+}
 
 /// The built-in kind that runs `kind`.
 pub fn builtin(kind: AgentKind) -> &'static dyn Agent {
@@ -160,6 +186,7 @@ pub fn builtin(kind: AgentKind) -> &'static dyn Agent {
         AgentKind::Generate => &Generate,
         AgentKind::Search => &Search,
         AgentKind::Rag => &Rag,
+        AgentKind::Counter => &Counter,
     }
 }
 
@@ -217,6 +244,60 @@ impl Agent for Rag {
             cited = hits.iter().map(|h| h.id.as_str()).collect();
         }
         Ok(serde_json::json!({ "answer": answer, "cited": cited, "documents": hits }))
+    }
+}
+
+#[async_trait]
+impl Agent for Counter {
+    async fn run(&self, cx: &mut Context<'_>) -> Result<serde_json::Value, TaskError> {
+        let bad = |why: String| TaskError::new(400, "invalid_input", why);
+        let mut words = cx.input.split_whitespace();
+        let key = words
+            .next()
+            .ok_or_else(|| bad("a counter task is KEY, KEY +N or KEY -N".into()))?;
+        if key.len() > COUNTER_KEY_MAX {
+            return Err(bad(format!(
+                "a counter key has at most {COUNTER_KEY_MAX} bytes"
+            )));
+        }
+        let add: i64 = match words.next() {
+            None => 1,
+            Some(n) => n
+                .strip_prefix('+')
+                .unwrap_or(n)
+                .parse()
+                .map_err(|_| bad(format!("{n:?} is not a whole number to add")))?,
+        };
+        if words.next().is_some() {
+            return Err(bad("a counter task is KEY, KEY +N or KEY -N".into()));
+        }
+        let at = counter_key(&cx.manifest.name, key);
+        let now = match cx
+            .store
+            .get(mesh_store::Column::Tasks, &at)
+            .map_err(|e| TaskError::storage(format!("reading counter {key}: {e}")))?
+        {
+            None => 0,
+            Some(bytes) => {
+                serde_json::from_slice::<CounterValue>(&bytes)
+                    .map_err(|e| TaskError::storage(format!("counter {key} is unreadable: {e}")))?
+                    .value
+            }
+        };
+        let value = now.checked_add(add).ok_or_else(|| {
+            bad(format!(
+                "counter {key} would pass the range of a 64-bit number"
+            ))
+        })?;
+        let stored = CounterValue {
+            value,
+            epoch: cx.epoch,
+        };
+        cx.state_writes.push((
+            at,
+            serde_json::to_vec(&stored).map_err(|e| TaskError::storage(e.to_string()))?,
+        ));
+        Ok(serde_json::json!({ "key": key, "value": value }))
     }
 }
 

@@ -25,16 +25,21 @@ pub enum AgentKind {
     Search,
     /// Search, then generate an answer that cites the documents used.
     Rag,
+    /// A number per key, kept as agent state: each task adds to it and
+    /// returns the new value (lost or doubled work shows in it). Last, so
+    /// stored manifests of the kinds before still decode.
+    Counter,
 }
 
 impl AgentKind {
     /// Every kind, for error messages.
-    pub const ALL: [AgentKind; 5] = [
+    pub const ALL: [AgentKind; 6] = [
         AgentKind::Echo,
         AgentKind::Embed,
         AgentKind::Generate,
         AgentKind::Search,
         AgentKind::Rag,
+        AgentKind::Counter,
     ];
 
     /// Its name in manifests.
@@ -45,6 +50,7 @@ impl AgentKind {
             AgentKind::Generate => "generate",
             AgentKind::Search => "search",
             AgentKind::Rag => "rag",
+            AgentKind::Counter => "counter",
         }
     }
 
