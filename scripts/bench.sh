@@ -75,10 +75,10 @@ case "$what" in
             "$venv/bin/pip" install --quiet --disable-pip-version-check ray
         fi
         "$AGENTMESH_ROOT/scripts/models.sh"
-        say "building agentmesh and the load generator (release)"
-        (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh -p agentmesh-bench)
+        say "building agentmesh and the tasks load generator (release)"
+        (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh -p agentmesh-bench --bin agentmesh --bin tasks-bench)
         say "agentmesh tasks against Ray $("$venv/bin/python" -c 'import ray; print(ray.__version__)') on $(nproc) cores"
-        "$AGENTMESH_ROOT/scripts/bench/tasks.sh" "$CARGO_TARGET_DIR/release/agentmesh" "$CARGO_TARGET_DIR/release/loadgen" "$venv/bin/python" "$@"
+        "$AGENTMESH_ROOT/scripts/bench/tasks.sh" "$CARGO_TARGET_DIR/release/agentmesh" "$CARGO_TARGET_DIR/release/tasks-bench" "$venv/bin/python" "$@"
         ;;
     *) usage ;;
 esac

@@ -2,15 +2,15 @@
 # Tasks (issue 13): the `echo` agent's round trip and throughput in a
 # 2-region mesh (3 nodes each, loopback), submitted (a) to its host, (b) to
 # another node of its region, (c) to a node of the other region; 1 client,
-# then 64 clients each with one task in flight (bench/src/loadgen.rs,
-# keep-alive, POST /v1/tasks without a task id: the node gives each task a
-# new one). Interleaved with Ray actor calls on this machine
+# then 64 clients each with one task in flight (bench/src/tasks_bench.rs:
+# loadgen's closed loop, keep-alive, POST /v1/tasks without a task id, so
+# the node gives each task a new one; failures counted by HTTP status). Interleaved with Ray actor calls on this machine
 # (scripts/bench/tasks_ray.py: one synchronous call at a time, 64 async
 # calls in flight), RUNS runs a side, SECONDS measured each (after 2 s of
 # warm-up). Then sequential echo tasks to see where a task's time goes, and
 # a `rag` task end to end with its time by stage (the answer's stages_ms).
 # Prints markdown (scripts/bench/tasks_report.py) on stdout, progress on stderr.
-# Usage: scripts/bench/tasks.sh AGENTMESH_BIN LOADGEN_BIN RAY_PYTHON [RUNS] [SECONDS]
+# Usage: scripts/bench/tasks.sh AGENTMESH_BIN TASKS_BENCH_BIN RAY_PYTHON [RUNS] [SECONDS]
 set -euo pipefail
 source "$(dirname "$0")/../lib.sh"
 bin=$1 loadgen=$2 ray_python=$3 runs=${4:-5} seconds=${5:-10}
@@ -115,15 +115,34 @@ mesh_cpu() {
     python3 -c "print($total / $(getconf CLK_TCK))"
 }
 
+# Waits (at most 30 s) until the machine is quiet: under a quarter of a
+# core busy over one second (the idle mesh uses about 0.05), so that neither
+# side's cells start while the other's processes are still winding down
+# (Ray's take a few seconds after ray.shutdown()).
+settle() {
+    local busy
+    for _ in $(seq 30); do
+        busy=$(python3 -c 'import time
+def b():
+    f=[int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(f)-f[3]-f[4]
+import os
+a=b(); time.sleep(1); print((b()-a)/os.sysconf("SC_CLK_TCK"))')
+        python3 -c "import sys; sys.exit(0 if $busy < 0.25 else 1)" && return 0
+    done
+    log "the machine did not settle within 30 s ($busy cores busy); going on"
+}
+
 results="$work/results.jsonl"
 sent=0
 for run in $(seq "$runs"); do
     status=$("$bin" region status --region eu-west --api "$api1" --json 2>/dev/null \
         | python3 -c 'import json,sys; s=json.load(sys.stdin); print("log", s.get("last_log_index"), "purged to", s.get("log_purged_up_to"))' 2>/dev/null || true)
     log "run $run of $runs: $sent tasks measured so far; eu-west's raft: $status"
+    settle
     for where in host:"$host_api" region:"$peer_api" cross-region:"$remote_api"; do
         for clients in 1 64; do
-            run_bg $((seconds + 60)) "$loadgen" --url "http://${where#*:}/v1/tasks" --method POST \
+            run_bg $((seconds + 60)) "$loadgen" --url "http://${where#*:}/v1/tasks" \
                 --body "$work/echo.json" --clients "$clients" --seconds "$seconds" --warmup 2 >"$work/line"
             line=$(cat "$work/line")
             echo "{\"system\":\"agentmesh\",\"run\":$run,\"where\":\"${where%%:*}\",${line#\{}" >>"$results"
@@ -131,6 +150,7 @@ for run in $(seq "$runs"); do
             log "run $run agentmesh ${where%%:*} $clients: $line"
         done
     done
+    settle
     cpu0=$(mesh_cpu) t0=$(date +%s.%N)
     run_bg $((2 * seconds + 180)) "$ray_python" "$here/tasks_ray.py" "$seconds" 2 >"$work/ray.out" 2>"$work/ray.err" \
         || { cat "$work/ray.err" >&2; die "the Ray run failed"; }

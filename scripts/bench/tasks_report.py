@@ -2,7 +2,7 @@
 
 Usage: tasks_report.py RESULTS.jsonl PROBES.jsonl
 RESULTS: one line per measured run of one configuration: agentmesh's from
-bench/src/loadgen.rs ({"system": "agentmesh", "run", "where", "clients",
+bench/src/tasks_bench.rs ({"system": "agentmesh", "run", "where", "clients",
 ...}), Ray's from tasks_ray.py ({"system": "ray", "run", "mode", ...}),
 and the mesh's own CPU while Ray ran ({"system": "idle", "run", "cores"}).
 PROBES: tasks_probe.py's lines (sequential echo and rag tasks).
@@ -73,6 +73,17 @@ def main():
             print(f"| Ray | {what} | {clients} | {cell([r['p50_ms'] for r in rs], '{:.2f}')} | "
                   f"{cell([r['p99_ms'] for r in rs], '{:.2f}')} | {cell([r['per_second'] for r in rs], '{:.0f}')} | "
                   f"{sum(r['errors'] for r in rs)} |")
+
+    failed = [r for rs in ours.values() for r in rs if r["errors"]]
+    if failed:
+        print()
+        print("What the failed tasks got (HTTP status, or timeout/connect/io, by count; the first bodies):")
+        print()
+        for r in failed:
+            print(f"- run {r['run']}, {r['where']}, {r['clients']} in flight: "
+                  + ", ".join(f"{k}: {n}" for k, n in r.get("statuses", {}).items()))
+            for sample in r.get("error_samples", [])[:2]:
+                print(f"  - `{sample[:200]}`")
 
     sync, asyn = ray.get("sync", []), ray.get("async", [])
     if sync and asyn and ours:
