@@ -27,6 +27,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 log() { echo "$(date +%T) $*" >&2; }
+# Whatever else uses the CPU meanwhile, second by second (the report flags
+# the cells it overlapped).
+python3 "$here/tasks_load.py" $$ 7200 >"$work/load.jsonl" &
+pids+=($!)
 
 # A child in the background, so that cleanup can stop it: run_bg LIMIT CMD...
 run_bg() {
@@ -41,11 +45,12 @@ log "starting 3 nodes in eu-west (eu-1 with the models) and 3 in us-east"
 apis="$work/apis"
 note() { sed -E "s/.*peer_id=([^ ]+) api=([^ ]+).*/$1 \\1 \\2/" <<<"$ready" >>"$apis"; }
 start_node "$bin" "$work" eu-1 eu-west "" --models-dir "$AGENTMESH_MODELS_DIR"; note eu-west
+node_pids=("${pids[-1]}")
 seed=$(sed -E 's/.* listen=([^, ]+).*/\1/' <<<"$ready")
 for spec in eu-2:eu-west eu-3:eu-west us-1:us-east us-2:us-east us-3:us-east; do
     start_node "$bin" "$work" "${spec%%:*}" "${spec##*:}" "$seed"; note "${spec##*:}"
+    node_pids+=("${pids[-1]}")
 done
-node_pids=("${pids[@]}")
 api1=$(awk 'NR==1 {print $3}' "$apis")
 alive=0
 for _ in $(seq 300); do
@@ -142,10 +147,11 @@ for run in $(seq "$runs"); do
     settle
     for where in host:"$host_api" region:"$peer_api" cross-region:"$remote_api"; do
         for clients in 1 64; do
+            t0=$(date +%s.%N)
             run_bg $((seconds + 60)) "$loadgen" --url "http://${where#*:}/v1/tasks" \
                 --body "$work/echo.json" --clients "$clients" --seconds "$seconds" --warmup 2 >"$work/line"
             line=$(cat "$work/line")
-            echo "{\"system\":\"agentmesh\",\"run\":$run,\"where\":\"${where%%:*}\",${line#\{}" >>"$results"
+            echo "{\"system\":\"agentmesh\",\"run\":$run,\"where\":\"${where%%:*}\",\"t0\":$t0,\"t1\":$(date +%s.%N),${line#\{}" >>"$results"
             sent=$((sent + $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$line")))
             log "run $run agentmesh ${where%%:*} $clients: $line"
         done
@@ -157,7 +163,7 @@ for run in $(seq "$runs"); do
     cpu1=$(mesh_cpu) t1=$(date +%s.%N)
     cores=$(python3 -c "print(($cpu1 - $cpu0) / ($t1 - $t0))")
     grep '^{"system": "ray"' "$work/ray.out" | while read -r line; do
-        echo "{\"run\":$run,${line#\{}" >>"$results"
+        echo "{\"run\":$run,\"t0\":$t0,\"t1\":$t1,${line#\{}" >>"$results"
         log "run $run ray: $line"
     done
     echo "{\"system\":\"idle\",\"run\":$run,\"cores\":$cores}" >>"$results"
@@ -207,4 +213,4 @@ echo "Run on $(date -u +%F): $(nproc) cores ($(lscpu | sed -n 's/^Model name: */
     "agentmesh $(git -C "$AGENTMESH_ROOT" describe --always --dirty --abbrev=7) (release), Ray $("$ray_python" -c 'import ray; print(ray.__version__)')" \
     "on $("$ray_python" -c 'import platform; print(platform.python_version())'); $runs runs a side, $seconds s measured each after 2 s of warm-up."
 echo
-python3 "$here/tasks_report.py" "$results" "$probes"
+python3 "$here/tasks_report.py" "$results" "$probes" "$work/load.jsonl"

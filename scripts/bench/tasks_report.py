@@ -1,11 +1,12 @@
 """Markdown tables for `scripts/bench.sh tasks` (see scripts/bench/tasks.sh).
 
-Usage: tasks_report.py RESULTS.jsonl PROBES.jsonl
+Usage: tasks_report.py RESULTS.jsonl PROBES.jsonl [LOAD.jsonl]
 RESULTS: one line per measured run of one configuration: agentmesh's from
 bench/src/tasks_bench.rs ({"system": "agentmesh", "run", "where", "clients",
 ...}), Ray's from tasks_ray.py ({"system": "ray", "run", "mode", ...}),
 and the mesh's own CPU while Ray ran ({"system": "idle", "run", "cores"}).
 PROBES: tasks_probe.py's lines (sequential echo and rag tasks).
+LOAD: tasks_load.py's lines (the CPU other processes used, second by second).
 """
 
 import json
@@ -42,9 +43,24 @@ def verdict_higher(ours, theirs, factor):
     return "within noise (the runs' ranges overlap)"
 
 
+# Other processes using more than this many cores on average during a cell
+# make it a shared-machine cell (the report names it).
+SHARED = 0.1
+
+
 def main():
     rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
     probes = [json.loads(line) for line in open(sys.argv[2]) if line.strip()]
+    load = []
+    if len(sys.argv) > 3:
+        load = [json.loads(line) for line in open(sys.argv[3]) if line.strip()]
+    for r in rows:
+        if "t0" in r and load:
+            # agentmesh's cells: the measured window (after 2 s of warm-up);
+            # Ray's: its whole run (start, both modes, shutdown).
+            start = r["t0"] + (2 if r["system"] == "agentmesh" else 0)
+            inside = [x["foreign"] for x in load if start < x["t"] <= r["t1"] + 0.5]
+            r["foreign"] = statistics.mean(inside) if inside else 0.0
     ours = {}
     for r in rows:
         if r["system"] == "agentmesh":
@@ -73,6 +89,20 @@ def main():
             print(f"| Ray | {what} | {clients} | {cell([r['p50_ms'] for r in rs], '{:.2f}')} | "
                   f"{cell([r['p99_ms'] for r in rs], '{:.2f}')} | {cell([r['per_second'] for r in rs], '{:.0f}')} | "
                   f"{sum(r['errors'] for r in rs)} |")
+
+    if load:
+        shared = [r for r in rows if r.get("foreign", 0.0) > SHARED]
+        worst = max((r.get("foreign", 0.0) for r in rows if r["system"] != "idle"), default=0.0)
+        print()
+        if not shared:
+            print(f"Other processes on the machine used at most {worst:.2f} of a core on average during any cell.")
+        else:
+            print(f"Cells during which other processes used more than {SHARED} of a core on average"
+                  " (the machine was shared; marked * below):")
+            print()
+            for r in shared:
+                what = r.get("where", r.get("mode"))
+                print(f"- run {r['run']}, {r['system']} {what} {r['clients']}: {r['foreign']:.2f} cores")
 
     failed = [r for rs in ours.values() for r in rs if r["errors"]]
     if failed:
@@ -117,15 +147,21 @@ def main():
     print("| run | " + " | ".join(heads) + " | mesh CPU while Ray ran |")
     print("|---" * (len(heads) + 2) + "|")
     idle = {r["run"]: r["cores"] for r in rows if r["system"] == "idle"}
+
+    def pair(a, b):
+        if not (a and b):
+            return "–"
+        star = lambda r: "*" if r.get("foreign", 0.0) > SHARED else ""
+        return f"{a[0]['p50_ms']:.2f}{star(a[0])} / {b[0]['per_second']:.0f}{star(b[0])}"
     for run in sorted({r["run"] for r in rows}):
         cells = []
         for where in WHERES:
             a = [r for r in ours.get((where, 1), []) if r["run"] == run]
             b = [r for r in ours.get((where, 64), []) if r["run"] == run]
-            cells.append(f"{a[0]['p50_ms']:.2f} / {b[0]['per_second']:.0f}" if a and b else "–")
+            cells.append(pair(a, b))
         a = [r for r in sync if r["run"] == run]
         b = [r for r in asyn if r["run"] == run]
-        cells.append(f"{a[0]['p50_ms']:.2f} / {b[0]['per_second']:.0f}" if a and b else "–")
+        cells.append(pair(a, b))
         cpu = f"{idle[run] * 100:.0f} % of a core" if run in idle else "–"
         print(f"| {run} | " + " | ".join(cells) + f" | {cpu} |")
 
