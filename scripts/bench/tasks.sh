@@ -104,7 +104,14 @@ for _ in $(seq 100); do host=$(placed echo); [ -n "$host" ] && break; sleep 0.1;
 host_api=$(awk -v h="$host" '$2==h {print $3}' "$apis")
 peer_api=$(awk -v h="$host" '$1=="eu-west" && $2!=h {print $3; exit}' "$apis")
 remote_api=$us_api
-log "echo is on $host; (a) host $host_api, (b) $peer_api in its region, (c) $remote_api in us-east"
+# The eu-west Raft leader's peer id (every claim is committed through it).
+leader() {
+    "$bin" region status --region eu-west --api "$api1" --json 2>/dev/null \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin).get("leader") or "")' 2>/dev/null || true
+}
+is_leader() { [ "$1" = "$(leader)" ] && echo "is" || echo "is not"; }
+echo_leader=$(is_leader "$host")
+log "echo is on $host ($echo_leader eu-west's leader); (a) host $host_api, (b) $peer_api in its region, (c) $remote_api in us-east"
 echo '{"agent":"echo","input":"hello"}' >"$work/echo.json"
 for api in "$host_api" "$peer_api" "$remote_api"; do
     "$bin" task submit --agent echo --input warm --api "$api" >/dev/null
@@ -201,6 +208,7 @@ for _ in $(seq 20); do
     sleep 0.5
 done
 [ -n "$ok" ] || die "the first rag task failed 20 times"
+rag_leader=$(is_leader "$rag_host")
 log "rag: docs-rag is on $rag_host; 5 questions through it ($rag_api), 5 through us-east ($remote_api)"
 run_bg 600 python3 "$here/tasks_probe.py" host "$rag_api" docs-rag 5 "${questions[@]}" >>"$probes"
 run_bg 600 python3 "$here/tasks_probe.py" cross-region "$remote_api" docs-rag 5 "${questions[@]}" >>"$probes"
@@ -212,5 +220,7 @@ done
 echo "Run on $(date -u +%F): $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), $(free -g | awk '/^Mem:/ {print $2}') GiB;" \
     "agentmesh $(git -C "$AGENTMESH_ROOT" describe --always --dirty --abbrev=7) (release), Ray $("$ray_python" -c 'import ray; print(ray.__version__)')" \
     "on $("$ray_python" -c 'import platform; print(platform.python_version())'); $runs runs a side, $seconds s measured each after 2 s of warm-up."
+echo
+echo "The echo agent's host $echo_leader eu-west's Raft leader (after the echo runs: $(is_leader "$host")); docs-rag's host $rag_leader."
 echo
 python3 "$here/tasks_report.py" "$results" "$probes" "$work/load.jsonl"

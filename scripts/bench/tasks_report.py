@@ -171,7 +171,8 @@ def main():
         print("Where an echo task's time goes: sequential tasks, one at a time (medians, ms;"
               " `claim` and `record` from the answer's `stages_ms`):")
         print()
-        print("| submitted to | tasks | errors | round trip | claim (Raft) | record | the rest (HTTP, routing, forwarding, store) |")
+        print("| submitted to | tasks | errors | round trip | `claim` (Raft commit) | `record` (chain append) |"
+              " the rest (HTTP, routing, forwarding, the synced write of record and result) |")
         print("|---|---|---|---|---|---|---|")
         for where in WHERES:
             ok = [p for p in echo if p["where"] == where and p["status"] == 200]
