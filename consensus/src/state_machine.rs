@@ -20,17 +20,22 @@ use serde::{Deserialize, Serialize};
 use crate::codec;
 use crate::log_sync::LogSync;
 use crate::types::{
-    Dataset, Lease, NodeId, PolicyV1, RegionCommand, RegionNode, RegionResponse, TypeConfig,
+    Dataset, Lease, NodeId, PolicyV1, RegionCommand, RegionNode, RegionResponse, ReplicaSet,
+    TypeConfig,
 };
 
 /// The state, in this build's shape. Builds before result regions kept it
-/// under [`STATE_BEFORE_V3`] (read once, then deleted): bincode is not
+/// under [`STATE_BEFORE_V3`], builds before replica sets under
+/// [`STATE_V3`] (each read once, then deleted): bincode is not
 /// self-describing, so a new key keeps old and new bytes apart.
-const STATE: &[u8] = b"state3";
+const STATE: &[u8] = b"state4";
+const STATE_V3: &[u8] = b"state3";
 const STATE_BEFORE_V3: &[u8] = b"state";
-/// Snapshot data of this build starts with this; older snapshots do not
-/// (their first byte is an `Option` tag, 0 or 1).
-const SNAPSHOT_MAGIC: &[u8] = b"AMS3";
+/// Snapshot data of this build starts with this; the builds before replica
+/// sets wrote [`SNAPSHOT_MAGIC_V3`]; older snapshots have none (their first
+/// byte is an `Option` tag, 0 or 1).
+const SNAPSHOT_MAGIC: &[u8] = b"AMS4";
+const SNAPSHOT_MAGIC_V3: &[u8] = b"AMS3";
 const SNAPSHOT: &[u8] = b"current";
 /// Claims are kept one key each (`claim\0` + the claim's log index,
 /// big-endian) beside the state, so applying a claim writes one key, not
@@ -66,6 +71,9 @@ pub struct RegionState {
     pub retired_epochs: BTreeMap<String, u64>,
     /// Task ids claimed by their hosts, in the claim window.
     pub claims: Claims,
+    /// Where each agent's host copies its state (issue 14), as the host
+    /// set it under its lease: a new host restores from one of them.
+    pub replicas: BTreeMap<String, ReplicaSet>,
 }
 
 /// Claims kept at most per region (the oldest is forgotten first).
@@ -149,7 +157,7 @@ impl Claims {
         self.order
             .iter()
             .flat_map(|chunk| chunk.iter())
-            .filter_map(|(_, id)| self.get(id).map(|c| (id, c)))
+            .filter_map(|(index, id)| self.get(id).filter(|c| c.index == *index).map(|c| (id, c)))
     }
 
     /// No claims, only the window's clock: what the state blob keeps (the
@@ -198,7 +206,7 @@ impl Claims {
             }
         }
         for (index, id) in added.into_iter().rev() {
-            if let Some(claim) = self.get(id) {
+            if let Some(claim) = self.get(id).filter(|c| c.index == index) {
                 ops.push(WriteOp::Put {
                     column: Column::StateMachine,
                     key: claim_key(index),
@@ -282,14 +290,17 @@ impl Claims {
         self.push(task_id, claim);
         // Forget the oldest while past the window.
         while let Some(chunk) = self.order.front() {
-            let Some((_, id)) = chunk.first() else {
+            let Some((index, id)) = chunk.first() else {
                 self.order.pop_front();
                 continue;
             };
-            let expired = self
-                .get(id)
-                .is_some_and(|c| c.at_ms.saturating_add(CLAIMS_KEPT_MS) < self.newest_ms);
-            if self.len <= CLAIMS_MAX && !expired {
+            // A claim taken over by a newer epoch (failover) is listed again
+            // at its new index: its old place in the order holds nothing.
+            let current = self.get(id).filter(|c| c.index == *index);
+            let live = current.is_some();
+            let expired =
+                current.is_some_and(|c| c.at_ms.saturating_add(CLAIMS_KEPT_MS) < self.newest_ms);
+            if live && self.len <= CLAIMS_MAX && !expired {
                 break;
             }
             let id = id.clone();
@@ -299,6 +310,9 @@ impl Claims {
                 if chunk.is_empty() {
                     self.order.pop_front();
                 }
+            }
+            if !live {
+                continue;
             }
             if Arc::make_mut(&mut self.by_id[shard_of(&id)])
                 .remove(&id)
@@ -381,6 +395,7 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
         }
         RegionCommand::RemoveAgent(name) => match state.agents.remove(&name) {
             Some(entry) => {
+                state.replicas.remove(&name);
                 state.retired_epochs.insert(name, entry.epoch);
                 RegionResponse::AgentRemoved { found: true }
             }
@@ -410,20 +425,26 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
                 RegionResponse::LeaseGranted { epoch }
             }
         },
+        RegionCommand::ClaimTaskV1 {
+            agent,
+            task_id,
+            node,
+            epoch,
+            at_ms,
+        } => apply_claim(state, index, agent, task_id, node, epoch, at_ms, false),
         RegionCommand::ClaimTask {
             agent,
             task_id,
             node,
             epoch,
             at_ms,
+        } => apply_claim(state, index, agent, task_id, node, epoch, at_ms, true),
+        RegionCommand::SetReplicas {
+            agent,
+            node,
+            epoch,
+            replicas,
         } => {
-            if let Some(claim) = state.claims.get(&task_id) {
-                return RegionResponse::TaskAlreadyClaimed {
-                    agent: claim.agent.clone(),
-                    node: claim.node.clone(),
-                    epoch: claim.epoch,
-                };
-            }
             let lease = state.agents.get(&agent).and_then(|e| e.lease.clone());
             if !lease
                 .as_ref()
@@ -431,18 +452,62 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
             {
                 return RegionResponse::ClaimRefused { lease };
             }
-            state.claims.insert(
-                task_id,
-                Claim {
-                    agent,
-                    node,
+            state.replicas.insert(
+                agent,
+                ReplicaSet {
+                    host: node,
                     epoch,
-                    index,
-                    at_ms,
+                    nodes: replicas,
+                    set_at: index,
                 },
             );
-            RegionResponse::TaskClaimed { index }
+            RegionResponse::ReplicasSet { index }
         }
+    }
+}
+
+/// A task claim; with `take_over`, the current lease holder takes over a
+/// claim its agent's older epoch made (see [`RegionCommand::ClaimTask`]).
+#[allow(clippy::too_many_arguments)]
+fn apply_claim(
+    state: &mut RegionState,
+    index: u64,
+    agent: String,
+    task_id: String,
+    node: String,
+    epoch: u64,
+    at_ms: u64,
+    take_over: bool,
+) -> RegionResponse {
+    {
+        let lease = state.agents.get(&agent).and_then(|e| e.lease.clone());
+        let holds = lease
+            .as_ref()
+            .is_some_and(|l| l.node == node && l.epoch == epoch);
+        if let Some(claim) = state.claims.get(&task_id) {
+            let older = claim.agent == agent && claim.epoch < epoch;
+            if !(take_over && older && holds) {
+                return RegionResponse::TaskAlreadyClaimed {
+                    agent: claim.agent.clone(),
+                    node: claim.node.clone(),
+                    epoch: claim.epoch,
+                };
+            }
+        }
+        if !holds {
+            return RegionResponse::ClaimRefused { lease };
+        }
+        state.claims.insert(
+            task_id,
+            Claim {
+                agent,
+                node,
+                epoch,
+                index,
+                at_ms,
+            },
+        );
+        RegionResponse::TaskClaimed { index }
     }
 }
 
@@ -475,6 +540,34 @@ struct RegionStateV2 {
     agents: BTreeMap<String, AgentEntry>,
     datasets: BTreeMap<String, Dataset>,
     retired_epochs: BTreeMap<String, u64>,
+}
+
+/// The region state as builds before replica sets stored it.
+#[derive(Deserialize)]
+struct RegionStateV3 {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, RegionNode>,
+    policy: Option<Policy>,
+    policy_version: u64,
+    agents: BTreeMap<String, AgentEntry>,
+    datasets: BTreeMap<String, Dataset>,
+    retired_epochs: BTreeMap<String, u64>,
+    claims: Claims,
+}
+
+fn decode_state_v3(bytes: &[u8]) -> Result<RegionState, codec::CodecError> {
+    let v3 = codec::decode::<RegionStateV3>(bytes)?;
+    Ok(RegionState {
+        last_applied: v3.last_applied,
+        membership: v3.membership,
+        policy: v3.policy,
+        policy_version: v3.policy_version,
+        agents: v3.agents,
+        datasets: v3.datasets,
+        retired_epochs: v3.retired_epochs,
+        claims: v3.claims,
+        replicas: BTreeMap::new(),
+    })
 }
 
 /// Decodes a region state stored by the builds before result regions (the
@@ -510,8 +603,11 @@ fn decode_state_before_v3(bytes: &[u8]) -> Result<RegionState, codec::CodecError
 
 /// Snapshot data: this build's (after [`SNAPSHOT_MAGIC`]) or an older one's.
 fn decode_snapshot_data(bytes: &[u8]) -> Result<RegionState, codec::CodecError> {
-    match bytes.strip_prefix(SNAPSHOT_MAGIC) {
-        Some(rest) => codec::decode::<RegionState>(rest),
+    if let Some(rest) = bytes.strip_prefix(SNAPSHOT_MAGIC) {
+        return codec::decode::<RegionState>(rest);
+    }
+    match bytes.strip_prefix(SNAPSHOT_MAGIC_V3) {
+        Some(rest) => decode_state_v3(rest),
         None => decode_state_before_v3(bytes),
     }
 }
@@ -561,14 +657,18 @@ impl RegionStateMachine {
         let old = store
             .get(Column::StateMachine, STATE_BEFORE_V3)
             .map_err(sm_read_err)?;
+        let v3 = store
+            .get(Column::StateMachine, STATE_V3)
+            .map_err(sm_read_err)?;
         let mut state = match store
             .get(Column::StateMachine, STATE)
             .map_err(sm_read_err)?
         {
             Some(bytes) => codec::decode::<RegionState>(&bytes).map_err(sm_read_err)?,
-            None => match &old {
-                Some(bytes) => decode_state_before_v3(bytes).map_err(sm_read_err)?,
-                None => RegionState::default(),
+            None => match (&v3, &old) {
+                (Some(bytes), _) => decode_state_v3(bytes).map_err(sm_read_err)?,
+                (None, Some(bytes)) => decode_state_before_v3(bytes).map_err(sm_read_err)?,
+                (None, None) => RegionState::default(),
             },
         };
         // The claims of the saved state are kept one key each beside it,
@@ -590,8 +690,8 @@ impl RegionStateMachine {
                 state = from_snapshot;
             }
         }
-        if old.is_some() {
-            // Moved to this build's key, with the old one gone, at once.
+        if old.is_some() || v3.is_some() {
+            // Moved to this build's key, with the old ones gone, at once.
             let without_claims = RegionState {
                 claims: Claims::default(),
                 ..state.clone()
@@ -605,6 +705,10 @@ impl RegionStateMachine {
                 WriteOp::Delete {
                     column: Column::StateMachine,
                     key: STATE_BEFORE_V3.to_vec(),
+                },
+                WriteOp::Delete {
+                    column: Column::StateMachine,
+                    key: STATE_V3.to_vec(),
                 },
             ];
             store.write(ops, Durability::Sync).map_err(sm_write_err)?;
@@ -1009,6 +1113,111 @@ mod command_tests {
     }
 
     #[test]
+    fn a_state_and_a_snapshot_of_the_build_before_replica_sets_still_open() {
+        #[derive(Serialize)]
+        struct V3 {
+            last_applied: Option<LogId<NodeId>>,
+            membership: StoredMembership<NodeId, RegionNode>,
+            policy: Option<Policy>,
+            policy_version: u64,
+            agents: BTreeMap<String, AgentEntry>,
+            datasets: BTreeMap<String, Dataset>,
+            retired_epochs: BTreeMap<String, u64>,
+            claims: Claims,
+        }
+        let mut agents = BTreeMap::new();
+        agents.insert(
+            "c".to_owned(),
+            AgentEntry {
+                manifest: manifest("c", "1"),
+                deployed_at: 3,
+                lease: None,
+                epoch: 4,
+            },
+        );
+        let v3 = V3 {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            policy: Some(Policy::default()),
+            policy_version: 2,
+            agents: agents.clone(),
+            datasets: BTreeMap::new(),
+            retired_epochs: BTreeMap::new(),
+            claims: Claims::default(),
+        };
+        let bytes = codec::encode(&v3).expect("encode");
+        let mut snapshot = SNAPSHOT_MAGIC_V3.to_vec();
+        snapshot.extend(&bytes);
+        let from_snapshot = decode_snapshot_data(&snapshot).expect("an AMS3 snapshot decodes");
+        assert_eq!(from_snapshot.agents, agents);
+        let store: Arc<dyn Store> = Arc::new(mesh_store::MemStore::default());
+        store
+            .write(
+                vec![WriteOp::Put {
+                    column: Column::StateMachine,
+                    key: STATE_V3.to_vec(),
+                    value: bytes,
+                }],
+                Durability::Sync,
+            )
+            .expect("write");
+        let opened = RegionStateMachine::open(store.clone())
+            .expect("opens")
+            .state();
+        assert_eq!(opened.agents, agents);
+        assert_eq!(opened.policy_version, 2);
+        assert!(store
+            .get(Column::StateMachine, STATE_V3)
+            .expect("read")
+            .is_none());
+        let again = RegionStateMachine::open(store).expect("reopens").state();
+        assert_eq!(again, opened);
+    }
+
+    #[test]
+    fn only_the_lease_holder_names_its_replicas() {
+        let mut state = RegionState::default();
+        apply_command(
+            &mut state,
+            1,
+            RegionCommand::DeployAgent(manifest("c", "1")),
+        );
+        apply_command(&mut state, 2, grant("c", "a", 0));
+        let set = |node: &str, epoch: u64| RegionCommand::SetReplicas {
+            agent: "c".into(),
+            node: node.into(),
+            epoch,
+            replicas: vec!["x".into(), "y".into()],
+        };
+        assert!(matches!(
+            apply_command(&mut state, 3, set("b", 1)),
+            RegionResponse::ClaimRefused { .. }
+        ));
+        assert_eq!(
+            apply_command(&mut state, 4, set("a", 1)),
+            RegionResponse::ReplicasSet { index: 4 }
+        );
+        assert_eq!(
+            state.replicas["c"].nodes,
+            vec!["x".to_owned(), "y".to_owned()]
+        );
+        apply_command(&mut state, 5, grant("c", "b", 1));
+        assert!(
+            matches!(
+                apply_command(&mut state, 6, set("a", 1)),
+                RegionResponse::ClaimRefused { .. }
+            ),
+            "the old host cannot change them after its lease moved"
+        );
+        assert_eq!(
+            state.replicas["c"].host, "a",
+            "kept for the new host to restore from"
+        );
+        apply_command(&mut state, 7, RegionCommand::RemoveAgent("c".into()));
+        assert!(state.replicas.is_empty());
+    }
+
+    #[test]
     fn datasets_are_registered_and_replaced_by_name() {
         let mut state = RegionState::default();
         let docs = Dataset {
@@ -1069,8 +1278,7 @@ mod command_tests {
                 epoch: 1
             }
         );
-        // The agent moves; the old host is fenced off, and the new one
-        // does not run what the old one claimed.
+        // The agent moves; the old host is fenced off.
         apply_command(&mut state, 6, grant("echo", "b", 1));
         assert!(matches!(
             apply_command(&mut state, 7, claim("t2", "a", 1, 0)),
@@ -1078,18 +1286,116 @@ mod command_tests {
                 lease: Some(Lease { epoch: 2, .. })
             }
         ));
+        // Before failover, an old epoch's claim stayed (old log entries
+        // still apply so).
+        let v1 = RegionCommand::ClaimTaskV1 {
+            agent: "echo".into(),
+            task_id: "t1".into(),
+            node: "b".into(),
+            epoch: 2,
+            at_ms: 0,
+        };
         assert_eq!(
-            apply_command(&mut state, 8, claim("t1", "b", 2, 0)),
+            apply_command(&mut state, 8, v1),
             RegionResponse::TaskAlreadyClaimed {
                 agent: "echo".into(),
                 node: "a".into(),
                 epoch: 1
             }
         );
+        // The new lease holder takes over what the old epoch claimed (the
+        // old host cannot have answered it: see `ClaimTask`); nobody else
+        // does, and another agent's claim is never taken.
+        assert!(matches!(
+            apply_command(&mut state, 9, claim("t1", "c", 2, 0)),
+            RegionResponse::TaskAlreadyClaimed { .. }
+        ));
         assert_eq!(
-            apply_command(&mut state, 9, claim("t2", "b", 2, 0)),
-            RegionResponse::TaskClaimed { index: 9 }
+            apply_command(&mut state, 10, claim("t1", "b", 2, 0)),
+            RegionResponse::TaskClaimed { index: 10 }
         );
+        assert_eq!(
+            apply_command(&mut state, 11, claim("t1", "b", 2, 0)),
+            RegionResponse::TaskAlreadyClaimed {
+                agent: "echo".into(),
+                node: "b".into(),
+                epoch: 2
+            }
+        );
+        assert_eq!(
+            apply_command(&mut state, 12, claim("t2", "b", 2, 0)),
+            RegionResponse::TaskClaimed { index: 12 }
+        );
+        apply_command(
+            &mut state,
+            13,
+            RegionCommand::DeployAgent(manifest("other", "1")),
+        );
+        apply_command(&mut state, 14, grant("other", "b", 0));
+        let other = RegionCommand::ClaimTask {
+            agent: "other".into(),
+            task_id: "t2".into(),
+            node: "b".into(),
+            epoch: 1,
+            at_ms: 0,
+        };
+        assert!(matches!(
+            apply_command(&mut state, 15, other),
+            RegionResponse::TaskAlreadyClaimed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_taken_over_claim_is_kept_for_its_new_window_and_stored_once() {
+        let mut state = RegionState::default();
+        apply_command(
+            &mut state,
+            1,
+            RegionCommand::DeployAgent(manifest("echo", "1")),
+        );
+        apply_command(&mut state, 2, grant("echo", "a", 0));
+        apply_command(&mut state, 3, claim("t", "a", 1, 1_000));
+        apply_command(&mut state, 4, grant("echo", "b", 1));
+        let at = 1_000 + CLAIMS_KEPT_MS - CLAIM_CLOCK_STEP_MAX_MS;
+        // Walk the clock to `at`, 5 s a claim.
+        let mut index = 5;
+        let mut now = 1_000;
+        while now < at {
+            now = (now + CLAIM_CLOCK_STEP_MAX_MS).min(at);
+            apply_command(&mut state, index, claim(&format!("s{index}"), "b", 2, now));
+            index += 1;
+        }
+        assert_eq!(
+            apply_command(&mut state, index, claim("t", "b", 2, at)),
+            RegionResponse::TaskClaimed { index }
+        );
+        let held = state.claims.len();
+        // Past the first claim's window: its old place goes, the claim stays.
+        apply_command(
+            &mut state,
+            index + 1,
+            claim("u", "b", 2, at + 2 * CLAIM_CLOCK_STEP_MAX_MS),
+        );
+        assert_eq!(state.claims.get("t").map(|c| c.epoch), Some(2));
+        assert_eq!(
+            state
+                .claims
+                .iter()
+                .filter(|(id, _)| id.as_str() == "t")
+                .count(),
+            1,
+            "listed once"
+        );
+        assert!(state.claims.len() <= held + 1);
+        // Past its own window it goes too.
+        let mut later = at + 2 * CLAIM_CLOCK_STEP_MAX_MS;
+        let mut i = index + 2;
+        while later <= at + CLAIMS_KEPT_MS + CLAIM_CLOCK_STEP_MAX_MS {
+            later += CLAIM_CLOCK_STEP_MAX_MS;
+            apply_command(&mut state, i, claim(&format!("w{i}"), "b", 2, later));
+            i += 1;
+        }
+        assert!(state.claims.get("t").is_none());
     }
 
     #[test]

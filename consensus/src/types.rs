@@ -62,12 +62,10 @@ pub enum RegionCommand {
         /// The epoch the placer saw.
         after_epoch: u64,
     },
-    /// A host claims a task id before it runs the task (the fence of
-    /// issue 13): applied only while `node` holds `agent`'s lease at
-    /// `epoch`, and only once per task id in the region's claim window
-    /// (see [`crate::state_machine::Claims`]), so a task runs at most once
-    /// even when its agent moves and its client retries on the new host.
-    ClaimTask {
+    /// A claim as builds before failover wrote it (read from old logs,
+    /// never written): like [`RegionCommand::ClaimTask`], except that a
+    /// task id claimed under an older epoch stays claimed.
+    ClaimTaskV1 {
         /// The agent.
         agent: String,
         /// The task id.
@@ -85,6 +83,59 @@ pub enum RegionCommand {
     /// Concurrent policy writes committed together (see `crate::batcher`):
     /// applied in order at one log index; the last one is in force.
     SetPolicies(Vec<Policy>),
+    /// A host claims a task id before it runs the task (the fence of
+    /// issue 13): applied only while `node` holds `agent`'s lease at
+    /// `epoch`, and only once per task id in the region's claim window
+    /// (see [`crate::state_machine::Claims`]), so a task runs at most once
+    /// even when its agent moves and its client retries on the new host.
+    ///
+    /// A task id claimed for the same agent under an older epoch is taken
+    /// over by the current lease holder (failover, issue 14): the old host
+    /// cannot have answered it, because the new host sealed the agent's
+    /// checkpoint replicas before it claims anything (`mesh_task::checkpoint`)
+    /// and the old host answers only after every replica stored the task.
+    ClaimTask {
+        /// The agent.
+        agent: String,
+        /// The task id.
+        task_id: String,
+        /// The host's peer id.
+        node: String,
+        /// The epoch of the lease the host holds.
+        epoch: u64,
+        /// The host's wall clock, in ms since the Unix epoch: claims older
+        /// than the window, by the newest claim's clock, are forgotten.
+        at_ms: u64,
+    },
+    /// A host names the nodes it copies `agent`'s state to (issue 14):
+    /// applied only while `node` holds the agent's lease at `epoch`, so a
+    /// host whose lease moved on cannot change them. The host copies its
+    /// whole state to new replicas before it names them, and answers a
+    /// task only after every named replica stored it; a new host restores
+    /// from any one of them.
+    SetReplicas {
+        /// The agent.
+        agent: String,
+        /// The host's peer id.
+        node: String,
+        /// The epoch of the lease the host holds.
+        epoch: u64,
+        /// The replicas' peer ids.
+        replicas: Vec<String>,
+    },
+}
+
+/// The nodes an agent's host copies its state to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSet {
+    /// The host that named them.
+    pub host: String,
+    /// Its lease's epoch then.
+    pub epoch: u64,
+    /// The replicas' peer ids.
+    pub nodes: Vec<String>,
+    /// The log index it was set at.
+    pub set_at: u64,
 }
 
 /// A policy as it was stored before residency rules named result regions:
@@ -210,6 +261,11 @@ pub enum RegionResponse {
     ClaimRefused {
         /// The current lease.
         lease: Option<Lease>,
+    },
+    /// The replica set was stored at this index.
+    ReplicasSet {
+        /// The log index.
+        index: u64,
     },
 }
 
