@@ -367,6 +367,14 @@ pub struct AgentEntry {
     pub epoch: u64,
 }
 
+impl RegionState {
+    /// Applies one command at log index `index`, as the state machine does
+    /// for a committed entry (for tests of code above the group).
+    pub fn apply(&mut self, index: u64, command: RegionCommand) -> RegionResponse {
+        apply_command(self, index, command)
+    }
+}
+
 /// Applies one command to `state` at log index `index`.
 fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) -> RegionResponse {
     match command {

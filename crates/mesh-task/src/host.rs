@@ -4,16 +4,20 @@
 //!   run(task, epoch) ─ lease is (this node, epoch)? else stale_epoch (where it is now)
 //!                    ─ residency of every tag (processing here, result to the entry region)
 //!                    ─ models allowed by the policy
-//!                    ─ lock the task id; a stored result? replay it, run nothing
+//!                    ─ lock the task id; the agent active here at this epoch? else
+//!                      restore its state from its replicas first (tasks wait)
+//!                    ─ a stored result? replay it, run nothing
 //!                    ─ rate limit of the agent
 //!                    ─ claim the task id through Raft (fenced by the lease's epoch;
 //!                      once per task id in the region, wherever the agent moves)
 //!                    ─ the kind runs
-//!                    ─ audit record + result + session turn: one synced batch,
-//!                      then the in-memory chain moves; then the answer
+//!                    ─ audit record + state writes: one synced batch, then the
+//!                      in-memory chain moves
+//!                    ─ the state writes and the result to every replica (see
+//!                      `checkpoint`); then the result is kept and answered
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -24,6 +28,9 @@ use mesh_types::agent::Manifest;
 use mesh_types::policy::{Policy, RateLimits};
 use tokio::time::Instant;
 
+use crate::checkpoint::{
+    self, Push, PushAnswer, ReplicaStore, Replicas, Sealed, StoredResult, Version,
+};
 use crate::kinds::{self, Context, Models, Turns};
 use crate::{TaskAnswer, TaskError, TaskRun};
 
@@ -63,6 +70,11 @@ pub struct Env<'a> {
     pub admit: &'a (dyn Fn(&Manifest, &RateLimits) -> Result<(), TaskError> + Send + Sync),
     /// For a streamed task: where generated pieces go as they come.
     pub tokens: Option<&'a crate::kinds::TokenSink>,
+    /// How the agent's state reaches its replicas.
+    pub replicas: &'a dyn Replicas,
+    /// How many replicas an agent's state is copied to (fewer when the
+    /// region has fewer other live nodes).
+    pub replica_count: usize,
 }
 
 impl std::fmt::Debug for Env<'_> {
@@ -88,6 +100,44 @@ pub struct Host {
     /// still reads them), so this process answers no task and no stored
     /// result any more; a restart reads what is durable.
     failed: std::sync::atomic::AtomicBool,
+    /// The copies of other hosts' agents this node keeps.
+    replica: ReplicaStore,
+    /// The agents active on this node, one lock each (a task of an agent
+    /// being activated waits for it).
+    activations: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Activation>>>>,
+}
+
+/// An agent active on this node: its epoch, the version of its state its
+/// replicas hold, and the results they hold.
+#[derive(Debug, Default)]
+struct Activation {
+    active: bool,
+    epoch: u64,
+    version: Version,
+    replicas: Vec<String>,
+    results: VecDeque<StoredResult>,
+}
+
+/// Most results an activation keeps in memory for the whole copies it sends.
+pub const ACTIVATION_RESULTS_MAX: usize = 4096;
+
+/// Where this node counts its activations (see [`Version::incarnation`]).
+const INCARNATION_KEY: &[u8] = b"ckpt\0incarnation";
+
+fn not_copied(agent: &str, task_id: &str, why: String) -> TaskError {
+    TaskError::new(
+        503,
+        "not_copied",
+        format!("task {task_id} of agent {agent} was not acknowledged: {why}; retry with the same task id (it runs once)"),
+    )
+}
+
+fn moved(agent: &str, epoch: u64, known: u64) -> TaskError {
+    TaskError::new(
+        409,
+        "stale_epoch",
+        format!("agent {agent} was activated elsewhere (epoch {known}; this node's epoch {epoch} is stale); retry through any node"),
+    )
 }
 
 impl std::fmt::Debug for Host {
@@ -195,6 +245,7 @@ impl Host {
         };
         #[cfg(feature = "planted-bugs")]
         let last = last.filter(|_| !planted::on(&planted::FORGET_CHAIN));
+        let replica_store = store.clone();
         Ok(Self {
             chain: tokio::sync::Mutex::new(Chain::after(last.as_ref())),
             store,
@@ -202,7 +253,322 @@ impl Host {
             io,
             now_ms,
             failed: std::sync::atomic::AtomicBool::new(false),
+            replica: ReplicaStore::new(Arc::clone(&replica_store)),
+            activations: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The copies of other hosts' agents this node keeps (a node's API
+    /// answers its peers' pushes and seals with it).
+    pub fn replica(&self) -> &ReplicaStore {
+        &self.replica
+    }
+
+    /// The agents active on this node, with their epochs.
+    pub fn active_agents(&self) -> Vec<(String, u64)> {
+        let activations = self
+            .activations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        activations
+            .iter()
+            .filter_map(|(name, a)| {
+                let a = a.try_lock().ok()?;
+                a.active.then(|| (name.clone(), a.epoch))
+            })
+            .collect()
+    }
+
+    fn activation(&self, agent: &str) -> Arc<tokio::sync::Mutex<Activation>> {
+        let mut activations = self
+            .activations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        activations.entry(agent.to_owned()).or_default().clone()
+    }
+
+    /// Stops `agent` here (its lease moved, or its state could not be
+    /// copied): the next task activates it again from its replicas.
+    pub async fn deactivate(&self, agent: &str) {
+        let lock = self.activation(agent);
+        lock.lock().await.active = false;
+    }
+
+    /// Makes `agent` active on this node under the lease of `epoch`, with
+    /// the newest copy of its state (see `checkpoint`); `state` is this
+    /// node's applied region state.
+    async fn ensure_active(
+        &self,
+        env: &Env<'_>,
+        state: &RegionState,
+        agent: &str,
+        epoch: u64,
+    ) -> Result<(), TaskError> {
+        let lock = self.activation(agent);
+        let mut act = lock.lock().await;
+        if act.active && act.epoch == epoch {
+            return Ok(());
+        }
+        act.active = false;
+        let started = Instant::now();
+        let restored = self.restore(env, state, agent, epoch).await?;
+        let incarnation = self.next_incarnation().await?;
+        let version = Version {
+            epoch,
+            incarnation,
+            seq: 0,
+        };
+        let members = env.replicas.members();
+        let replicas = checkpoint::choose(agent, env.node, &members, env.replica_count);
+        if replicas.is_empty() && env.replica_count > 0 && members.len() > 1 {
+            return Err(TaskError::new(
+                503,
+                "unavailable",
+                format!("agent {agent} cannot be activated: no other node of region {} is alive to hold a copy of its state; retry when one is", env.region),
+            ));
+        }
+        let mut copy = self.copy_of(agent)?;
+        copy.results = restored.iter().cloned().collect();
+        let answers = futures::future::join_all(
+            replicas
+                .iter()
+                .map(|r| self.send_copy(env, r, agent, version, &copy)),
+        )
+        .await;
+        for (r, answer) in replicas.iter().zip(answers) {
+            match answer {
+                Ok(()) => {}
+                Err(e) if e.name == "stale_epoch" => return Err(e),
+                Err(e) => {
+                    return Err(TaskError::new(
+                        503,
+                        "unavailable",
+                        format!("agent {agent} cannot be activated: its state could not be copied to replica {r} ({e}); retry"),
+                    ))
+                }
+            }
+        }
+        let named = env
+            .claimer
+            .claim(RegionCommand::SetReplicas {
+                agent: agent.to_owned(),
+                node: env.node.to_owned(),
+                epoch,
+                replicas: replicas.clone(),
+            })
+            .await?;
+        match named {
+            RegionResponse::ReplicasSet { .. } => {}
+            RegionResponse::ClaimRefused { lease } => {
+                return Err(moved(agent, epoch, lease.map(|l| l.epoch).unwrap_or(0)))
+            }
+            other => {
+                return Err(TaskError::storage(format!(
+                    "naming agent {agent}'s replicas was answered {other:?}"
+                )))
+            }
+        }
+        *act = Activation {
+            active: true,
+            epoch,
+            version,
+            replicas,
+            results: restored,
+        };
+        let _ = started;
+        Ok(())
+    }
+
+    /// Seals the replicas the region state names for `agent` and installs
+    /// the newest copy among those that answer; returns its results.
+    async fn restore(
+        &self,
+        env: &Env<'_>,
+        state: &RegionState,
+        agent: &str,
+        epoch: u64,
+    ) -> Result<VecDeque<StoredResult>, TaskError> {
+        let Some(set) = state.replicas.get(agent) else {
+            // Never copied (a new agent, or no other node to copy to): its
+            // state is what this node holds.
+            return Ok(VecDeque::new());
+        };
+        if set.nodes.is_empty() {
+            if set.host != env.node {
+                return Err(TaskError::new(
+                    503,
+                    "unavailable",
+                    format!("agent {agent}'s state was on {} alone (no other node was alive to copy it to); it is unavailable until that node is back", set.host),
+                ));
+            }
+            return Ok(VecDeque::new());
+        }
+        let answers = futures::future::join_all(set.nodes.iter().map(|n| async move {
+            if n == env.node {
+                self.replica.seal(agent, epoch).await
+            } else {
+                env.replicas.seal(n, agent, epoch).await
+            }
+        }))
+        .await;
+        let mut errors = Vec::new();
+        let mut newest: Option<Sealed> = None;
+        for (n, answer) in set.nodes.iter().zip(answers) {
+            match answer {
+                Ok(sealed) => {
+                    if newest.as_ref().is_none_or(|b| sealed.version > b.version) {
+                        newest = Some(sealed);
+                    }
+                }
+                Err(e) => errors.push(format!("{n}: {e}")),
+            }
+        }
+        let Some(newest) = newest else {
+            return Err(TaskError::new(
+                503,
+                "unavailable",
+                format!(
+                    "agent {agent}'s state is copied on {}, and none of them answered ({}); it is activated when one does: retry",
+                    set.nodes.join(", "),
+                    errors.join("; ")
+                ),
+            ));
+        };
+        let mut ops = Vec::new();
+        for prefix in checkpoint::state_prefixes(agent) {
+            ops.push(WriteOp::DeleteRange {
+                column: Column::Tasks,
+                to: checkpoint::prefix_end(&prefix),
+                from: prefix,
+            });
+        }
+        for (key, value) in &newest.state {
+            if checkpoint::is_state_key(agent, key) {
+                ops.push(WriteOp::Put {
+                    column: Column::Tasks,
+                    key: key.clone(),
+                    value: value.clone(),
+                });
+            }
+        }
+        for result in &newest.results {
+            ops.push(WriteOp::Put {
+                column: Column::Tasks,
+                key: result.task_id.as_bytes().to_vec(),
+                value: result.answer.clone(),
+            });
+        }
+        self.write_synced(ops).await.map_err(|e| {
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            TaskError::storage(format!(
+                "cannot install agent {agent}'s restored state: {e}"
+            ))
+        })?;
+        Ok(newest.results.into_iter().collect())
+    }
+
+    async fn next_incarnation(&self) -> Result<u64, TaskError> {
+        let read = self
+            .store
+            .get(Column::Tasks, INCARNATION_KEY)
+            .map_err(|e| TaskError::storage(e.to_string()))?;
+        let last = read
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        let next = last.saturating_add(1);
+        self.write_synced(vec![WriteOp::Put {
+            column: Column::Tasks,
+            key: INCARNATION_KEY.to_vec(),
+            value: next.to_be_bytes().to_vec(),
+        }])
+        .await
+        .map_err(TaskError::storage)?;
+        Ok(next)
+    }
+
+    /// This node's state of `agent` (its results come from its activation).
+    fn copy_of(&self, agent: &str) -> Result<Sealed, TaskError> {
+        let mut copy = Sealed::default();
+        for prefix in checkpoint::state_prefixes(agent) {
+            self.store
+                .scan(
+                    Column::Tasks,
+                    &prefix,
+                    Some(&checkpoint::prefix_end(&prefix)),
+                    &mut |k, v| {
+                        copy.state.push((k.to_vec(), v.to_vec()));
+                        true
+                    },
+                )
+                .map_err(|e| TaskError::storage(format!("reading agent {agent}'s state: {e}")))?;
+        }
+        Ok(copy)
+    }
+
+    /// Sends a whole copy to replica `peer`, page by page.
+    async fn send_copy(
+        &self,
+        env: &Env<'_>,
+        peer: &str,
+        agent: &str,
+        version: Version,
+        copy: &Sealed,
+    ) -> Result<(), TaskError> {
+        for page in checkpoint::pages(agent, version, copy) {
+            match env.replicas.push(peer, &Push::Page(page)).await? {
+                PushAnswer::Stored => {}
+                PushAnswer::Fenced { epoch } => return Err(moved(agent, version.epoch, epoch)),
+                PushAnswer::Behind { holds } => {
+                    return Err(TaskError::new(
+                        503,
+                        "not_copied",
+                        format!("replica {peer} took a page of agent {agent}'s copy {version} out of order (it holds {})", holds.map(|v| v.to_string()).unwrap_or_else(|| "nothing".into())),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies one task's changes to every replica of the activation; a
+    /// replica that is behind gets a whole copy.
+    async fn replicate(
+        &self,
+        env: &Env<'_>,
+        act: &mut Activation,
+        agent: &str,
+        delta: checkpoint::Delta,
+    ) -> Result<(), TaskError> {
+        let version = delta.version;
+        let push = Push::Delta(delta);
+        let answers = futures::future::join_all(act.replicas.iter().map(|r| {
+            let push = &push;
+            async move { (r, env.replicas.push(r, push).await) }
+        }))
+        .await;
+        let mut behind = Vec::new();
+        for (r, answer) in answers {
+            match answer? {
+                PushAnswer::Stored => {}
+                PushAnswer::Fenced { epoch } => return Err(moved(agent, act.epoch, epoch)),
+                PushAnswer::Behind { holds } if holds.is_some_and(|h| h > version) => {
+                    return Err(moved(agent, act.epoch, holds.map(|h| h.epoch).unwrap_or(0)))
+                }
+                PushAnswer::Behind { .. } => behind.push(r.clone()),
+            }
+        }
+        if !behind.is_empty() {
+            let mut copy = self.copy_of(agent)?;
+            copy.results = act.results.iter().cloned().collect();
+            if let Push::Delta(d) = &push {
+                copy.results.extend(d.result.iter().cloned());
+            }
+            for r in behind {
+                self.send_copy(env, &r, agent, version, &copy).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The node's store (tasks, audit log, documents).
@@ -409,6 +775,10 @@ impl Host {
             .ok_or_else(|| TaskError::new(400, "invalid_task", "a task needs its id".into()))?;
         let lock = self.lock_for(&task_id);
         let _running = lock.lock().await;
+        // Active here first: a result the agent's old host answered is
+        // restored with its state, and found below.
+        self.ensure_active(env, state, &request.agent, epoch)
+            .await?;
         if let Some(mut answer) = self.stored(&task_id)? {
             if answer.agent != request.agent
                 || answer.provenance.record.input_sha256
@@ -508,39 +878,44 @@ impl Host {
             provenance: sealed.clone(),
         };
         let encode = |e: serde_json::Error| TaskError::storage(e.to_string());
-        let mut ops = vec![
-            WriteOp::Put {
-                column: Column::Audit,
-                key: sealed.seq.to_be_bytes().to_vec(),
-                value: serde_json::to_vec(&sealed).map_err(encode)?,
-            },
-            WriteOp::Put {
-                column: Column::Tasks,
-                key: task_id.as_bytes().to_vec(),
-                value: serde_json::to_vec(&answer).map_err(encode)?,
-            },
-        ];
-        // The kind's state, in the same batch: a change is kept exactly
+        let answer_bytes = serde_json::to_vec(&answer).map_err(encode)?;
+        let mut writes = state_writes;
+        // The conversation, as agent state: a turn is remembered exactly
         // when its task is recorded.
-        for (key, value) in state_writes {
-            ops.push(WriteOp::Put {
-                column: Column::Tasks,
-                key,
-                value,
-            });
-        }
-        // The conversation, as agent state, in the same batch: a turn is
-        // remembered exactly when its task is recorded.
         if let (Some(session), Some(text)) = (&request.session, remember) {
             let mut history = history;
             history.push((request.input.clone(), text));
             let keep = history.len().saturating_sub(SESSION_TURNS_MAX);
             history.drain(..keep);
+            writes.push((
+                session_key(&manifest.name, session),
+                serde_json::to_vec(&history).map_err(encode)?,
+            ));
+        }
+        let act_lock = self.activation(&manifest.name);
+        let copied = !act_lock.lock().await.replicas.is_empty();
+        let mut ops = vec![WriteOp::Put {
+            column: Column::Audit,
+            key: sealed.seq.to_be_bytes().to_vec(),
+            value: serde_json::to_vec(&sealed).map_err(encode)?,
+        }];
+        // The kind's state, in the same batch: a change is kept exactly
+        // when its task is recorded.
+        for (key, value) in &writes {
             ops.push(WriteOp::Put {
                 column: Column::Tasks,
-                key: session_key(&manifest.name, session),
-                value: serde_json::to_vec(&history).map_err(encode)?,
+                key: key.clone(),
+                value: value.clone(),
             });
+        }
+        let result_op = WriteOp::Put {
+            column: Column::Tasks,
+            key: task_id.as_bytes().to_vec(),
+            value: answer_bytes.clone(),
+        };
+        if !copied {
+            // No replica to wait for: the result is kept at once.
+            ops.push(result_op.clone());
         }
         self.write_synced(ops).await.map_err(|e| {
             self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -549,6 +924,66 @@ impl Host {
             ))
         })?;
         *chain = next;
+        drop(chain);
+        // Every replica stores the task's changes before it is answered.
+        let copying = Instant::now();
+        let mut act = act_lock.lock().await;
+        if !(act.active && act.epoch == epoch) {
+            return Err(not_copied(
+                &manifest.name,
+                &task_id,
+                "the agent was deactivated on this node while the task ran".into(),
+            ));
+        }
+        let result = StoredResult {
+            task_id: task_id.clone(),
+            at_ms: answer.provenance.record.finished_at_ms,
+            answer: answer_bytes,
+        };
+        if !act.replicas.is_empty() {
+            let version = Version {
+                seq: act.version.seq.saturating_add(1),
+                ..act.version
+            };
+            let delta = checkpoint::Delta {
+                agent: manifest.name.clone(),
+                version,
+                writes,
+                result: Some(result.clone()),
+            };
+            if let Err(e) = self.replicate(env, &mut act, &manifest.name, delta).await {
+                act.active = false;
+                return Err(if e.name == "stale_epoch" {
+                    e
+                } else {
+                    not_copied(
+                        &manifest.name,
+                        &task_id,
+                        format!("its state could not be copied to every replica ({e})"),
+                    )
+                });
+            }
+            act.version = version;
+            self.store
+                .write(vec![result_op], Durability::Buffered)
+                .map_err(|e| TaskError::storage(e.to_string()))?;
+        }
+        act.results.push_back(result);
+        let window_start = answer
+            .provenance
+            .record
+            .finished_at_ms
+            .saturating_sub(checkpoint::RESULTS_KEPT_MS);
+        while act.results.len() > ACTIVATION_RESULTS_MAX
+            || act.results.front().is_some_and(|r| r.at_ms < window_start)
+        {
+            act.results.pop_front();
+        }
+        drop(act);
+        let mut answer = answer;
+        answer
+            .stages_ms
+            .insert("copy".into(), copying.elapsed().as_secs_f64() * 1000.0);
         Ok(answer)
     }
 
@@ -734,8 +1169,27 @@ mod tests {
 
     #[async_trait]
     impl Claimer for YesClaimer {
-        async fn claim(&self, _: RegionCommand) -> Result<RegionResponse, TaskError> {
-            Ok(RegionResponse::TaskClaimed { index: 1 })
+        async fn claim(&self, command: RegionCommand) -> Result<RegionResponse, TaskError> {
+            Ok(match command {
+                RegionCommand::SetReplicas { .. } => RegionResponse::ReplicasSet { index: 1 },
+                _ => RegionResponse::TaskClaimed { index: 1 },
+            })
+        }
+    }
+
+    /// A single node: nobody to copy to.
+    struct Alone;
+
+    #[async_trait]
+    impl Replicas for Alone {
+        fn members(&self) -> Vec<(String, bool)> {
+            vec![("n1".into(), true)]
+        }
+        async fn push(&self, peer: &str, _: &Push) -> Result<PushAnswer, TaskError> {
+            panic!("no replica to push to, yet pushed to {peer}")
+        }
+        async fn seal(&self, peer: &str, _: &str, _: u64) -> Result<Sealed, TaskError> {
+            panic!("no replica to seal, yet sealed {peer}")
         }
     }
 
@@ -808,6 +1262,8 @@ mod tests {
                         claimer: &YesClaimer,
                         admit: &admit,
                         tokens: None,
+                        replicas: &Alone,
+                        replica_count: 2,
                     };
                     host.execute(&env, &state, &run("k", &format!("t{i}")), 1, 0)
                         .await
@@ -836,6 +1292,8 @@ mod tests {
             claimer: &YesClaimer,
             admit: &admit,
             tokens: None,
+            replicas: &Alone,
+            replica_count: 2,
         };
         let plus = host
             .execute(&env, &state, &run("k +5", "t-plus"), 1, 0)

@@ -12,13 +12,17 @@
 //!   leader: placement::round(state, members) ──> GrantLease commands (epoch + 1)
 //! ```
 
+pub mod checkpoint;
 pub mod documents;
 mod error;
+#[cfg(test)]
+mod failover_tests;
 pub mod host;
 pub mod kinds;
 pub mod placement;
 mod types;
 
+pub use checkpoint::Replicas;
 pub use error::TaskError;
 pub use host::{check_policy, Claimer, Env, Host, Io};
 pub use kinds::{Agent, Context, Models};
