@@ -496,6 +496,7 @@ fn an_audit_log_over_four_mebibytes_is_verified_through_another_node() {
         let mut bytes = 0;
         for i in 0..RECORDS {
             let sealed = chain.append(mesh_agent::AuditRecord {
+                reclaims: None,
                 task_id: format!("t-{i}"),
                 agent: "echo".into(),
                 agent_version: "1".into(),

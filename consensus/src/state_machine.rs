@@ -487,35 +487,38 @@ fn apply_claim(
     at_ms: u64,
     take_over: bool,
 ) -> RegionResponse {
-    {
-        let lease = state.agents.get(&agent).and_then(|e| e.lease.clone());
-        let holds = lease
-            .as_ref()
-            .is_some_and(|l| l.node == node && l.epoch == epoch);
-        if let Some(claim) = state.claims.get(&task_id) {
-            let older = claim.agent == agent && claim.epoch < epoch;
-            if !(take_over && older && holds) {
-                return RegionResponse::TaskAlreadyClaimed {
-                    agent: claim.agent.clone(),
-                    node: claim.node.clone(),
-                    epoch: claim.epoch,
-                };
-            }
+    let lease = state.agents.get(&agent).and_then(|e| e.lease.clone());
+    let holds = lease
+        .as_ref()
+        .is_some_and(|l| l.node == node && l.epoch == epoch);
+    let mut taken_over = None;
+    if let Some(claim) = state.claims.get(&task_id) {
+        let older = claim.agent == agent && claim.epoch < epoch;
+        if !(take_over && older && holds) {
+            return RegionResponse::TaskAlreadyClaimed {
+                agent: claim.agent.clone(),
+                node: claim.node.clone(),
+                epoch: claim.epoch,
+            };
         }
-        if !holds {
-            return RegionResponse::ClaimRefused { lease };
-        }
-        state.claims.insert(
-            task_id,
-            Claim {
-                agent,
-                node,
-                epoch,
-                index,
-                at_ms,
-            },
-        );
-        RegionResponse::TaskClaimed { index }
+        taken_over = Some((claim.node.clone(), claim.epoch));
+    }
+    if !holds {
+        return RegionResponse::ClaimRefused { lease };
+    }
+    state.claims.insert(
+        task_id,
+        Claim {
+            agent,
+            node,
+            epoch,
+            index,
+            at_ms,
+        },
+    );
+    match taken_over {
+        Some((node, epoch)) => RegionResponse::TaskTakenOver { index, node, epoch },
+        None => RegionResponse::TaskClaimed { index },
     }
 }
 
@@ -1320,7 +1323,11 @@ mod command_tests {
         ));
         assert_eq!(
             apply_command(&mut state, 10, claim("t1", "b", 2, 0)),
-            RegionResponse::TaskClaimed { index: 10 }
+            RegionResponse::TaskTakenOver {
+                index: 10,
+                node: "a".into(),
+                epoch: 1
+            }
         );
         assert_eq!(
             apply_command(&mut state, 11, claim("t1", "b", 2, 0)),
@@ -1375,7 +1382,11 @@ mod command_tests {
         }
         assert_eq!(
             apply_command(&mut state, index, claim("t", "b", 2, at)),
-            RegionResponse::TaskClaimed { index }
+            RegionResponse::TaskTakenOver {
+                index,
+                node: "a".into(),
+                epoch: 1
+            }
         );
         let held = state.claims.len();
         // Past the first claim's window: its old place goes, the claim stays.

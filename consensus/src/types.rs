@@ -262,6 +262,16 @@ pub enum RegionResponse {
         /// The current lease.
         lease: Option<Lease>,
     },
+    /// The task id was claimed by the agent's current lease holder, taking
+    /// over the claim of an older epoch (issue 14).
+    TaskTakenOver {
+        /// The log index.
+        index: u64,
+        /// The node of the claim taken over.
+        node: String,
+        /// Its epoch.
+        epoch: u64,
+    },
     /// The replica set was stored at this index.
     ReplicasSet {
         /// The log index.

@@ -185,6 +185,8 @@ pub struct ApiState {
     pub model_jobs: PerClient,
     /// The tasks this node runs and the audit log it keeps.
     pub tasks: std::sync::Arc<mesh_task::Host>,
+    /// Copies of each hosted agent's state on other nodes (`[agents]`).
+    pub checkpoint_replicas: usize,
     /// Rate-limit buckets (per client here, per agent on its host).
     pub buckets: std::sync::Arc<crate::rate::Buckets>,
     /// The buffers of streamed tasks this node hosts.
@@ -304,6 +306,14 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/regions/{region}/claims",
             post(crate::tasks::region_claim),
+        )
+        .route(
+            "/v1/regions/{region}/checkpoints",
+            post(crate::checkpoints::region_checkpoints),
+        )
+        .route(
+            "/v1/regions/{region}/seals",
+            post(crate::checkpoints::region_seals),
         )
         .route("/v1/audit", get(crate::tasks::audit_log))
         .route("/v1/audit/verify", get(crate::tasks::audit_verify))

@@ -67,7 +67,31 @@ pub struct NodeConfig {
     /// Region Raft group timings.
     #[serde(default)]
     pub raft: consensus::RaftSettings,
+    /// Agents on this node.
+    #[serde(default)]
+    pub agents: AgentsSection,
 }
+
+/// `[agents]` in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsSection {
+    /// How many other nodes of the region hold a copy of each agent's state
+    /// hosted here (fewer when fewer are alive; 0: none, and an agent's
+    /// state is lost with its node). Default 2.
+    pub checkpoint_replicas: usize,
+}
+
+impl Default for AgentsSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_replicas: mesh_task::checkpoint::REPLICAS_DEFAULT,
+        }
+    }
+}
+
+/// Most checkpoint replicas an agent may have.
+pub const CHECKPOINT_REPLICAS_MAX: usize = 8;
 
 /// `[network]` in the config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +172,8 @@ pub struct CheckedConfig {
     pub raft: consensus::RaftSettings,
     /// Where the model weights are, if the node runs models.
     pub models_dir: Option<PathBuf>,
+    /// Copies of each hosted agent's state on other nodes.
+    pub checkpoint_replicas: usize,
 }
 
 /// Flags of `node start` that override the file.
@@ -302,8 +328,15 @@ impl NodeConfig {
             ));
         }
 
+        if self.agents.checkpoint_replicas > CHECKPOINT_REPLICAS_MAX {
+            problems.push(format!(
+                "agents.checkpoint_replicas ({}) is more than {CHECKPOINT_REPLICAS_MAX}: every task of an agent waits for each copy",
+                self.agents.checkpoint_replicas
+            ));
+        }
         match (data_dir, region, api) {
             (Some(data_dir), Some(region), Some(api)) if problems.is_empty() => Ok(CheckedConfig {
+                checkpoint_replicas: self.agents.checkpoint_replicas,
                 data_dir,
                 region,
                 api,

@@ -69,6 +69,9 @@ pub fn need(method: &str, path: &str) -> Need {
         // A host (any member of the group, learners too) claims the task
         // ids it runs; the route checks that it claims for itself.
         ("POST", "claims") => Need::GroupMember,
+        // A host copies its agents' state to members of its group; the
+        // routes check that it is the agent's host.
+        ("POST", "checkpoints" | "seals") => Need::GroupMember,
         _ => Need::Voter,
     }
 }

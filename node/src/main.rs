@@ -10,6 +10,7 @@
 mod agent_cli;
 mod agents_api;
 mod api;
+mod checkpoints;
 mod client;
 mod config;
 mod data_cli;

@@ -216,7 +216,12 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         buckets: Arc::default(),
         streams: Arc::default(),
         api_is_loopback: api_addr.ip().is_loopback(),
+        checkpoint_replicas: config.checkpoint_replicas,
     };
+    tokio::spawn(crate::checkpoints::keep_agents(
+        state.clone(),
+        shutdown.clone(),
+    ));
     let network = state.network.clone();
     let router = api::router(state);
     tokio::spawn(crate::forward::serve(

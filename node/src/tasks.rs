@@ -18,7 +18,7 @@
 //! `mesh_task::kinds`. This module is the HTTP and libp2p side: the entry
 //! node, the routing to the host, the node's models and claims.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -239,18 +239,40 @@ pub async fn region_claim(
     Json(command): Json<RegionCommand>,
 ) -> Result<Response, ApiError> {
     let region = parse_region(&name)?;
-    let RegionCommand::ClaimTask {
-        node,
-        task_id,
-        agent,
-        ..
-    } = &command
-    else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_claim",
-            "a claim is a ClaimTask command".into(),
-        ));
+    let (node, task_id, agent) = match &command {
+        RegionCommand::ClaimTask {
+            node,
+            task_id,
+            agent,
+            ..
+        } => (node, task_id.as_str(), agent),
+        RegionCommand::SetReplicas {
+            node,
+            agent,
+            replicas,
+            ..
+        } => {
+            if replicas.len() > crate::config::CHECKPOINT_REPLICAS_MAX
+                || replicas.iter().any(|r| r.len() > 128)
+            {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_claim",
+                    format!(
+                        "at most {} replicas, each a peer id",
+                        crate::config::CHECKPOINT_REPLICAS_MAX
+                    ),
+                ));
+            }
+            (node, "replicas", agent)
+        }
+        _ => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_claim",
+                "a claim is a ClaimTask or SetReplicas command".into(),
+            ))
+        }
     };
     let by = forwarded_by.map(|b| b.0 .0.clone());
     if by.as_deref() != Some(node.as_str()) {
@@ -580,7 +602,78 @@ pub async fn region_task(
     run_in_region(&state, &headers, &region, run).await
 }
 
+/// How long a task waits for its agent to be active again (its host
+/// failed, or it is moving) before the answer is an error: above the
+/// failure detector's `dead_after` (4 s by default) plus a placement round
+/// and a restore.
+pub const FAILOVER_WAIT: Duration = Duration::from_secs(15);
+
+/// Whether an answer means "the agent is not serving right now, but will
+/// be": its host is unreachable or lost its lease, it is not placed yet, or
+/// it is being activated. A retry by task id is safe: it runs once.
+fn failover_pending(status: StatusCode, name: &str) -> bool {
+    match status {
+        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => true,
+        StatusCode::SERVICE_UNAVAILABLE => matches!(
+            name,
+            "not_placed"
+                | "not_copied"
+                | "unavailable"
+                | "claim_unknown"
+                | "replica_unreachable"
+                | "unreachable_peer"
+                | "no_quorum"
+        ),
+        StatusCode::CONFLICT => name == "stale_epoch",
+        _ => false,
+    }
+}
+
+/// Runs `run` in this region, waiting through a failover or a move (up to
+/// [`FAILOVER_WAIT`]) for the agent to serve again.
 async fn run_in_region(
+    state: &ApiState,
+    headers: &HeaderMap,
+    region: &mesh_types::Region,
+    run: TaskRun,
+) -> Result<Response, ApiError> {
+    let deadline = Instant::now() + FAILOVER_WAIT;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let outcome = run_in_region_once(state, headers, region, run.clone()).await;
+        let (outcome, status, name) = match outcome {
+            Err(e) => {
+                let (status, name) = (e.status(), e.name().to_owned());
+                (Err(e), status, name)
+            }
+            Ok(r) if r.status().is_success() => return Ok(r),
+            Ok(r) => {
+                let (parts, body) = r.into_parts();
+                let bytes = axum::body::to_bytes(body, mesh_net::forward::FORWARD_RESPONSE_MAX)
+                    .await
+                    .unwrap_or_default();
+                let name = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let status = parts.status;
+                (
+                    Ok(Response::from_parts(parts, axum::body::Body::from(bytes))),
+                    status,
+                    name,
+                )
+            }
+        };
+        if !failover_pending(status, &name) || Instant::now() + pause > deadline {
+            return outcome;
+        }
+        tracing::debug!(task = ?run.request.task_id, agent = %run.request.agent, %status, %name, "the agent is not serving; the task waits");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+async fn run_in_region_once(
     state: &ApiState,
     headers: &HeaderMap,
     region: &mesh_types::Region,
@@ -733,6 +826,8 @@ async fn run_here(
         claimer: &NodeClaimer(state),
         admit: &admit,
         tokens: sink.as_ref().map(|f| f as &mesh_task::kinds::TokenSink),
+        replicas: &crate::checkpoints::NodeReplicas(state),
+        replica_count: state.checkpoint_replicas,
     };
     let result = state.tasks.execute(&env, &local, &run, epoch, hops).await;
     if let Some(s) = &stream {
@@ -745,6 +840,29 @@ async fn run_here(
             None => Err(e.into()),
         },
     }
+}
+
+/// Activates `agent` on this node, its host under the lease of `epoch`
+/// (see `mesh_task::checkpoint`); `local` is this node's applied state.
+pub(crate) async fn activate(
+    state: &ApiState,
+    local: &consensus::RegionState,
+    agent: &str,
+    epoch: u64,
+) -> Result<(), TaskError> {
+    let region = state.region.to_string();
+    let admit = |_: &mesh_types::agent::Manifest, _: &mesh_types::policy::RateLimits| Ok(());
+    let env = mesh_task::Env {
+        node: &state.peer_id,
+        region: &region,
+        models: &NodeModels(state),
+        claimer: &NodeClaimer(state),
+        admit: &admit,
+        tokens: None,
+        replicas: &crate::checkpoints::NodeReplicas(state),
+        replica_count: state.checkpoint_replicas,
+    };
+    state.tasks.activate(&env, local, agent, epoch).await
 }
 
 /// `GET /v1/tasks/{id}`: a result this node holds (as host or as entry node).

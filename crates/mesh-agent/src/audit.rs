@@ -58,6 +58,14 @@ pub struct AuditRecord {
     pub finished_at_ms: u64,
     /// The trace id.
     pub trace_id: String,
+    /// Set when this run took over its task's claim (`NODE@EPOCH`, the
+    /// claim it replaced: the agent's old host after a failover, or this
+    /// host before it restarted). A run under that claim, if there was one,
+    /// was never acknowledged and its effects were discarded with its state
+    /// (see `mesh_task::checkpoint`); this run is the one that counts. Left
+    /// out of the hashed JSON when unset, so older records verify as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaims: Option<String>,
 }
 
 /// A record in its place in the chain.
@@ -199,6 +207,7 @@ mod tests {
 
     fn record(task: &str) -> AuditRecord {
         AuditRecord {
+            reclaims: None,
             task_id: task.into(),
             agent: "echo".into(),
             agent_version: "1".into(),

@@ -58,8 +58,8 @@ pub const REPLICAS_DEFAULT: usize = 2;
 pub const RESULTS_KEPT_MS: u64 = consensus::state_machine::CLAIMS_KEPT_MS;
 
 /// Most bytes of state and results in one page of a whole copy (a node's
-/// forwarded request is at most 128 KiB).
-pub const PAGE_BYTES_MAX: usize = 96 * 1024;
+/// API takes request bodies of at most 64 KiB).
+pub const PAGE_BYTES_MAX: usize = 48 * 1024;
 
 /// Most bytes a seal answers with (a forwarded answer is at most 4 MiB).
 /// A larger checkpoint is refused with this limit named, not cut.
@@ -205,11 +205,43 @@ impl Sealed {
 pub trait Replicas: Send + Sync {
     /// The members of the region's group (voters and learners, this node
     /// included) and whether each is alive in this node's view.
-    fn members(&self) -> Vec<(String, bool)>;
+    async fn members(&self) -> Vec<(String, bool)>;
     /// Sends `push` to `peer`'s replica.
     async fn push(&self, peer: &str, push: &Push) -> Result<PushAnswer, TaskError>;
     /// Seals `agent`'s copy on `peer` at `epoch` and returns it.
     async fn seal(&self, peer: &str, agent: &str, epoch: u64) -> Result<Sealed, TaskError>;
+}
+
+/// Whether node `by` may push or seal `agent`'s copies at `epoch`, by the
+/// replica's applied region `state`: only the agent's host at that very
+/// epoch may (no other member can overwrite or fence an agent's copies).
+/// `Ok(None)`: yes; `Ok(Some(known))`: the epoch is older than the
+/// replica knows (a push is answered `Fenced`); an error otherwise (503
+/// `behind` when this replica's state does not know the epoch yet).
+pub fn check_sender(
+    state: &consensus::RegionState,
+    by: &str,
+    agent: &str,
+    epoch: u64,
+) -> Result<Option<u64>, TaskError> {
+    let entry = state.agents.get(agent);
+    let known = entry.map(|e| e.epoch).unwrap_or(0);
+    if epoch < known {
+        return Ok(Some(known));
+    }
+    match entry.and_then(|e| e.lease.as_ref()) {
+        Some(l) if l.epoch == epoch && l.node == by => Ok(None),
+        Some(l) if l.epoch == epoch => Err(TaskError::new(
+            403,
+            "not_a_host",
+            format!("node {by} is not agent {agent}'s host at epoch {epoch} ({} is)", l.node),
+        )),
+        _ => Err(TaskError::new(
+            503,
+            "behind",
+            format!("this node's region state does not know epoch {epoch} of agent {agent} yet (it knows {known}); retry"),
+        )),
+    }
 }
 
 /// The `k` replicas of `agent` hosted on `host`: the members other than the

@@ -153,7 +153,7 @@ impl Claimer for Net {
 
 #[async_trait]
 impl Replicas for Net {
-    fn members(&self) -> Vec<(String, bool)> {
+    async fn members(&self) -> Vec<(String, bool)> {
         NODES
             .iter()
             .map(|n| (n.to_string(), !self.region.is_down(n)))

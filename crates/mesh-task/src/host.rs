@@ -294,6 +294,19 @@ impl Host {
         lock.lock().await.active = false;
     }
 
+    /// Activates `agent` here under the lease of `epoch` now (the node does
+    /// when the region state grants it the lease), not at its first task.
+    pub async fn activate(
+        &self,
+        env: &Env<'_>,
+        state: &RegionState,
+        agent: &str,
+        epoch: u64,
+    ) -> Result<(), TaskError> {
+        self.check_disk()?;
+        self.ensure_active(env, state, agent, epoch).await
+    }
+
     /// Makes `agent` active on this node under the lease of `epoch`, with
     /// the newest copy of its state (see `checkpoint`); `state` is this
     /// node's applied region state.
@@ -318,7 +331,7 @@ impl Host {
             incarnation,
             seq: 0,
         };
-        let members = env.replicas.members();
+        let members = env.replicas.members().await;
         let replicas = checkpoint::choose(agent, env.node, &members, env.replica_count);
         if replicas.is_empty() && env.replica_count > 0 && members.len() > 1 {
             return Err(TaskError::new(
@@ -799,7 +812,7 @@ impl Host {
         (env.admit)(manifest, &limits)?;
         let started = Instant::now();
         let started_at_ms = (self.now_ms)();
-        self.claim(env, &request.agent, &task_id, epoch).await?;
+        let reclaims = self.claim(env, &request.agent, &task_id, epoch).await?;
         let claimed = started.elapsed().as_secs_f64() * 1000.0;
         // Agent state is read, changed and written under one lock per
         // state (a counter agent's numbers, a session's turns), so two tasks
@@ -860,6 +873,7 @@ impl Host {
             started_at_ms,
             finished_at_ms: (self.now_ms)(),
             trace_id: run.trace_id.clone(),
+            reclaims,
         };
         // The record and the result in one synced batch, appended in chain order.
         let recording = Instant::now();
@@ -987,17 +1001,18 @@ impl Host {
         Ok(answer)
     }
 
-    /// Claims `task_id` for this node under the lease of `epoch`.
+    /// Claims `task_id` for this node under the lease of `epoch`; names the
+    /// claim it took over, if it did (see `AuditRecord::reclaims`).
     async fn claim(
         &self,
         env: &Env<'_>,
         agent: &str,
         task_id: &str,
         epoch: u64,
-    ) -> Result<(), TaskError> {
+    ) -> Result<Option<String>, TaskError> {
         #[cfg(feature = "planted-bugs")]
         if planted::on(&planted::SKIP_CLAIM) {
-            return Ok(());
+            return Ok(None);
         }
         let command = RegionCommand::ClaimTask {
             agent: agent.to_owned(),
@@ -1007,7 +1022,9 @@ impl Host {
             at_ms: (self.now_ms)(),
         };
         match env.claimer.claim(command).await? {
-            RegionResponse::TaskClaimed { .. } => Ok(()),
+            RegionResponse::TaskClaimed { .. } => Ok(None),
+            // The old epoch's claim: its run (if any) was not acknowledged.
+            RegionResponse::TaskTakenOver { node, epoch, .. } => Ok(Some(format!("{node}@{epoch}"))),
             RegionResponse::TaskAlreadyClaimed { agent: owner, .. } if owner != agent => {
                 Err(reused(task_id, &owner))
             }
@@ -1016,7 +1033,7 @@ impl Host {
             RegionResponse::TaskAlreadyClaimed { node, epoch: e, .. }
                 if node == env.node && e == epoch =>
             {
-                Ok(())
+                Ok(Some(format!("{node}@{e}")))
             }
             RegionResponse::TaskAlreadyClaimed { node, epoch, .. } => Err(TaskError::new(
                 409,
@@ -1182,7 +1199,7 @@ mod tests {
 
     #[async_trait]
     impl Replicas for Alone {
-        fn members(&self) -> Vec<(String, bool)> {
+        async fn members(&self) -> Vec<(String, bool)> {
             vec![("n1".into(), true)]
         }
         async fn push(&self, peer: &str, _: &Push) -> Result<PushAnswer, TaskError> {

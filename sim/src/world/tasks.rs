@@ -197,6 +197,113 @@ impl mesh_task::Claimer for SimClaimer {
     }
 }
 
+/// Copies of agent state go to the replicas over the links, to their
+/// real replica stores, through the node's own sender check.
+struct SimReplicas {
+    world: World,
+    me: String,
+}
+
+impl SimReplicas {
+    /// The host and group of `peer`, if it is up.
+    fn node(&self, peer: &str) -> Option<(Arc<Host>, RegionGroup)> {
+        let s = self.world.lock();
+        let i = s.slot(peer)?;
+        let n = &s.nodes[i];
+        if n.peer != peer || !n.up() {
+            return None;
+        }
+        Some((n.host.clone()?, n.group.clone()?))
+    }
+
+    async fn reach(&self, peer: &str) -> Result<(Arc<Host>, RegionGroup), TaskError> {
+        let unreachable = |why: String| TaskError::new(503, "replica_unreachable", why);
+        hop(&self.world, &self.me, peer)
+            .await
+            .ok_or_else(|| unreachable(format!("{peer} did not answer")))?;
+        self.node(peer)
+            .ok_or_else(|| unreachable(format!("{peer} is down")))
+    }
+
+    async fn back(&self, peer: &str) -> Result<(), TaskError> {
+        hop(&self.world, peer, &self.me).await.ok_or_else(|| {
+            TaskError::new(503, "replica_unreachable", format!("no answer from {peer}"))
+        })
+    }
+}
+
+#[async_trait]
+impl mesh_task::Replicas for SimReplicas {
+    async fn members(&self) -> Vec<(String, bool)> {
+        let now = now_ms(&self.world);
+        let s = self.world.lock();
+        let Some(n) = s.slot(&self.me).map(|i| &s.nodes[i]) else {
+            return Vec::new();
+        };
+        let Some(group) = n.group.clone() else {
+            return Vec::new();
+        };
+        let (voters, learners) = group.members();
+        let view = n
+            .membership
+            .as_ref()
+            .map(|m| m.view(clock_of(n, now)))
+            .unwrap_or_default();
+        voters
+            .into_iter()
+            .chain(learners)
+            .map(|m| {
+                let alive = m == self.me
+                    || view
+                        .iter()
+                        .any(|v| v.peer_id.0 == m && v.state == MemberState::Alive);
+                (m, alive)
+            })
+            .collect()
+    }
+
+    async fn push(
+        &self,
+        peer: &str,
+        push: &mesh_task::checkpoint::Push,
+    ) -> Result<mesh_task::checkpoint::PushAnswer, TaskError> {
+        let (host, group) = self.reach(peer).await?;
+        let version = push.version();
+        let state = group.local_state();
+        let answer = match mesh_task::checkpoint::check_sender(
+            &state,
+            &self.me,
+            push.agent(),
+            version.epoch,
+        )? {
+            Some(known) => mesh_task::checkpoint::PushAnswer::Fenced { epoch: known },
+            None => host.replica().receive(push, version.epoch).await?,
+        };
+        self.back(peer).await?;
+        Ok(answer)
+    }
+
+    async fn seal(
+        &self,
+        peer: &str,
+        agent: &str,
+        epoch: u64,
+    ) -> Result<mesh_task::checkpoint::Sealed, TaskError> {
+        let (host, group) = self.reach(peer).await?;
+        let state = group.local_state();
+        if let Some(known) = mesh_task::checkpoint::check_sender(&state, &self.me, agent, epoch)? {
+            return Err(TaskError::new(
+                409,
+                "stale_epoch",
+                format!("agent {agent} is at epoch {known} on {peer}"),
+            ));
+        }
+        let sealed = host.replica().seal(agent, epoch).await?;
+        self.back(peer).await?;
+        Ok(sealed)
+    }
+}
+
 /// Deploys every region's agents (through its leader; retried until they
 /// are in), then, [`DATA_AFTER`] later, puts each region's dataset on its
 /// last node and registers it: the search agent, placed by then, moves to
@@ -406,6 +513,10 @@ async fn run_on(world: &World, peer: &str, run: &TaskRun, epoch: u64, hops: u8) 
         me: peer.to_owned(),
     };
     let admit = |_: &Manifest, _: &mesh_types::policy::RateLimits| Ok(());
+    let replicas = SimReplicas {
+        world: world.clone(),
+        me: peer.to_owned(),
+    };
     let env = mesh_task::Env {
         node: peer,
         region: &region,
@@ -413,6 +524,8 @@ async fn run_on(world: &World, peer: &str, run: &TaskRun, epoch: u64, hops: u8) 
         claimer: &claimer,
         admit: &admit,
         tokens: None,
+        replicas: &replicas,
+        replica_count: mesh_task::checkpoint::REPLICAS_DEFAULT,
     };
     let state = group.local_state();
     match host.execute(&env, &state, run, epoch, hops).await {
@@ -421,6 +534,7 @@ async fn run_on(world: &World, peer: &str, run: &TaskRun, epoch: u64, hops: u8) 
         Err(e)
             if e.name == "claim_unknown"
                 || e.name == "storage"
+                || e.name == "not_copied"
                 || e.name == "claimed_elsewhere" =>
         {
             Submitted::Unknown(e.to_string())

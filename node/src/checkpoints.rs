@@ -1,0 +1,275 @@
+//! Agent state copies between the nodes of a region (issue 14; the rules
+//! are in `mesh_task::checkpoint`), over libp2p:
+//!
+//! ```text
+//!   host ──POST /v1/regions/R/checkpoints (bincode Push)──> replica: stores it, or Fenced/Behind
+//!   new host ──POST /v1/regions/R/seals (bincode (agent, epoch))──> replica: seals, answers its copy
+//! ```
+//!
+//! A replica takes a push or a seal only from the node its applied region
+//! state names as the agent's host at that very epoch: no other member can
+//! overwrite or fence an agent's copies. A replica whose state is behind
+//! answers 503 and the host retries.
+//!
+//! Beside the routes, [`keep_agents`] activates the agents this node is
+//! granted at once (their state restored before the first task comes) and
+//! stops the ones whose lease moved away, with a log line for each.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use mesh_net::forward::ForwardRequest;
+use mesh_task::checkpoint::{Push, PushAnswer, Replicas, Sealed};
+use mesh_task::TaskError;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{ApiError, ApiState};
+use crate::regions_api::{error, parse_region};
+
+/// How often a node looks for agents granted to it or moved off it.
+const KEEP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Copies go to peers over libp2p, as bincode (a page of a whole copy is
+/// raw bytes: JSON would make it several times larger).
+pub(crate) struct NodeReplicas<'a>(pub(crate) &'a ApiState);
+
+fn unreachable(peer: &str, why: String) -> TaskError {
+    TaskError::new(503, "replica_unreachable", format!("replica {peer}: {why}"))
+}
+
+impl NodeReplicas<'_> {
+    async fn call(&self, peer: &str, path: String, body: Vec<u8>) -> Result<Vec<u8>, TaskError> {
+        let state = self.0;
+        let to = peer
+            .parse::<libp2p::PeerId>()
+            .map_err(|_| unreachable(peer, "not a peer id".into()))?;
+        let request = ForwardRequest {
+            method: "POST".into(),
+            path,
+            hops: 1,
+            body,
+            deadline_ms: 0,
+        };
+        let answer = state
+            .network
+            .forward(to, &request, state.forward_timeout)
+            .await
+            .map_err(|e| unreachable(peer, e.to_string()))?;
+        if answer.status != 200 {
+            return Err(unreachable(
+                peer,
+                format!(
+                    "answered {}: {}",
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body[..answer.body.len().min(512)])
+                ),
+            ));
+        }
+        Ok(answer.body)
+    }
+}
+
+#[async_trait::async_trait]
+impl Replicas for NodeReplicas<'_> {
+    async fn members(&self) -> Vec<(String, bool)> {
+        let state = self.0;
+        let (voters, learners) = state.group.members();
+        let view = state
+            .network
+            .snapshot()
+            .await
+            .map(|s| s.members)
+            .unwrap_or_default();
+        voters
+            .into_iter()
+            .chain(learners)
+            .map(|m| {
+                let alive = m == state.peer_id
+                    || view
+                        .iter()
+                        .any(|v| v.peer_id.0 == m && v.state == mesh_types::MemberState::Alive);
+                (m, alive)
+            })
+            .collect()
+    }
+
+    async fn push(&self, peer: &str, push: &Push) -> Result<PushAnswer, TaskError> {
+        let body = consensus::codec::encode(push)
+            .map_err(|e| TaskError::storage(format!("encoding a checkpoint: {e}")))?;
+        let path = format!("/v1/regions/{}/checkpoints", self.0.region);
+        let answer = self.call(peer, path, body).await?;
+        consensus::codec::decode(&answer)
+            .map_err(|e| unreachable(peer, format!("its answer is unreadable: {e}")))
+    }
+
+    async fn seal(&self, peer: &str, agent: &str, epoch: u64) -> Result<Sealed, TaskError> {
+        let body = consensus::codec::encode(&(agent, epoch))
+            .map_err(|e| TaskError::storage(format!("encoding a seal: {e}")))?;
+        let path = format!("/v1/regions/{}/seals", self.0.region);
+        let answer = self.call(peer, path, body).await?;
+        consensus::codec::decode(&answer)
+            .map_err(|e| unreachable(peer, format!("its answer is unreadable: {e}")))
+    }
+}
+
+fn bincode_answer<T: serde::Serialize>(value: &T) -> Result<Response, ApiError> {
+    let bytes = consensus::codec::encode(value).map_err(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage",
+            format!("encoding the answer: {e}"),
+        )
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// [`mesh_task::checkpoint::check_sender`], for a request that came over
+/// libp2p from `by` (never from a client).
+fn check_host(
+    state: &ApiState,
+    by: Option<&str>,
+    agent: &str,
+    epoch: u64,
+) -> Result<Option<u64>, ApiError> {
+    let Some(by) = by else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "not_a_host",
+            "checkpoints come from an agent's host over libp2p, never from a client".into(),
+        ));
+    };
+    let local = state.group.local_state();
+    mesh_task::checkpoint::check_sender(&local, by, agent, epoch).map_err(ApiError::from)
+}
+
+/// `POST /v1/regions/{region}/checkpoints`: a host's push (bincode).
+pub async fn region_checkpoints(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    forwarded_by: Option<axum::Extension<crate::api::ForwardedBy>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let region = parse_region(&name)?;
+    if region != state.region {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "wrong_region",
+            format!("this node is in region {}, not {region}", state.region),
+        ));
+    }
+    let push: Push = consensus::codec::decode(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_checkpoint",
+            format!("the checkpoint is unreadable: {e}"),
+        )
+    })?;
+    let by = forwarded_by.map(|b| b.0 .0.clone());
+    let version = push.version();
+    if let Some(known) = check_host(&state, by.as_deref(), push.agent(), version.epoch)? {
+        return bincode_answer(&PushAnswer::Fenced { epoch: known });
+    }
+    let answer = state
+        .tasks
+        .replica()
+        .receive(&push, version.epoch)
+        .await
+        .map_err(ApiError::from)?;
+    bincode_answer(&answer)
+}
+
+/// `POST /v1/regions/{region}/seals`: a new host seals this node's copy of
+/// an agent (bincode `(agent, epoch)`) and reads it.
+pub async fn region_seals(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    forwarded_by: Option<axum::Extension<crate::api::ForwardedBy>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let region = parse_region(&name)?;
+    if region != state.region {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "wrong_region",
+            format!("this node is in region {}, not {region}", state.region),
+        ));
+    }
+    let (agent, epoch): (String, u64) = consensus::codec::decode(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_seal",
+            format!("the seal is unreadable: {e}"),
+        )
+    })?;
+    let by = forwarded_by.map(|b| b.0 .0.clone());
+    if let Some(known) = check_host(&state, by.as_deref(), &agent, epoch)? {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "stale_epoch",
+            format!("agent {agent} is at epoch {known} here; epoch {epoch} is stale"),
+        ));
+    }
+    let sealed = state
+        .tasks
+        .replica()
+        .seal(&agent, epoch)
+        .await
+        .map_err(ApiError::from)?;
+    bincode_answer(&sealed)
+}
+
+/// Activates the agents this node is granted, at once, and stops the ones
+/// whose lease moved away, until `shutdown`.
+pub async fn keep_agents(state: ApiState, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(KEEP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing: std::collections::BTreeMap<(String, u64), String> = Default::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let local = state.group.local_state();
+        let active = state.tasks.active_agents();
+        for (agent, epoch) in &active {
+            let lease = local.agents.get(agent).and_then(|e| e.lease.clone());
+            let here = lease
+                .as_ref()
+                .is_some_and(|l| l.node == state.peer_id && l.epoch == *epoch);
+            if !here {
+                state.tasks.deactivate(agent).await;
+                match lease {
+                    Some(l) => {
+                        info!(%agent, epoch, to = %l.node, to_epoch = l.epoch, "agent stopped here: its lease moved")
+                    }
+                    None => info!(%agent, epoch, "agent stopped here: it is no longer placed"),
+                }
+            }
+        }
+        for (agent, entry) in &local.agents {
+            let Some(lease) = &entry.lease else { continue };
+            if lease.node != state.peer_id || active.contains(&(agent.clone(), lease.epoch)) {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            match crate::tasks::activate(&state, &local, agent, lease.epoch).await {
+                Ok(()) => {
+                    failing.remove(&(agent.clone(), lease.epoch));
+                    info!(%agent, epoch = lease.epoch, ms = started.elapsed().as_millis() as u64, "agent active here: its state restored from its replicas");
+                }
+                Err(e) => {
+                    let key = (agent.clone(), lease.epoch);
+                    // Said once per reason, not five times a second.
+                    if failing.get(&key) != Some(&e.detail) {
+                        warn!(%agent, epoch = lease.epoch, error = %e, "cannot activate the agent yet; trying again");
+                        failing.insert(key, e.detail.clone());
+                    }
+                }
+            }
+        }
+    }
+}
