@@ -46,6 +46,9 @@ pub enum Who {
     Leader,
     /// Any node of the region, the leader included.
     Any,
+    /// The node hosting the region's counter agent (`counter-rR`), leader
+    /// or not (issue 14's failover scenarios).
+    Host,
 }
 
 /// One fault, applied at a step.
@@ -260,6 +263,9 @@ pub const BUILT_IN: &[&str] = &[
     "lossy-links",
     "clock-skew",
     "slow-node",
+    "host-crash-under-load",
+    "host-partitioned-then-healed",
+    "clock-drift-at-the-bound",
     "random",
 ];
 
@@ -409,6 +415,39 @@ impl Scenario {
                     step(5.0, Duplicate { percent: 5 }),
                     step(5.0, Delay { min_ms: 1, jitter_ms: 20 }),
                     step(25.0, Heal),
+                ],
+            ),
+            "host-crash-under-load" => scenario(
+                name,
+                "the node hosting region 0's counter agent crashes under load (its tasks in flight); it restarts 15 s later on its disk",
+                vec![
+                    step(10.0, CrashFollower { region: 0, who: Who::Host }),
+                    step(25.0, RestartAll),
+                ],
+            ),
+            "host-partitioned-then-healed" => scenario(
+                name,
+                "the node hosting region 0's counter agent is cut off from everyone for 15 s under load, then the cut heals: it must step down, never serve beside its successor",
+                vec![
+                    step(10.0, IsolateFollower { region: 0, who: Who::Host }),
+                    step(25.0, Heal),
+                ],
+            ),
+            "clock-drift-at-the-bound" => scenario(
+                name,
+                "every clock is off by up to ±1 s and drifts by up to ±500 ppm (the bound mesh_task::checkpoint states); the counter's host is cut off, healed, then crashes",
+                vec![
+                    step(
+                        0.0,
+                        ClockSkew {
+                            max_skew_ms: 1_000,
+                            max_drift_ppm: 500,
+                        },
+                    ),
+                    step(8.0, IsolateFollower { region: 0, who: Who::Host }),
+                    step(18.0, Heal),
+                    step(24.0, CrashFollower { region: 0, who: Who::Host }),
+                    step(32.0, RestartAll),
                 ],
             ),
             "random" => random(seed, regions),

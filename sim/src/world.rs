@@ -136,6 +136,8 @@ struct State {
     audit: BTreeMap<(String, u64), mesh_agent::SealedRecord>,
     /// The node of every lease seen: (region, agent, epoch) -> node.
     leases: BTreeMap<(usize, String, u64), String>,
+    /// Each region's counter: the tasks its client was answered, in order.
+    counted: BTreeMap<usize, u64>,
     tasks: TaskCounts,
 }
 
@@ -729,6 +731,14 @@ async fn client(world: World, region: usize, id: usize, stop: Arc<AtomicBool>) {
 /// among those that fit; `None` when none does (yet).
 fn target(s: &mut State, region: usize, who: Who) -> Option<usize> {
     let leader = s.leader_of(region).map(|(i, _)| i);
+    let host = leader.and_then(|l| {
+        let state = s.nodes[l].group.as_ref()?.local_state();
+        state
+            .agents
+            .get(&tasks::counter_agent(region))?
+            .lease
+            .clone()
+    });
     let candidates: Vec<usize> = (0..s.nodes.len())
         .filter(|&i| {
             let n = &s.nodes[i];
@@ -746,6 +756,7 @@ fn target(s: &mut State, region: usize, who: Who) -> Option<usize> {
                 Who::Learner => follower && learners.contains(&n.peer),
                 Who::Follower => follower,
                 Who::Any => true,
+                Who::Host => host.as_ref().is_some_and(|l| l.node == n.peer),
             }
         })
         .collect();
@@ -1416,6 +1427,7 @@ pub(crate) async fn simulate(
         acked: BTreeMap::new(),
         audit: BTreeMap::new(),
         leases: BTreeMap::new(),
+        counted: BTreeMap::new(),
         tasks: TaskCounts::default(),
     })));
     let start = Instant::now();
@@ -1455,6 +1467,15 @@ pub(crate) async fn simulate(
             c,
             stop_clients.clone(),
         )));
+    }
+    if config.tasks {
+        for r in 0..config.regions {
+            clients.push(tokio::spawn(tasks::counter_client(
+                world.clone(),
+                r,
+                stop_clients.clone(),
+            )));
+        }
     }
     for r in 0..config.regions {
         for c in 0..CLIENTS_PER_REGION {
@@ -1560,6 +1581,7 @@ pub(crate) async fn simulate(
     let task_invariants = [
         "tasks-acknowledged-durable",
         "tasks-once",
+        "counter-exact",
         "residency",
         "single-lease",
         "audit-chains",

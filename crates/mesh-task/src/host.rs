@@ -401,6 +401,10 @@ impl Host {
         agent: &str,
         epoch: u64,
     ) -> Result<VecDeque<StoredResult>, TaskError> {
+        #[cfg(feature = "planted-bugs")]
+        if planted::on(&planted::SKIP_RESTORE) {
+            return Ok(VecDeque::new());
+        }
         let Some(set) = state.replicas.get(agent) else {
             // Never copied (a new agent, or no other node to copy to): its
             // state is what this node holds.
@@ -792,7 +796,14 @@ impl Host {
         // restored with its state, and found below.
         self.ensure_active(env, state, &request.agent, epoch)
             .await?;
-        if let Some(mut answer) = self.stored(&task_id)? {
+        #[cfg(feature = "planted-bugs")]
+        let stored = match planted::on(&planted::IGNORE_STORED) {
+            true => None,
+            false => self.stored(&task_id)?,
+        };
+        #[cfg(not(feature = "planted-bugs"))]
+        let stored = self.stored(&task_id)?;
+        if let Some(mut answer) = stored {
             if answer.agent != request.agent
                 || answer.provenance.record.input_sha256
                     != audit::sha256_hex(request.input.as_bytes())
@@ -965,7 +976,16 @@ impl Host {
                 writes,
                 result: Some(result.clone()),
             };
-            if let Err(e) = self.replicate(env, &mut act, &manifest.name, delta).await {
+            #[cfg(feature = "planted-bugs")]
+            let skip_copy = planted::on(&planted::ANSWER_BEFORE_COPY);
+            #[cfg(not(feature = "planted-bugs"))]
+            let skip_copy = false;
+            let copied = if skip_copy {
+                Ok(())
+            } else {
+                self.replicate(env, &mut act, &manifest.name, delta).await
+            };
+            if let Err(e) = copied {
                 act.active = false;
                 return Err(if e.name == "stale_epoch" {
                     e
@@ -1098,6 +1118,13 @@ pub mod planted {
     pub static UNSYNCED_RESULTS: AtomicBool = AtomicBool::new(false);
     /// A restarted host starts a new chain instead of resuming its own.
     pub static FORGET_CHAIN: AtomicBool = AtomicBool::new(false);
+    /// A new host serves with the agent state it holds itself, without
+    /// sealing and restoring from the agent's replicas.
+    pub static SKIP_RESTORE: AtomicBool = AtomicBool::new(false);
+    /// A host answers a task without copying its changes to the replicas.
+    pub static ANSWER_BEFORE_COPY: AtomicBool = AtomicBool::new(false);
+    /// A host runs a task again instead of answering its stored result.
+    pub static IGNORE_STORED: AtomicBool = AtomicBool::new(false);
 
     /// Whether `bug` is on.
     pub fn on(bug: &AtomicBool) -> bool {

@@ -6,10 +6,19 @@
 //! with a fast deterministic model runner.
 //!
 //! Invariants:
-//! - tasks-acknowledged-durable: every answered task's result is on its
-//!   host's disk (what a power loss leaves), under the record it was
-//!   answered with;
-//! - tasks-once: no task id in two audit records, across every node;
+//! - tasks-acknowledged-durable: every answered task's audit record is on
+//!   its host's disk (what a power loss leaves), and its result, under that
+//!   record, on the disk of its host or of a node holding a copy of its
+//!   agent's state (a replica, or the agent's next host);
+//! - tasks-once: a task id runs once across every node: at most one run
+//!   that took over no claim; an answered task's run is never taken over,
+//!   and no run of it comes at a later epoch (a run cut off before it was
+//!   answered may be replaced by one that names its claim, `reclaims`);
+//! - counter-exact (issue 14): each region's counter client sends `k` tasks
+//!   one after another, each retried with its id until it is answered: the
+//!   k-th answered task returns k (a lost answered task shows as a value
+//!   seen twice, a task counted twice as a value skipped), through host
+//!   crashes, partitions and moves;
 //! - residency: no record of data tagged `pii-rX` processed outside `rX`
 //!   or entered from outside it (the simulated policy keeps each region's
 //!   tag in it), and no such task answered;
@@ -68,8 +77,13 @@ fn manifest(name: String, kind: AgentKind, region: &Region, dataset: Option<Stri
     }
 }
 
-/// The agents of region `r`: an echo, a chat (generate, with sessions) and
-/// a search over the region's dataset.
+/// Region `r`'s counter agent.
+pub(super) fn counter_agent(r: usize) -> String {
+    format!("counter-r{r}")
+}
+
+/// The agents of region `r`: an echo, a chat (generate, with sessions), a
+/// search over the region's dataset, and a counter.
 fn agents(r: usize, region: &Region) -> Vec<Manifest> {
     vec![
         manifest(format!("echo-r{r}"), AgentKind::Echo, region, None),
@@ -80,6 +94,7 @@ fn agents(r: usize, region: &Region) -> Vec<Manifest> {
             region,
             Some(format!("docs-r{r}")),
         ),
+        manifest(counter_agent(r), AgentKind::Counter, region, None),
     ]
 }
 
@@ -635,7 +650,6 @@ pub(super) async fn client(world: World, id: usize, stop: Arc<AtomicBool>) {
                     if answer.replayed {
                         s.tasks.replayed += 1;
                     }
-                    let record = answer.provenance.hash.clone();
                     let tags = answer.provenance.record.tags.clone();
                     let in_force = answer.provenance.record.policy_version > 0;
                     s.check("residency");
@@ -645,39 +659,120 @@ pub(super) async fn client(world: World, id: usize, stop: Arc<AtomicBool>) {
                             format!("task {task_id} with tags {tags:?} of an agent of r{agent_region} was answered to r{entry_region}"),
                         );
                     }
-                    s.check("tasks-once");
-                    match s.acked.get(&task_id) {
-                        Some(earlier) if earlier.record != record => {
-                            let what = format!(
-                                "task {task_id} was answered twice with different records ({} on {}, then {record} on {})",
-                                earlier.record, earlier.node, answer.provenance.record.node
-                            );
-                            s.violate("tasks-once", what);
-                        }
-                        Some(_) => {}
-                        None => {
-                            s.acked.insert(
-                                task_id.clone(),
-                                Acked {
-                                    node: answer.provenance.record.node.clone(),
-                                    record,
-                                },
-                            );
-                            answered.push((run.clone(), agent_region));
-                        }
+                    if note_answered(&mut s, &task_id, &answer) {
+                        answered.push((run.clone(), agent_region));
                     }
-                    s.log(format!(
-                        "task {task_id} answered by {} (epoch {}){}",
-                        answer.provenance.record.node,
-                        answer.provenance.record.epoch,
-                        if answer.replayed { ", replayed" } else { "" }
-                    ));
                     break;
                 }
                 Submitted::Refused(e) => {
                     s.tasks.refused += 1;
                     s.log(format!("task {task_id} refused: {}", e.name));
                     break;
+                }
+                Submitted::Unknown(why) => {
+                    s.tasks.unknown += 1;
+                    s.log(format!("task {task_id} unknown: {why}"));
+                }
+            }
+        }
+    }
+}
+
+/// Notes an answer to `task_id` (tasks-once: one record per answered task
+/// id); true the first time.
+fn note_answered(s: &mut State, task_id: &str, answer: &TaskAnswer) -> bool {
+    let record = answer.provenance.hash.clone();
+    s.log(format!(
+        "task {task_id} answered by {} (epoch {}){}",
+        answer.provenance.record.node,
+        answer.provenance.record.epoch,
+        if answer.replayed { ", replayed" } else { "" }
+    ));
+    s.check("tasks-once");
+    match s.acked.get(task_id) {
+        Some(earlier) if earlier.record != record => {
+            let what = format!(
+                "task {task_id} was answered twice with different records ({} on {}, then {record} on {})",
+                earlier.record, earlier.node, answer.provenance.record.node
+            );
+            s.violate("tasks-once", what);
+            false
+        }
+        Some(_) => false,
+        None => {
+            s.acked.insert(
+                task_id.to_owned(),
+                Acked {
+                    node: answer.provenance.record.node.clone(),
+                    record,
+                },
+            );
+            true
+        }
+    }
+}
+
+/// Region `r`'s counter client: tasks `k`, one after the other, each
+/// retried with its id through random entry nodes until it is answered;
+/// the k-th answered task must return k (counter-exact).
+pub(super) async fn counter_client(world: World, r: usize, stop: Arc<AtomicBool>) {
+    let agent = counter_agent(r);
+    let mut i = 0u64;
+    'tasks: while !stop.load(Ordering::SeqCst) {
+        i += 1;
+        let task_id = format!("k{r}-{i}");
+        let request = TaskRequest {
+            agent: agent.clone(),
+            input: "k".into(),
+            tags: vec![],
+            session: None,
+            task_id: Some(task_id.clone()),
+            stream: false,
+        };
+        world.lock().tasks.submitted += 1;
+        while !stop.load(Ordering::SeqCst) {
+            let (pause, entry) = {
+                let mut s = world.lock();
+                let nodes = s.nodes.len();
+                (s.rng.gen_range(50..150), s.rng.gen_range(0..nodes))
+            };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            let run = {
+                let s = world.lock();
+                TaskRun {
+                    request: request.clone(),
+                    entry_node: s.nodes[entry].peer.clone(),
+                    entry_region: s.regions[s.nodes[entry].region].to_string(),
+                    trace_id: format!("trace-{task_id}"),
+                }
+            };
+            let outcome = submit(&world, entry, r, run).await;
+            let mut s = world.lock();
+            match outcome {
+                Submitted::Answer(answer) => {
+                    s.tasks.answered += 1;
+                    if answer.replayed {
+                        s.tasks.replayed += 1;
+                    }
+                    note_answered(&mut s, &task_id, &answer);
+                    let value = answer.output["value"].as_i64().unwrap_or(-1);
+                    let due = s.counted.get(&r).copied().unwrap_or(0) + 1;
+                    s.check("counter-exact");
+                    if value != due as i64 {
+                        let what = format!(
+                            "{agent}'s task {task_id} was answered {value} by {} at epoch {}, after {} answered tasks: {due} was due",
+                            answer.provenance.record.node,
+                            answer.provenance.record.epoch,
+                            due - 1
+                        );
+                        s.violate("counter-exact", what);
+                    }
+                    s.counted.insert(r, due);
+                    continue 'tasks;
+                }
+                Submitted::Refused(e) => {
+                    s.tasks.refused += 1;
+                    s.log(format!("task {task_id} refused: {}; retried", e.name));
                 }
                 Submitted::Unknown(why) => {
                     s.tasks.unknown += 1;
@@ -745,60 +840,116 @@ pub(super) fn observe_leases(s: &mut State) {
 pub(super) fn check_end(s: &mut State) {
     scan_audit(s);
     s.tasks.executed = s.audit.len() as u64;
-    // tasks-acknowledged-durable
+    // tasks-acknowledged-durable: what each node's disk holds after a power
+    // loss: its audit records, and task results (its own, and those in the
+    // copies of agent state it keeps).
+    let mut records_on_disk: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut results_on_disk: BTreeSet<(String, String)> = BTreeSet::new();
+    for n in &s.nodes {
+        let disk = n.disk.durable();
+        let _ = disk.scan(Column::Audit, &[], None, &mut |_, v| {
+            if let Ok(r) = serde_json::from_slice::<SealedRecord>(v) {
+                records_on_disk.insert((n.peer.clone(), r.hash));
+            }
+            true
+        });
+        let _ = disk.scan(Column::Tasks, &[], None, &mut |k, v| {
+            let answer = if k.starts_with(b"ckpt\0d\0") {
+                serde_json::from_slice::<mesh_task::checkpoint::StoredResult>(v)
+                    .ok()
+                    .and_then(|r| serde_json::from_slice::<TaskAnswer>(&r.answer).ok())
+            } else if !k.contains(&0) {
+                serde_json::from_slice::<TaskAnswer>(v).ok()
+            } else {
+                None
+            };
+            if let Some(a) = answer {
+                results_on_disk.insert((a.task_id, a.provenance.hash));
+            }
+            true
+        });
+    }
     let acked: Vec<(String, Acked)> = s
         .acked
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    for (task_id, ack) in acked {
+    for (task_id, ack) in &acked {
         s.check("tasks-acknowledged-durable");
         let Some(i) = s.slot(&ack.node) else { continue };
         if s.nodes[i].peer != ack.node {
-            // The host's disk was destroyed (a wipe): a result lives on
-            // its host (and its entry node) only.
+            // The host's disk was destroyed (a wipe): its audit log with it.
             s.log(format!("task {task_id}'s host {} lost its disk", ack.node));
             continue;
         }
-        let stored = s.nodes[i]
-            .disk
-            .durable()
-            .get(Column::Tasks, task_id.as_bytes())
-            .ok()
-            .flatten()
-            .and_then(|b| serde_json::from_slice::<TaskAnswer>(&b).ok());
-        match stored {
-            Some(a) if a.provenance.hash == ack.record => {}
-            Some(a) => s.violate(
+        if !records_on_disk.contains(&(ack.node.clone(), ack.record.clone())) {
+            s.violate(
                 "tasks-acknowledged-durable",
                 format!(
-                    "task {task_id} on {} holds record {}, not the one answered ({})",
-                    ack.node, a.provenance.hash, ack.record
+                    "task {task_id}, answered by {}, has no audit record {} on its disk",
+                    ack.node, ack.record
                 ),
-            ),
-            None => s.violate(
+            );
+        }
+        if !results_on_disk.contains(&(task_id.clone(), ack.record.clone())) {
+            s.violate(
                 "tasks-acknowledged-durable",
                 format!(
-                    "task {task_id}, answered by {}, is not on its disk",
-                    ack.node
+                    "task {task_id}'s result (record {}) is on no disk: not its host's {}, nor a copy's",
+                    ack.record, ack.node
                 ),
-            ),
+            );
         }
     }
     // tasks-once
-    let mut runs: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
-    for ((node, seq), r) in &s.audit {
+    let mut runs: BTreeMap<String, Vec<SealedRecord>> = BTreeMap::new();
+    for r in s.audit.values() {
         runs.entry(r.record.task_id.clone())
             .or_default()
-            .push((node.clone(), *seq));
+            .push(r.clone());
     }
-    for (task_id, where_) in runs {
+    let claim_of = |r: &SealedRecord| format!("{}@{}", r.record.node, r.record.epoch);
+    // Runs whose claim a later run took over: cut off before an answer.
+    let mut replaced: BTreeSet<(String, String)> = BTreeSet::new();
+    for (task_id, records) in &runs {
         s.check("tasks-once");
-        if where_.len() > 1 {
+        for r in records {
+            if let Some(c) = &r.record.reclaims {
+                replaced.insert((task_id.clone(), c.clone()));
+            }
+        }
+        let first_runs = records
+            .iter()
+            .filter(|r| r.record.reclaims.is_none())
+            .count();
+        if first_runs > 1 {
+            let at: Vec<String> = records.iter().map(claim_of).collect();
             s.violate(
                 "tasks-once",
-                format!("task {task_id} ran {} times: {where_:?}", where_.len()),
+                format!(
+                    "task {task_id} ran {first_runs} times without taking over a claim: {at:?}"
+                ),
             );
+        }
+        let Some(ack) = s.acked.get(task_id).cloned() else {
+            continue;
+        };
+        let Some(answered) = records.iter().find(|r| r.hash == ack.record) else {
+            continue;
+        };
+        for r in records.iter().filter(|r| r.hash != ack.record) {
+            if r.record.epoch > answered.record.epoch
+                || r.record.reclaims.as_deref() == Some(claim_of(answered).as_str())
+            {
+                s.violate(
+                    "tasks-once",
+                    format!(
+                        "task {task_id} was answered by its run at {}, and ran again at {}",
+                        claim_of(answered),
+                        claim_of(r)
+                    ),
+                );
+            }
         }
     }
     // residency, and single-lease's fence: the lease at the record's epoch,
@@ -853,8 +1004,12 @@ pub(super) fn check_end(s: &mut State) {
                 s.violate("single-lease", what);
             }
         }
+        let was_replaced =
+            replaced.contains(&(rec.task_id.clone(), format!("{}@{}", rec.node, rec.epoch)));
         match claims[region].get(&rec.task_id) {
             Some(c) if c.node == rec.node && c.epoch == rec.epoch => {}
+            // Its claim was taken over by the agent's next host.
+            Some(c) if was_replaced && c.agent == rec.agent && c.epoch > rec.epoch => {}
             other => {
                 let what = format!(
                     "task {} ran on {} at epoch {} without its claim (the region holds {other:?})",
