@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{cli, start, wait_until, Node, NodeSpec};
+use common::{bootstrap_when_alive, cli, cli_json, start, wait_until, Node, NodeSpec};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -31,14 +31,6 @@ fn models_dir() -> Option<PathBuf> {
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
-fn run(args: &[&str]) -> Result<Value, String> {
-    let out = cli(args);
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("no JSON ({e})"))
 }
 
 #[test]
@@ -64,21 +56,7 @@ fn a_search_agent_runs_next_to_its_data() {
         }
         nodes.push(start(&spec));
     }
-    wait_until("a sees everyone alive", WITHIN, || {
-        nodes[1..]
-            .iter()
-            .all(|n| nodes[0].state_of(&n.peer_id).as_deref() == Some("alive"))
-    });
-    run(&[
-        "region",
-        "bootstrap",
-        "--region",
-        "eu-west",
-        "--json",
-        "--api",
-        &nodes[0].api,
-    ])
-    .expect("bootstrap");
+    bootstrap_when_alive(&nodes[0], &nodes[1..], "eu-west", WITHIN);
 
     // A bad line: its number, nothing stored.
     let bad = tmp.path().join("bad.jsonl");
@@ -117,7 +95,7 @@ fn a_search_agent_runs_next_to_its_data() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no embedding model"));
 
-    let put = run(&[
+    let put = cli_json(&[
         "data",
         "put",
         "--dataset",
@@ -132,13 +110,13 @@ fn a_search_agent_runs_next_to_its_data() {
     ])
     .expect("put");
     assert_eq!(put["dataset"], "docs-eu", "{put}");
-    let listed = run(&["data", "list", "--json", "--api", &nodes[0].api]).expect("list");
+    let listed = cli_json(&["data", "list", "--json", "--api", &nodes[0].api]).expect("list");
     assert_eq!(listed[0]["node"], nodes[2].peer_id.as_str(), "{listed}");
     assert_eq!(listed[0]["documents"], 24);
     assert_eq!(listed[0]["tags"][0], "pii-eu");
 
     let agent = examples().join("agents/docs-search.toml");
-    run(&[
+    cli_json(&[
         "agent",
         "deploy",
         "-f",
@@ -149,7 +127,7 @@ fn a_search_agent_runs_next_to_its_data() {
     ])
     .expect("deploy");
     let submit = || {
-        run(&[
+        cli_json(&[
             "task",
             "submit",
             "--agent",
@@ -178,7 +156,7 @@ fn a_search_agent_runs_next_to_its_data() {
     // rag: search, then an answer from the generation model that cites the
     // documents of the dataset it used.
     let rag = examples().join("agents/docs-rag.toml");
-    run(&[
+    cli_json(&[
         "agent",
         "deploy",
         "-f",
@@ -203,7 +181,7 @@ fn a_search_agent_runs_next_to_its_data() {
         if let Some(s) = session {
             args.extend(["--session", s]);
         }
-        run(&args)
+        cli_json(&args)
     };
     wait_until("the rag agent answers", WITHIN, || {
         ask("docs-rag", "When are expense reports due?", None).is_ok()
@@ -238,7 +216,7 @@ fn a_search_agent_runs_next_to_its_data() {
 
     // generate: a session remembers the previous turn (kept on the host).
     let chat = examples().join("agents/chat.toml");
-    run(&[
+    cli_json(&[
         "agent",
         "deploy",
         "-f",

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{cli, start, wait_until, write_policy, Node, NodeSpec};
+use common::{bootstrap_when_alive, cli, cli_json, start, wait_until, write_policy, Node, NodeSpec};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -35,20 +35,12 @@ fn spec<'a>(
     }
 }
 
-fn run(args: &[&str]) -> Result<Value, String> {
-    let out = cli(args);
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("no JSON ({e})"))
-}
-
 fn submit(node: &Node, input: &str, extra: &[&str]) -> Result<Value, String> {
     let mut args = vec![
         "task", "submit", "--agent", "echo", "--input", input, "--json", "--api", &node.api,
     ];
     args.extend_from_slice(extra);
-    run(&args)
+    cli_json(&args)
 }
 
 #[test]
@@ -69,22 +61,7 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     let mut us_spec = spec(&dirs[3], "u", "us-east", eu.first());
     us_spec.config = Some(&config);
     let us = start(&us_spec);
-    wait_until("a sees everyone alive", WITHIN, || {
-        eu[1..]
-            .iter()
-            .chain([&us])
-            .all(|n| eu[0].state_of(&n.peer_id).as_deref() == Some("alive"))
-    });
-    run(&[
-        "region",
-        "bootstrap",
-        "--region",
-        "eu-west",
-        "--json",
-        "--api",
-        &eu[0].api,
-    ])
-    .expect("bootstrap");
+    bootstrap_when_alive(&eu[0], eu[1..].iter().chain([&us]), "eu-west", WITHIN);
     let policy = write_policy(tmp.path(), 50);
     let out = cli(&[
         "policy",
@@ -107,7 +84,7 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     assert!(e.contains("no region deploys agent \"echo\""), "{e}");
 
     let echo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agents/echo.toml");
-    run(&[
+    cli_json(&[
         "agent",
         "deploy",
         "-f",
@@ -172,7 +149,7 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     // The counter kind: its state (a number per key) changes once per task,
     // wherever the task enters; a replay changes nothing.
     let counter = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agents/counter.toml");
-    run(&[
+    cli_json(&[
         "agent",
         "deploy",
         "-f",
@@ -185,7 +162,7 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     ])
     .expect("deploy counter");
     let count = |node: &Node, input: &str, id: &str| {
-        run(&[
+        cli_json(&[
             "task",
             "submit",
             "--agent",
@@ -283,7 +260,7 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
         .iter()
         .chain([&us])
         .map(|n| {
-            run(&["audit", "--json", "--api", &n.api])
+            cli_json(&["audit", "--json", "--api", &n.api])
                 .expect("audit")
                 .as_array()
                 .expect("records")
@@ -303,7 +280,7 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
             "{e}"
         );
     }
-    let got = run(&["task", "get", "t-42", "--json", "--api", &us.api])
+    let got = cli_json(&["task", "get", "t-42", "--json", "--api", &us.api])
         .expect("task get at the entry node");
     assert_eq!(got["output"], "once");
 
@@ -360,9 +337,9 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
 
     // The host's chain holds; an edited record is detected.
     let i = eu.iter().position(|n| n.peer_id == host).expect("host");
-    run(&["audit", "verify", "--json", "--api", &eu[i].api]).expect("the chain holds");
+    cli_json(&["audit", "verify", "--json", "--api", &eu[i].api]).expect("the chain holds");
     // Every node's chain, read through a node of another region; no task twice.
-    let all = run(&["audit", "verify", "--all", "--json", "--api", &us.api]).expect("--all holds");
+    let all = cli_json(&["audit", "verify", "--all", "--json", "--api", &us.api]).expect("--all holds");
     assert_eq!(all["nodes"].as_array().map(Vec::len), Some(4), "{all}");
     eu[i].terminate(Duration::from_secs(10));
     {
@@ -442,7 +419,7 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     });
     let entry = eu[(i + 1) % 3].api.clone();
     wait_until("the entry node has the strict policy", WITHIN, || {
-        run(&[
+        cli_json(&[
             "policy", "get", "--region", "eu-west", "--json", "--api", &entry,
         ])
         .is_ok_and(|p| p["policy"]["rate_limits"]["per_client"]["burst"] == 2)
@@ -497,6 +474,7 @@ fn an_audit_log_over_four_mebibytes_is_verified_through_another_node() {
         for i in 0..RECORDS {
             let sealed = chain.append(mesh_agent::AuditRecord {
                 reclaims: None,
+                moved: None,
                 task_id: format!("t-{i}"),
                 agent: "echo".into(),
                 agent_version: "1".into(),
@@ -538,7 +516,7 @@ fn an_audit_log_over_four_mebibytes_is_verified_through_another_node() {
     wait_until("b sees a alive", WITHIN, || {
         b.state_of(&a.peer_id).as_deref() == Some("alive")
     });
-    let all = run(&["audit", "verify", "--all", "--json", "--api", &b.api]).expect("holds");
+    let all = cli_json(&["audit", "verify", "--all", "--json", "--api", &b.api]).expect("holds");
     let of_a = all["nodes"]
         .as_array()
         .expect("nodes")

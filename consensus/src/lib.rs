@@ -38,8 +38,8 @@ pub use log_store::LogStore;
 pub use log_sync::LogSync;
 pub use state_machine::{AgentEntry, Claim, Claims, RegionState, RegionStateMachine};
 pub use types::{
-    Dataset, Lease, PolicyV1, RegionCommand, RegionNode, RegionResponse, ReplicaSet,
-    ResidencyRuleV1, TypeConfig,
+    Dataset, Lease, Move, MoveReason, PolicyV1, RegionCommand, RegionNode, RegionResponse,
+    ReplicaSet, ResidencyRuleV1, TypeConfig,
 };
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! and membership, persisted as one versioned value in
 //! `Column::StateMachine`; the current snapshot in `Column::Snapshot`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::Cursor;
 use std::sync::Arc;
 
@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::codec;
 use crate::log_sync::LogSync;
 use crate::types::{
-    Dataset, Lease, NodeId, PolicyV1, RegionCommand, RegionNode, RegionResponse, ReplicaSet,
-    TypeConfig,
+    Dataset, Lease, Move, MoveReason, NodeId, PolicyV1, RegionCommand, RegionNode,
+    RegionResponse, ReplicaSet, TypeConfig,
 };
 
 /// The state, in this build's shape. Builds before result regions kept it
@@ -74,7 +74,15 @@ pub struct RegionState {
     /// Where each agent's host copies its state (issue 14), as the host
     /// set it under its lease: a new host restores from one of them.
     pub replicas: BTreeMap<String, ReplicaSet>,
+    /// Nodes being drained: placement moves their agents off and places
+    /// none on them.
+    pub draining: BTreeSet<String>,
+    /// Each agent's last moves ([`MOVES_KEPT`] at most), oldest first.
+    pub moves: BTreeMap<String, VecDeque<Move>>,
 }
+
+/// Moves kept per agent in the region state.
+pub const MOVES_KEPT: usize = 16;
 
 /// Claims kept at most per region (the oldest is forgotten first).
 pub const CLAIMS_MAX: usize = 50_000;
@@ -404,6 +412,7 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
         RegionCommand::RemoveAgent(name) => match state.agents.remove(&name) {
             Some(entry) => {
                 state.replicas.remove(&name);
+                state.moves.remove(&name);
                 state.retired_epochs.insert(name, entry.epoch);
                 RegionResponse::AgentRemoved { found: true }
             }
@@ -417,22 +426,38 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
             agent,
             node,
             after_epoch,
-        } => match state.agents.get_mut(&agent) {
-            None => RegionResponse::LeaseRefused { epoch: 0 },
-            Some(entry) if entry.epoch != after_epoch => {
-                RegionResponse::LeaseRefused { epoch: entry.epoch }
+        } => grant(state, index, agent, node, after_epoch, MoveReason::Unstated),
+        RegionCommand::MoveAgent {
+            agent,
+            to,
+            after_epoch,
+            reason,
+        } => {
+            if !state.membership.membership().nodes().any(|(_, n)| n.peer_id == to) {
+                return RegionResponse::MoveRefused {
+                    why: format!("{to} is not a member of the region's group"),
+                };
             }
-            Some(entry) => {
-                let epoch = entry.epoch.saturating_add(1);
-                entry.epoch = epoch;
-                entry.lease = Some(Lease {
-                    node,
-                    epoch,
-                    granted_at: index,
-                });
-                RegionResponse::LeaseGranted { epoch }
+            if state.draining.contains(&to) {
+                return RegionResponse::MoveRefused {
+                    why: format!("{to} is draining"),
+                };
             }
-        },
+            grant(state, index, agent, to, after_epoch, reason)
+        }
+        RegionCommand::SetDraining { node, draining } => {
+            if draining {
+                if !state.membership.membership().nodes().any(|(_, n)| n.peer_id == node) {
+                    return RegionResponse::MoveRefused {
+                        why: format!("{node} is not a member of the region's group"),
+                    };
+                }
+                state.draining.insert(node);
+            } else {
+                state.draining.remove(&node);
+            }
+            RegionResponse::DrainingSet { index }
+        }
         RegionCommand::ClaimTaskV1 {
             agent,
             task_id,
@@ -472,6 +497,43 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
             RegionResponse::ReplicasSet { index }
         }
     }
+}
+
+/// A lease for `agent` on `node` with the next epoch, if its epoch is still
+/// `after_epoch`; the move is recorded with `reason`.
+fn grant(
+    state: &mut RegionState,
+    index: u64,
+    agent: String,
+    node: String,
+    after_epoch: u64,
+    reason: MoveReason,
+) -> RegionResponse {
+    let Some(entry) = state.agents.get_mut(&agent) else {
+        return RegionResponse::LeaseRefused { epoch: 0 };
+    };
+    if entry.epoch != after_epoch {
+        return RegionResponse::LeaseRefused { epoch: entry.epoch };
+    }
+    let epoch = entry.epoch.saturating_add(1);
+    entry.epoch = epoch;
+    let from = entry.lease.replace(Lease {
+        node: node.clone(),
+        epoch,
+        granted_at: index,
+    });
+    let moves = state.moves.entry(agent).or_default();
+    moves.push_back(Move {
+        epoch,
+        from: from.map(|l| l.node),
+        to: node,
+        reason,
+        at: index,
+    });
+    while moves.len() > MOVES_KEPT {
+        moves.pop_front();
+    }
+    RegionResponse::LeaseGranted { epoch }
 }
 
 /// A task claim; with `take_over`, the current lease holder takes over a
@@ -577,7 +639,7 @@ fn decode_state_v3(bytes: &[u8]) -> Result<RegionState, codec::CodecError> {
         datasets: v3.datasets,
         retired_epochs: v3.retired_epochs,
         claims: v3.claims,
-        replicas: BTreeMap::new(),
+        ..RegionState::default()
     })
 }
 

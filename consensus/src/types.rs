@@ -123,6 +123,76 @@ pub enum RegionCommand {
         /// The replicas' peer ids.
         replicas: Vec<String>,
     },
+    /// Move (or first place) `agent` to `to` with the next epoch, if its
+    /// epoch is still `after_epoch` (as [`RegionCommand::GrantLease`]), and
+    /// record why: `agent list`, the new host's audit record of the move
+    /// and its log say it. Refused ([`RegionResponse::MoveRefused`]) when
+    /// `to` is not a member of the region's group or is draining.
+    MoveAgent {
+        /// The agent.
+        agent: String,
+        /// Where it goes.
+        to: String,
+        /// The epoch the mover saw.
+        after_epoch: u64,
+        /// Why it moves.
+        reason: MoveReason,
+    },
+    /// Mark `node` draining (placement moves its agents to other nodes and
+    /// places none there, so it may stop) or take the mark off.
+    SetDraining {
+        /// The node's peer id.
+        node: String,
+        /// Draining or not.
+        draining: bool,
+    },
+}
+
+/// Why an agent's lease moved (in JSON: `placed`, `host-down`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveReason {
+    /// Its first placement (or after it was unplaced).
+    Placed,
+    /// Its host is dead, has left, or is not known any more.
+    HostDown,
+    /// Its dataset is on the new host (migration toward data).
+    TowardData,
+    /// An operator asked (`agentmesh agent move`).
+    Operator,
+    /// Its host is draining (`agentmesh node drain`).
+    Drain,
+    /// Granted by a build that did not record why (a `GrantLease` entry).
+    Unstated,
+}
+
+impl MoveReason {
+    /// A short name for tables and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveReason::Placed => "placed",
+            MoveReason::HostDown => "host-down",
+            MoveReason::TowardData => "toward-data",
+            MoveReason::Operator => "operator",
+            MoveReason::Drain => "drain",
+            MoveReason::Unstated => "unstated",
+        }
+    }
+}
+
+/// One move of an agent's lease, as the region state keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    /// The epoch of the new lease.
+    pub epoch: u64,
+    /// The previous host, if it was placed.
+    pub from: Option<String>,
+    /// The new host.
+    pub to: String,
+    /// Why.
+    pub reason: MoveReason,
+    /// The log index of the move.
+    pub at: u64,
 }
 
 /// The nodes an agent's host copies its state to.
@@ -274,6 +344,16 @@ pub enum RegionResponse {
     },
     /// The replica set was stored at this index.
     ReplicasSet {
+        /// The log index.
+        index: u64,
+    },
+    /// The move was refused, for this reason.
+    MoveRefused {
+        /// What was wrong.
+        why: String,
+    },
+    /// The node's draining mark was set (or taken off) at this index.
+    DrainingSet {
         /// The log index.
         index: u64,
     },

@@ -282,6 +282,14 @@ pub fn router(state: ApiState) -> Router {
             get(crate::agents_api::get).delete(crate::agents_api::remove),
         )
         .route(
+            "/v1/regions/{region}/agents/{name}/move",
+            post(crate::agents_api::move_agent),
+        )
+        .route(
+            "/v1/regions/{region}/draining",
+            post(crate::agents_api::set_draining),
+        )
+        .route(
             "/v1/datasets/{name}/documents",
             post(crate::datasets::put_documents),
         )

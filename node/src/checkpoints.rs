@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   host ──POST /v1/regions/R/checkpoints (bincode Push)──> replica: stores it, or Fenced/Behind
-//!   new host ──POST /v1/regions/R/seals (bincode (agent, epoch))──> replica: seals, answers its copy
+//!   new host ──POST /v1/regions/R/seals (bincode (agent, epoch, after))──> replica: seals, answers its copy, a page at a time
 //! ```
 //!
 //! A replica takes a push or a seal only from the node its applied region
@@ -23,7 +23,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use mesh_net::forward::ForwardRequest;
 use mesh_task::checkpoint::{Push, PushAnswer, Replicas, Sealed};
-use mesh_task::TaskError;
+use mesh_task::{Kept, TaskError};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -84,17 +84,16 @@ impl Replicas for NodeReplicas<'_> {
             .await
             .map(|s| s.members)
             .unwrap_or_default();
-        voters
-            .into_iter()
-            .chain(learners)
-            .map(|m| {
-                let alive = m == state.peer_id
-                    || view
-                        .iter()
-                        .any(|v| v.peer_id.0 == m && v.state == mesh_types::MemberState::Alive);
-                (m, alive)
-            })
-            .collect()
+        mesh_task::checkpoint::copy_targets(
+            &state.group.local_state(),
+            &state.peer_id,
+            voters,
+            learners,
+            |m| {
+                view.iter()
+                    .any(|v| v.peer_id.0 == m && v.state == mesh_types::MemberState::Alive)
+            },
+        )
     }
 
     async fn push(&self, peer: &str, push: &Push) -> Result<PushAnswer, TaskError> {
@@ -106,8 +105,14 @@ impl Replicas for NodeReplicas<'_> {
             .map_err(|e| unreachable(peer, format!("its answer is unreadable: {e}")))
     }
 
-    async fn seal(&self, peer: &str, agent: &str, epoch: u64) -> Result<Sealed, TaskError> {
-        let body = consensus::codec::encode(&(agent, epoch))
+    async fn seal(
+        &self,
+        peer: &str,
+        agent: &str,
+        epoch: u64,
+        after: Option<Vec<u8>>,
+    ) -> Result<Sealed, TaskError> {
+        let body = consensus::codec::encode(&(agent, epoch, after))
             .map_err(|e| TaskError::storage(format!("encoding a seal: {e}")))?;
         let path = format!("/v1/regions/{}/seals", self.0.region);
         let answer = self.call(peer, path, body).await?;
@@ -146,6 +151,20 @@ fn check_host(
     mesh_task::checkpoint::check_sender(&local, by, agent, epoch).map_err(ApiError::from)
 }
 
+/// Copies are kept only inside their region: a request for another region's
+/// agents is refused.
+fn this_region(state: &ApiState, name: &str) -> Result<(), ApiError> {
+    let region = parse_region(name)?;
+    if region != state.region {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "wrong_region",
+            format!("this node is in region {}, not {region}: copies of an agent's state stay in its region", state.region),
+        ));
+    }
+    Ok(())
+}
+
 /// `POST /v1/regions/{region}/checkpoints`: a host's push (bincode).
 pub async fn region_checkpoints(
     State(state): State<ApiState>,
@@ -153,14 +172,7 @@ pub async fn region_checkpoints(
     forwarded_by: Option<axum::Extension<crate::api::ForwardedBy>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let region = parse_region(&name)?;
-    if region != state.region {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "wrong_region",
-            format!("this node is in region {}, not {region}", state.region),
-        ));
-    }
+    this_region(&state, &name)?;
     let push: Push = consensus::codec::decode(&body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -173,32 +185,28 @@ pub async fn region_checkpoints(
     if let Some(known) = check_host(&state, by.as_deref(), push.agent(), version.epoch)? {
         return bincode_answer(&PushAnswer::Fenced { epoch: known });
     }
+    let local = state.group.local_state();
+    let claimed = mesh_task::checkpoint::claimed(&local, push.agent());
     let answer = state
         .tasks
         .replica()
-        .receive(&push, version.epoch)
+        .receive(&push, version.epoch, &claimed)
         .await
         .map_err(ApiError::from)?;
     bincode_answer(&answer)
 }
 
 /// `POST /v1/regions/{region}/seals`: a new host seals this node's copy of
-/// an agent (bincode `(agent, epoch)`) and reads it.
+/// an agent and reads it (bincode `(agent, epoch, after)`: the first page
+/// when `after` is `None`, else the page after it).
 pub async fn region_seals(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     forwarded_by: Option<axum::Extension<crate::api::ForwardedBy>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let region = parse_region(&name)?;
-    if region != state.region {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "wrong_region",
-            format!("this node is in region {}, not {region}", state.region),
-        ));
-    }
-    let (agent, epoch): (String, u64) = consensus::codec::decode(&body).map_err(|e| {
+    this_region(&state, &name)?;
+    let (agent, epoch, after): (String, u64, Option<Vec<u8>>) = consensus::codec::decode(&body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
             "invalid_seal",
@@ -216,14 +224,15 @@ pub async fn region_seals(
     let sealed = state
         .tasks
         .replica()
-        .seal(&agent, epoch)
+        .seal(&agent, epoch, after.as_deref())
         .await
         .map_err(ApiError::from)?;
     bincode_answer(&sealed)
 }
 
-/// Activates the agents this node is granted, at once, and stops the ones
-/// whose lease moved away, until `shutdown`.
+/// Activates the agents this node is granted, at once, stops the ones
+/// whose lease moved away, and moves copies off draining nodes
+/// ([`mesh_task::Host::keep_agents`]), until `shutdown`; logs each.
 pub async fn keep_agents(state: ApiState, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(KEEP_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -234,40 +243,28 @@ pub async fn keep_agents(state: ApiState, shutdown: CancellationToken) {
             _ = interval.tick() => {}
         }
         let local = state.group.local_state();
-        let active = state.tasks.active_agents();
-        for (agent, epoch) in &active {
-            let lease = local.agents.get(agent).and_then(|e| e.lease.clone());
-            let here = lease
-                .as_ref()
-                .is_some_and(|l| l.node == state.peer_id && l.epoch == *epoch);
-            if !here {
-                state.tasks.deactivate(agent).await;
-                match lease {
-                    Some(l) => {
-                        info!(%agent, epoch, to = %l.node, to_epoch = l.epoch, "agent stopped here: its lease moved")
-                    }
-                    None => info!(%agent, epoch, "agent stopped here: it is no longer placed"),
+        for kept in crate::tasks::keep_agents(&state, &local).await {
+            match kept {
+                Kept::Stopped { agent, epoch, to: Some((to, to_epoch)) } => {
+                    info!(%agent, epoch, %to, to_epoch, "agent stopped here: its lease moved")
                 }
-            }
-        }
-        for (agent, entry) in &local.agents {
-            let Some(lease) = &entry.lease else { continue };
-            if lease.node != state.peer_id || active.contains(&(agent.clone(), lease.epoch)) {
-                continue;
-            }
-            let started = std::time::Instant::now();
-            match crate::tasks::activate(&state, &local, agent, lease.epoch).await {
-                Ok(()) => {
-                    failing.remove(&(agent.clone(), lease.epoch));
-                    info!(%agent, epoch = lease.epoch, ms = started.elapsed().as_millis() as u64, "agent active here: its state restored from its replicas");
+                Kept::Stopped { agent, epoch, to: None } => {
+                    info!(%agent, epoch, "agent stopped here: it is no longer placed")
                 }
-                Err(e) => {
-                    let key = (agent.clone(), lease.epoch);
+                Kept::Activated { agent, epoch, ms } => {
+                    failing.remove(&(agent.clone(), epoch));
+                    info!(%agent, epoch, ms, "agent active here: its state restored from its replicas")
+                }
+                Kept::Failed { agent, epoch, error } => {
                     // Said once per reason, not five times a second.
-                    if failing.get(&key) != Some(&e.detail) {
-                        warn!(%agent, epoch = lease.epoch, error = %e, "cannot activate the agent yet; trying again");
-                        failing.insert(key, e.detail.clone());
+                    let key = (agent.clone(), epoch);
+                    if failing.get(&key) != Some(&error.detail) {
+                        warn!(%agent, epoch, %error, "cannot activate the agent yet; trying again");
+                        failing.insert(key, error.detail.clone());
                     }
+                }
+                Kept::Recopy { agent, epoch, replica } => {
+                    info!(%agent, epoch, %replica, "copying the agent's state to another node: a replica is draining")
                 }
             }
         }

@@ -72,6 +72,9 @@ pub fn need(method: &str, path: &str) -> Need {
         // A host copies its agents' state to members of its group; the
         // routes check that it is the agent's host.
         ("POST", "checkpoints" | "seals") => Need::GroupMember,
+        // A node asks its leader to mark it draining; the route checks
+        // that it asks for itself.
+        ("POST", "draining") => Need::GroupMember,
         _ => Need::Voter,
     }
 }
@@ -205,6 +208,7 @@ mod tests {
             ("POST", "/v1/regions/eu-west/tasks", Need::Member),
             ("POST", "/v1/regions/eu-west/bootstrap", Need::Member),
             ("POST", "/v1/regions/eu-west/datasets", Need::GroupMember),
+            ("POST", "/v1/regions/eu-west/draining", Need::GroupMember),
             // Disguised writes: a fragment the router drops, extra segments.
             ("POST", "/v1/regions/eu-west/agents#/tasks", Need::Voter),
             ("POST", "/v1/regions/eu-west/agents#/datasets", Need::Voter),

@@ -334,6 +334,24 @@ enum AgentCommand {
         #[arg(long, default_value = DEFAULT_API)]
         api: String,
     },
+    /// Move an agent to another live node of its region, with its state;
+    /// tasks sent meanwhile wait for it.
+    Move {
+        /// The agent's name.
+        name: String,
+        /// The node to move it to: its peer id, or enough of its start to name one node.
+        #[arg(long)]
+        to: String,
+        /// The region [default: the node's].
+        #[arg(long)]
+        region: Option<String>,
+        /// The node's HTTP API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -373,6 +391,19 @@ enum ModelCommand {
 enum NodeCommand {
     /// Start a node that joins the mesh; prints `ready peer_id=.. api=.. listen=..` when up.
     Start(StartArgs),
+    /// Move every agent off this node, and every copy of agent state it
+    /// keeps, to other nodes of its region; then the node may stop.
+    Drain {
+        /// The HTTP API of the node to drain.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Take the draining mark off: the node gets agents again.
+        #[arg(long)]
+        cancel: bool,
+        /// Give up waiting after this many seconds (the mark stays).
+        #[arg(long, default_value_t = 120)]
+        wait_s: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -528,6 +559,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(AgentCommand::Remove { name, region, api }) => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text));
             runtime.block_on(agent_cli::remove(&api, &name, region))
+        }
+        Command::Agent(AgentCommand::Move {
+            name,
+            to,
+            region,
+            api,
+            json,
+        }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(agent_cli::move_agent(&api, &name, &to, region, json))
+        }
+        Command::Node(NodeCommand::Drain {
+            api,
+            cancel,
+            wait_s,
+        }) => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+            runtime.block_on(agent_cli::drain(
+                &api,
+                cancel,
+                std::time::Duration::from_secs(wait_s),
+            ))
         }
         Command::Task(TaskCommand::Submit {
             agent,

@@ -235,16 +235,22 @@ pub async fn housekeeping(
 async fn place_agents(group: &RegionGroup, members: &[MemberView], region: &Region) {
     let state = group.local_state();
     for command in mesh_task::placement::round(&state, members, region) {
-        let (agent, node) = match &command {
-            consensus::RegionCommand::GrantLease { agent, node, .. } => {
-                (agent.clone(), node.clone())
-            }
+        let (agent, node, reason) = match &command {
+            consensus::RegionCommand::MoveAgent {
+                agent, to, reason, ..
+            } => (agent.clone(), to.clone(), *reason),
             _ => continue,
         };
+        let from = state
+            .agents
+            .get(&agent)
+            .and_then(|e| e.lease.as_ref())
+            .map(|l| l.node.clone());
         match group.propose(command).await {
-            Ok(consensus::RegionResponse::LeaseGranted { epoch }) => {
-                info!(%agent, %node, epoch, %region, "placed an agent")
-            }
+            Ok(consensus::RegionResponse::LeaseGranted { epoch }) => match from {
+                None => info!(%agent, %node, epoch, %region, "placed an agent"),
+                Some(from) => info!(%agent, %from, to = %node, epoch, reason = reason.as_str(), %region, "moved an agent"),
+            },
             Ok(other) => {
                 info!(%agent, ?other, "placement not applied (the agent changed meanwhile)")
             }

@@ -330,7 +330,7 @@ fn leader_clock(command: RegionCommand) -> RegionCommand {
 }
 
 /// Longest task id a client may choose.
-pub const TASK_ID_MAX: usize = 128;
+pub use mesh_task::TASK_ID_MAX;
 
 fn check_request(request: &TaskRequest) -> Result<(), ApiError> {
     if request.input.len() > INPUT_MAX {
@@ -365,12 +365,7 @@ fn check_request(request: &TaskRequest) -> Result<(), ApiError> {
         problems.push(format!("a session id has 1 to {TASK_ID_MAX} characters"));
     }
     if let Some(id) = &request.task_id {
-        let ok = !id.is_empty()
-            && id.len() <= TASK_ID_MAX
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-        if !ok {
+        if !mesh_task::is_task_id(id) {
             problems.push(format!(
                 "task id {id:?}: use 1 to {TASK_ID_MAX} letters, digits and - _ . :"
             ));
@@ -844,12 +839,10 @@ async fn run_here(
 
 /// Activates `agent` on this node, its host under the lease of `epoch`
 /// (see `mesh_task::checkpoint`); `local` is this node's applied state.
-pub(crate) async fn activate(
+pub(crate) async fn keep_agents(
     state: &ApiState,
     local: &consensus::RegionState,
-    agent: &str,
-    epoch: u64,
-) -> Result<(), TaskError> {
+) -> Vec<mesh_task::Kept> {
     let region = state.region.to_string();
     let admit = |_: &mesh_types::agent::Manifest, _: &mesh_types::policy::RateLimits| Ok(());
     let env = mesh_task::Env {
@@ -862,7 +855,7 @@ pub(crate) async fn activate(
         replicas: &crate::checkpoints::NodeReplicas(state),
         replica_count: state.checkpoint_replicas,
     };
-    state.tasks.activate(&env, local, agent, epoch).await
+    state.tasks.keep_agents(&env, local).await
 }
 
 /// `GET /v1/tasks/{id}`: a result this node holds (as host or as entry node).

@@ -198,9 +198,49 @@ pub enum Fault {
         /// Uniform extra delay.
         jitter_ms: u64,
     },
+    /// Region `region`'s counter agent is moved off its host to another
+    /// node of the region, drawn by the seed (as `agentmesh agent move`
+    /// does), under load; with `crash`, the move's source or its target
+    /// crashes (its disk kept) at a time drawn within `within_ms` of the
+    /// move's commit: mid-migration.
+    Migrate {
+        /// Region index.
+        region: usize,
+        /// Which end crashes, if one does.
+        #[serde(default)]
+        crash: Option<Side>,
+        /// The crash comes within this long after the move.
+        #[serde(default = "default_within_ms")]
+        within_ms: u64,
+    },
+    /// A node of `region` (`who`, default a follower) is drained (as
+    /// `agentmesh node drain`): marked draining, its agents and the copies
+    /// it keeps move to other nodes; once it holds none it stops (its disk
+    /// kept). A drain not done within 10 s is a liveness violation.
+    Drain {
+        /// Region index.
+        region: usize,
+        /// Which node.
+        #[serde(default)]
+        who: Who,
+    },
     /// Removes every partition, loss, duplication, extra delay and failing
     /// disk; restarts stopped nodes. Clock skew stays.
     Heal,
+}
+
+/// An end of a move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Side {
+    /// The node the agent leaves.
+    Source,
+    /// The node the agent goes to.
+    Target,
+}
+
+fn default_within_ms() -> u64 {
+    300
 }
 
 /// A fault at a time.
@@ -266,6 +306,8 @@ pub const BUILT_IN: &[&str] = &[
     "host-crash-under-load",
     "host-partitioned-then-healed",
     "clock-drift-at-the-bound",
+    "crash-mid-migration",
+    "drain-under-load",
     "random",
 ];
 
@@ -450,6 +492,38 @@ impl Scenario {
                     step(32.0, RestartAll),
                 ],
             ),
+            "crash-mid-migration" => scenario(
+                name,
+                "region 0's counter agent is moved under load and the move's source crashes mid-migration; restarted, the agent is moved again and the target crashes mid-migration",
+                vec![
+                    step(
+                        8.0,
+                        Migrate {
+                            region: 0,
+                            crash: Some(Side::Source),
+                            within_ms: 300,
+                        },
+                    ),
+                    step(16.0, RestartAll),
+                    step(
+                        21.0,
+                        Migrate {
+                            region: 0,
+                            crash: Some(Side::Target),
+                            within_ms: 300,
+                        },
+                    ),
+                    step(29.0, RestartAll),
+                ],
+            ),
+            "drain-under-load" => scenario(
+                name,
+                "the node hosting region 0's counter agent is drained under load: the agent and every copy it keeps move off, then it stops; later it restarts",
+                vec![
+                    step(8.0, Drain { region: 0, who: Who::Host }),
+                    step(26.0, RestartAll),
+                ],
+            ),
             "random" => random(seed, regions),
             _ => return None,
         })
@@ -495,6 +569,8 @@ impl Scenario {
                 | Fault::CrashLeaderOnMembershipChange { region }
                 | Fault::FailFsync { region, .. }
                 | Fault::SlowNode { region, .. }
+                | Fault::Migrate { region, .. }
+                | Fault::Drain { region, .. }
                 | Fault::RollingRestart { region, .. } => Some(*region),
                 Fault::SplitBootstrap { region } => {
                     if s.at_s != 0.0 {

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use consensus::housekeeping::{Action, Housekeeper};
 use consensus::rpc::{serve, Transport};
-use consensus::{GroupError, LogSync, RaftSettings, RegionGroup, TypeConfig};
+use consensus::{
+    GroupError, LogSync, RaftSettings, RegionCommand, RegionGroup, RegionResponse, TypeConfig,
+};
 use mesh_membership::{Command, Event, Membership};
 use mesh_store::{Column, Store};
 use mesh_types::policy::Policy;
@@ -22,7 +24,7 @@ use tokio::time::Instant;
 use crate::check::{linearizable, AppliedLogs, AppliedStates, Elections, EntryDigest, Op, OpKind};
 use crate::disk::{SimDisk, SimStore};
 use crate::report::{InjectedFault, Invariant, Report, TaskCounts};
-use crate::scenario::{Fault, Scenario, Who};
+use crate::scenario::{Fault, Scenario, Side, Who};
 use crate::SimConfig;
 
 mod tasks;
@@ -136,8 +138,9 @@ struct State {
     audit: BTreeMap<(String, u64), mesh_agent::SealedRecord>,
     /// The node of every lease seen: (region, agent, epoch) -> node.
     leases: BTreeMap<(usize, String, u64), String>,
-    /// Each region's counter: the tasks its client was answered, in order.
-    counted: BTreeMap<usize, u64>,
+    /// Each region's counter: the value each answered task returned (by
+    /// task id), and how many tasks its clients left unanswered at the end.
+    counted: BTreeMap<usize, (BTreeMap<String, i64>, u64)>,
     tasks: TaskCounts,
 }
 
@@ -775,6 +778,7 @@ fn aim(fault: &Fault) -> Option<(usize, Who)> {
         | Fault::WipeFollower { region, who }
         | Fault::PowerLoss { region, who }
         | Fault::FailFsync { region, who, .. }
+        | Fault::Drain { region, who }
         | Fault::SlowNode { region, who, .. } => Some((*region, *who)),
         Fault::IsolateLeaderOneWay { region }
         | Fault::CrashLeader { region }
@@ -797,6 +801,79 @@ enum Then {
     Restart(Vec<usize>),
     Rolling(Vec<usize>, Duration),
     RecoverFsync(usize, Duration),
+    Migrate(usize, Option<Side>, Duration),
+    Drain(usize),
+}
+
+/// A drain must be done within this long (its agents and copies moved off).
+const DRAIN_WITHIN: Duration = Duration::from_secs(10);
+
+/// Proposes `command` on `region`'s leader until it is applied (a leader
+/// may be being elected), within [`TARGET_WAIT`]; what applying it answered.
+async fn on_leader(world: &World, region: usize, command: RegionCommand) -> Option<RegionResponse> {
+    let at = Instant::now();
+    while at.elapsed() < TARGET_WAIT {
+        let leader = world.lock().leader_of(region).map(|(_, g)| g);
+        if let Some(g) = leader {
+            if let Ok(r) = g.propose(command.clone()).await {
+                return Some(r);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Moves region `region`'s counter agent off its host to another up node of
+/// its group (not draining), drawn by the seed; the source and the target.
+async fn migrate(world: &World, region: usize) -> Option<(usize, usize)> {
+    let agent = tasks::counter_agent(region);
+    let at = Instant::now();
+    while at.elapsed() < TARGET_WAIT {
+        let plan = {
+            let mut s = world.lock();
+            s.leader_of(region).and_then(|(_, g)| {
+                let state = g.local_state();
+                let entry = state.agents.get(&agent)?;
+                let lease = entry.lease.clone()?;
+                let source = s.slot(&lease.node)?;
+                let (voters, learners) = g.members();
+                let targets: Vec<usize> = (0..s.nodes.len())
+                    .filter(|&i| {
+                        let n = &s.nodes[i];
+                        n.region == region
+                            && n.up()
+                            && n.peer != lease.node
+                            && !state.draining.contains(&n.peer)
+                            && (voters.contains(&n.peer) || learners.contains(&n.peer))
+                    })
+                    .collect();
+                if targets.is_empty() {
+                    return None;
+                }
+                let target = targets[s.rng.gen_range(0..targets.len())];
+                Some((source, target, s.nodes[target].peer.clone(), entry.epoch))
+            })
+        };
+        if let Some((source, target, to, after_epoch)) = plan {
+            let command = RegionCommand::MoveAgent {
+                agent: agent.clone(),
+                to,
+                after_epoch,
+                reason: consensus::MoveReason::Operator,
+            };
+            if let Some(RegionResponse::LeaseGranted { epoch }) =
+                on_leader(world, region, command).await
+            {
+                let mut s = world.lock();
+                let (from, to) = (s.nodes[source].peer.clone(), s.nodes[target].peer.clone());
+                s.log(format!("moved {agent} from {from} to {to} (epoch {epoch}, operator)"));
+                return Some((source, target));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 async fn apply_fault(world: &World, fault: &Fault) {
@@ -929,6 +1006,15 @@ async fn apply_fault(world: &World, fault: &Fault) {
                 }
                 Then::Nothing
             }
+            (
+                Fault::Migrate {
+                    region,
+                    crash,
+                    within_ms,
+                },
+                _,
+            ) => Then::Migrate(*region, *crash, Duration::from_millis(*within_ms)),
+            (Fault::Drain { .. }, Some(i)) => Then::Drain(i),
             (Fault::SlowNode { extra_ms, .. }, Some(i)) => {
                 s.links.slow_us.insert(i, extra_ms.saturating_mul(1000));
                 Then::Nothing
@@ -1039,6 +1125,79 @@ async fn apply_fault(world: &World, fault: &Fault) {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     start_node(&world, i).await;
                     tokio::time::sleep(gap).await;
+                }
+            });
+        }
+        Then::Migrate(region, crash, within) => {
+            let Some((source, target)) = migrate(world, region).await else {
+                let what = format!("migrate found no move of region {region}'s counter agent to make within {TARGET_WAIT:?}: not injected");
+                world.lock().violate("faults-injected", what);
+                return;
+            };
+            if let Some(side) = crash {
+                let wait = {
+                    let mut s = world.lock();
+                    let max = u64::try_from(within.as_micros()).unwrap_or(u64::MAX).max(1);
+                    Duration::from_micros(s.rng.gen_range(0..max))
+                };
+                tokio::time::sleep(wait).await;
+                let i = match side {
+                    Side::Source => source,
+                    Side::Target => target,
+                };
+                world.lock().log(format!(
+                    "mid-migration: the {side:?} crashes {} ms after the move",
+                    wait.as_millis()
+                ));
+                stop_node(world, i, false).await;
+            }
+        }
+        Then::Drain(i) => {
+            let (peer, region) = {
+                let s = world.lock();
+                (s.nodes[i].peer.clone(), s.nodes[i].region)
+            };
+            let command = RegionCommand::SetDraining {
+                node: peer.clone(),
+                draining: true,
+            };
+            if !matches!(
+                on_leader(world, region, command).await,
+                Some(RegionResponse::DrainingSet { .. })
+            ) {
+                let what = format!("drain: {peer} could not be marked draining within {TARGET_WAIT:?}: not injected");
+                world.lock().violate("faults-injected", what);
+                return;
+            }
+            let world = world.clone();
+            tokio::spawn(async move {
+                let at = Instant::now();
+                loop {
+                    let done = world.lock().leader_of(region).is_some_and(|(_, g)| {
+                        let state = g.local_state();
+                        !state.agents.values().any(|e| {
+                            e.lease.as_ref().is_some_and(|l| l.node == peer)
+                        }) && !state.replicas.values().any(|r| r.nodes.contains(&peer))
+                    });
+                    if done {
+                        world.lock().check("liveness");
+                        world.lock().log(format!(
+                            "drained {peer} in {} ms; it stops",
+                            at.elapsed().as_millis()
+                        ));
+                        stop_node(&world, i, false).await;
+                        return;
+                    }
+                    if at.elapsed() >= DRAIN_WITHIN {
+                        let mut s = world.lock();
+                        s.check("liveness");
+                        s.violate(
+                            "liveness",
+                            format!("drain: {peer} still hosts agents or keeps copies {DRAIN_WITHIN:?} after its drain began"),
+                        );
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             });
         }
@@ -1439,6 +1598,7 @@ pub(crate) async fn simulate(
         tokio::spawn(gossip(world.clone(), stop.clone())),
         tokio::spawn(observe(world.clone(), stop.clone())),
         tokio::spawn(housekeeping(world.clone(), stop.clone())),
+        tokio::spawn(tasks::keep_agents(world.clone(), stop.clone())),
     ];
     tokio::time::sleep(Duration::from_secs(1)).await;
     let split: BTreeSet<usize> = scenario
@@ -1470,11 +1630,14 @@ pub(crate) async fn simulate(
     }
     if config.tasks {
         for r in 0..config.regions {
-            clients.push(tokio::spawn(tasks::counter_client(
-                world.clone(),
-                r,
-                stop_clients.clone(),
-            )));
+            for c in 0..tasks::COUNTER_CLIENTS {
+                clients.push(tokio::spawn(tasks::counter_client(
+                    world.clone(),
+                    r,
+                    c,
+                    stop_clients.clone(),
+                )));
+            }
         }
     }
     for r in 0..config.regions {

@@ -91,7 +91,7 @@ fn a_leader_resumed_from_disk_is_caught_by_five_checkers() {
     let report = with_bug(
         &planted::RESUME_LEADERSHIP,
         "leader-power-loss-quick-restart",
-        5,
+        6,
         8,
     );
     for invariant in [

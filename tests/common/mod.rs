@@ -294,6 +294,42 @@ pub fn cli(args: &[&str]) -> std::process::Output {
         .expect("run agentmesh")
 }
 
+/// Runs the binary under test with `args` (which ask for `--json`): its
+/// JSON answer, or its stderr when it failed.
+pub fn cli_json(args: &[&str]) -> Result<Value, String> {
+    let out = cli(args);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("no JSON ({e})"))
+}
+
+/// Waits until `first` sees every one of `others` alive, then bootstraps
+/// `region`'s group through `first`.
+pub fn bootstrap_when_alive<'a>(
+    first: &Node,
+    others: impl IntoIterator<Item = &'a Node> + Clone,
+    region: &str,
+    within: Duration,
+) {
+    wait_until(&format!("{} sees everyone alive", first.name), within, || {
+        others
+            .clone()
+            .into_iter()
+            .all(|n| first.state_of(&n.peer_id).as_deref() == Some("alive"))
+    });
+    cli_json(&[
+        "region",
+        "bootstrap",
+        "--region",
+        region,
+        "--json",
+        "--api",
+        &first.api,
+    ])
+    .expect("bootstrap");
+}
+
 /// A valid eu-west policy file in `dir` whose per-agent burst is `burst`
 /// (each value makes a distinguishable write).
 pub fn write_policy(dir: &Path, burst: u32) -> PathBuf {

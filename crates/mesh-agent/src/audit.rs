@@ -66,6 +66,21 @@ pub struct AuditRecord {
     /// out of the hashed JSON when unset, so older records verify as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reclaims: Option<String>,
+    /// Set on the record of an agent's activation after its lease moved
+    /// here, which is not a task: `REASON from NODE@EPOCH` (or `REASON`
+    /// for a first placement). Its task id is `move/AGENT/EPOCH` (a `/`
+    /// is never in a client's task id), its input hash is of the state
+    /// version restored and its output hash of the replicas named. Left
+    /// out of the hashed JSON when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved: Option<String>,
+}
+
+impl AuditRecord {
+    /// Whether it records a task (not an agent's move).
+    pub fn is_task(&self) -> bool {
+        self.moved.is_none()
+    }
 }
 
 /// A record in its place in the chain.
@@ -208,6 +223,7 @@ mod tests {
     fn record(task: &str) -> AuditRecord {
         AuditRecord {
             reclaims: None,
+            moved: None,
             task_id: task.into(),
             agent: "echo".into(),
             agent_version: "1".into(),

@@ -6,9 +6,9 @@
 //!   host, epoch E:  task ─ claim ─ run ─ local synced batch (audit + state)
 //!                        ─ Delta(E, inc, seq) to each of its k replicas ─ all stored?
 //!                        ─ result kept ─ answer          (else: not answered; retry)
-//!   new host, E+1:  seal(agent, E+1) on every node of the region
-//!                        ─ answers from n - k + 1 of the n members (itself included)
-//!                        ─ newest (epoch, incarnation, seq) wins ─ installed
+//!   new host, E+1:  seal(agent, E+1) on the replicas the region state names
+//!                        ─ one answer at least ─ newest (epoch, incarnation, seq) wins
+//!                        ─ installed
 //!                        ─ Full(E+1, inc', 0) to its replicas ─ serves
 //! ```
 //!
@@ -53,17 +53,27 @@ use crate::TaskError;
 /// Replicas of an agent's state, besides its host, unless configured.
 pub const REPLICAS_DEFAULT: usize = 2;
 
-/// Results kept with a checkpoint: those of the region's claim window, so a
-/// task retried on the new host is answered with the old host's result.
-pub const RESULTS_KEPT_MS: u64 = consensus::state_machine::CLAIMS_KEPT_MS;
+/// Results are kept with a checkpoint while the region still holds their
+/// task's claim (its claim window), so a task retried on the new host is
+/// answered with the old host's result, never run again. Each write prunes
+/// at most this many of the oldest results whose claim is gone.
+pub const PRUNE_PER_WRITE: usize = 16;
 
 /// Most bytes of state and results in one page of a whole copy (a node's
 /// API takes request bodies of at most 64 KiB).
 pub const PAGE_BYTES_MAX: usize = 48 * 1024;
 
-/// Most bytes a seal answers with (a forwarded answer is at most 4 MiB).
-/// A larger checkpoint is refused with this limit named, not cut.
-pub const SEALED_BYTES_MAX: usize = 3 * 1024 * 1024;
+/// Most bytes of one page of a seal's answer (a forwarded answer is at
+/// most 4 MiB): a larger copy is read page by page.
+pub const SEAL_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Most bytes of an agent's whole state and kept results: a copy larger
+/// than this is refused (507), where it is staged and where it is restored.
+pub const STATE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Most pages of one whole copy, so a host cannot fill a replica's disk
+/// through its spare slot.
+pub const PAGES_MAX: u32 = (STATE_BYTES_MAX / PAGE_BYTES_MAX) as u32 + 2;
 
 /// Longest key of agent state.
 pub const STATE_KEY_MAX: usize = 1024;
@@ -174,7 +184,7 @@ pub enum PushAnswer {
     },
 }
 
-/// What a replica held when it was sealed.
+/// What a replica held when it was sealed: one page of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sealed {
     /// Its version (`None`: it holds no copy of the agent).
@@ -183,20 +193,8 @@ pub struct Sealed {
     pub state: Vec<(Vec<u8>, Vec<u8>)>,
     /// Results of the claim window.
     pub results: Vec<StoredResult>,
-}
-
-impl Sealed {
-    fn bytes(&self) -> usize {
-        self.state
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .chain(
-                self.results
-                    .iter()
-                    .map(|r| r.task_id.len() + r.answer.len()),
-            )
-            .sum()
-    }
+    /// Where the next page starts, if there is one (ask again with it).
+    pub next: Option<Vec<u8>>,
 }
 
 /// How a host reaches the other nodes of its region (libp2p in a node,
@@ -208,8 +206,15 @@ pub trait Replicas: Send + Sync {
     async fn members(&self) -> Vec<(String, bool)>;
     /// Sends `push` to `peer`'s replica.
     async fn push(&self, peer: &str, push: &Push) -> Result<PushAnswer, TaskError>;
-    /// Seals `agent`'s copy on `peer` at `epoch` and returns it.
-    async fn seal(&self, peer: &str, agent: &str, epoch: u64) -> Result<Sealed, TaskError>;
+    /// Seals `agent`'s copy on `peer` at `epoch` and returns its first page
+    /// (`after: None`), or the page after `after` of the copy sealed.
+    async fn seal(
+        &self,
+        peer: &str,
+        agent: &str,
+        epoch: u64,
+        after: Option<Vec<u8>>,
+    ) -> Result<Sealed, TaskError>;
 }
 
 /// Whether node `by` may push or seal `agent`'s copies at `epoch`, by the
@@ -242,6 +247,27 @@ pub fn check_sender(
             format!("this node's region state does not know epoch {epoch} of agent {agent} yet (it knows {known}); retry"),
         )),
     }
+}
+
+/// The members of a region's group (`voters`, then `learners`) and
+/// whether each may take copies: `me`, and the others `alive` in this
+/// node's view that are not draining in `state` (a draining node is about
+/// to stop).
+pub fn copy_targets(
+    state: &consensus::RegionState,
+    me: &str,
+    voters: Vec<String>,
+    learners: Vec<String>,
+    alive: impl Fn(&str) -> bool,
+) -> Vec<(String, bool)> {
+    voters
+        .into_iter()
+        .chain(learners)
+        .map(|m| {
+            let ok = m == me || (!state.draining.contains(&m) && alive(&m));
+            (m, ok)
+        })
+        .collect()
 }
 
 /// The `k` replicas of `agent` hosted on `host`: the members other than the
@@ -342,6 +368,53 @@ impl std::fmt::Debug for ReplicaStore {
     }
 }
 
+pub(crate) fn too_large(agent: &str) -> TaskError {
+    TaskError::new(
+        507,
+        "checkpoint_too_large",
+        format!(
+            "agent {agent}'s state and kept results are larger than {STATE_BYTES_MAX} bytes, the most a copy holds; keep the agent's state smaller (fewer keys, shorter sessions)"
+        ),
+    )
+}
+
+/// Whether `state` still holds the claim of a task id for `agent` (its
+/// result is kept while it does).
+pub fn claimed<'a>(
+    state: &'a consensus::RegionState,
+    agent: &'a str,
+) -> impl Fn(&str) -> bool + Sync + 'a {
+    move |id| state.claims.get(id).is_some_and(|c| c.agent == agent)
+}
+
+/// Deletes for at most [`PRUNE_PER_WRITE`] of the oldest results under
+/// `prefix` (keys: `prefix`, the result's time in ms, big-endian, its task
+/// id) whose task id `claimed` no longer says is claimed: a result goes
+/// once its claim has left the region's claim window, never before,
+/// whatever the clocks say.
+pub(crate) fn prune(
+    store: &dyn Store,
+    prefix: &[u8],
+    claimed: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<Vec<WriteOp>, TaskError> {
+    let mut ops = Vec::new();
+    let mut seen = 0usize;
+    store
+        .scan(Column::Tasks, prefix, Some(&prefix_end(prefix)), &mut |k, _| {
+            seen += 1;
+            let id = k.get(prefix.len() + 8..).unwrap_or_default();
+            if !claimed(&String::from_utf8_lossy(id)) {
+                ops.push(WriteOp::Delete {
+                    column: Column::Tasks,
+                    key: k.to_vec(),
+                });
+            }
+            seen < PRUNE_PER_WRITE
+        })
+        .map_err(|e| storage("reading", e))?;
+    Ok(ops)
+}
+
 fn bad(detail: String) -> TaskError {
     TaskError::new(400, "invalid_checkpoint", detail)
 }
@@ -359,13 +432,12 @@ fn check_push(push: &Push) -> Result<(), TaskError> {
             String::from_utf8_lossy(key)
         )));
     }
-    if results
-        .iter()
-        .any(|r| r.task_id.is_empty() || r.task_id.len() > 128)
-    {
-        return Err(bad(
-            "a result's task id is empty or longer than 128 bytes".into()
-        ));
+    if let Some(r) = results.iter().find(|r| !crate::is_task_id(&r.task_id)) {
+        return Err(bad(format!(
+            "result task id {:?} is not a task id (1 to {} letters, digits and - _ . :)",
+            r.task_id,
+            crate::TASK_ID_MAX
+        )));
     }
     Ok(())
 }
@@ -408,8 +480,14 @@ impl ReplicaStore {
     }
 
     /// Stores `push` if it is the next thing this replica should hold;
-    /// `epoch` is the agent's epoch in this node's applied region state.
-    pub async fn receive(&self, push: &Push, epoch: u64) -> Result<PushAnswer, TaskError> {
+    /// `epoch` is the agent's epoch in this node's applied region state,
+    /// and `claimed` says whether a task id is still claimed there.
+    pub async fn receive(
+        &self,
+        push: &Push,
+        epoch: u64,
+        claimed: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<PushAnswer, TaskError> {
         check_push(push)?;
         let agent = push.agent();
         let lock = self.lock(agent);
@@ -456,18 +534,13 @@ impl ReplicaStore {
                         key: result_key(agent, slot, result.at_ms, &result.task_id),
                         value: serde_json::to_vec(result).map_err(|e| storage("encoding", e))?,
                     });
-                    // Results past the claim window go.
-                    let from = slot_prefix(agent, slot, b'r');
-                    let mut to = from.clone();
-                    to.extend_from_slice(
-                        &result.at_ms.saturating_sub(RESULTS_KEPT_MS).to_be_bytes(),
-                    );
-                    ops.push(WriteOp::DeleteRange {
-                        column: Column::Tasks,
-                        from,
-                        to,
-                    });
                 }
+                // Results whose claim the region forgot go.
+                ops.extend(prune(
+                    &*self.store,
+                    &slot_prefix(agent, slot, b'r'),
+                    claimed,
+                )?);
                 meta.version = Some(version);
             }
             Push::Page(page) => {
@@ -495,6 +568,9 @@ impl ReplicaStore {
                     return Ok(PushAnswer::Behind {
                         holds: meta.version,
                     });
+                }
+                if page.page >= PAGES_MAX {
+                    return Err(too_large(agent));
                 }
                 for (key, value) in &page.state {
                     ops.push(WriteOp::Put {
@@ -527,16 +603,33 @@ impl ReplicaStore {
     }
 
     /// Refuses every later push of `agent` below `epoch`, and returns the
-    /// copy held.
-    pub async fn seal(&self, agent: &str, epoch: u64) -> Result<Sealed, TaskError> {
+    /// first page of the copy held (`after: None`); with `after` (a page's
+    /// `next`), the page after it, of a copy sealed at `epoch` already.
+    pub async fn seal(
+        &self,
+        agent: &str,
+        epoch: u64,
+        after: Option<&[u8]>,
+    ) -> Result<Sealed, TaskError> {
         let lock = self.lock(agent);
         let _held = lock.lock().await;
         let mut meta = self.meta(agent)?;
-        if epoch > meta.sealed {
-            meta.sealed = epoch;
-            self.store
-                .write(vec![Self::meta_op(agent, &meta)?], Durability::Sync)
-                .map_err(|e| storage("writing", e))?;
+        match after {
+            None if epoch > meta.sealed => {
+                meta.sealed = epoch;
+                self.store
+                    .write(vec![Self::meta_op(agent, &meta)?], Durability::Sync)
+                    .map_err(|e| storage("writing", e))?;
+            }
+            None => {}
+            Some(_) if meta.sealed != epoch => {
+                return Err(TaskError::new(
+                    409,
+                    "stale_epoch",
+                    format!("agent {agent}'s copy here is sealed at epoch {}, not {epoch}: read it again from its first page", meta.sealed),
+                ))
+            }
+            Some(_) => {}
         }
         let Some(version) = meta.version else {
             return Ok(Sealed::default());
@@ -545,50 +638,48 @@ impl ReplicaStore {
             version: Some(version),
             ..Sealed::default()
         };
+        // The slot's results ('r') then its state ('s'), in key order.
+        let base = slot_prefix(agent, meta.slot, b'r');
+        let base = &base[..base.len() - 1];
+        let from = match after {
+            None => slot_prefix(agent, meta.slot, b'r'),
+            Some(cursor) => {
+                let mut k = base.to_vec();
+                k.extend_from_slice(cursor);
+                k.push(0);
+                k
+            }
+        };
+        let to = prefix_end(&slot_prefix(agent, meta.slot, b's'));
         let mut size = 0usize;
         let mut failed = None;
-        let prefix = slot_prefix(agent, meta.slot, b's');
+        let mut last_key = Vec::new();
         self.store
-            .scan(
-                Column::Tasks,
-                &prefix,
-                Some(&prefix_end(&prefix)),
-                &mut |k, v| {
-                    size = size.saturating_add(k.len() + v.len());
-                    sealed.state.push((k[prefix.len()..].to_vec(), v.to_vec()));
-                    size <= SEALED_BYTES_MAX
-                },
-            )
-            .map_err(|e| storage("reading", e))?;
-        let prefix = slot_prefix(agent, meta.slot, b'r');
-        self.store
-            .scan(
-                Column::Tasks,
-                &prefix,
-                Some(&prefix_end(&prefix)),
-                &mut |_, v| {
-                    size = size.saturating_add(v.len());
-                    match serde_json::from_slice::<StoredResult>(v) {
+            .scan(Column::Tasks, &from, Some(&to), &mut |k, v| {
+                if size >= SEAL_PAGE_BYTES {
+                    // Full: the next page starts after the last key taken.
+                    sealed.next = Some(last_key.clone());
+                    return false;
+                }
+                last_key = k.get(base.len()..).unwrap_or_default().to_vec();
+                size = size.saturating_add(k.len() + v.len());
+                match k.get(base.len()) {
+                    Some(b'r') => match serde_json::from_slice::<StoredResult>(v) {
                         Ok(r) => sealed.results.push(r),
                         Err(e) => failed = Some(storage("a result is unreadable", e)),
+                    },
+                    _ => {
+                        let key = k.get(base.len() + 1..).unwrap_or_default();
+                        sealed.state.push((key.to_vec(), v.to_vec()));
                     }
-                    failed.is_none() && size <= SEALED_BYTES_MAX
-                },
-            )
+                }
+                failed.is_none()
+            })
             .map_err(|e| storage("reading", e))?;
-        if let Some(e) = failed {
-            return Err(e);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(sealed),
         }
-        if size > SEALED_BYTES_MAX {
-            return Err(TaskError::new(
-                507,
-                "checkpoint_too_large",
-                format!(
-                    "agent {agent}'s checkpoint here is larger than {SEALED_BYTES_MAX} bytes, the most one answer carries; paged restores are not built yet"
-                ),
-            ));
-        }
-        Ok(sealed)
     }
 }
 
@@ -637,13 +728,6 @@ pub fn pages(agent: &str, version: Version, copy: &Sealed) -> Vec<Page> {
     pages
 }
 
-impl Sealed {
-    /// Its size in bytes (keys, values, results).
-    pub fn size(&self) -> usize {
-        self.bytes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,7 +757,7 @@ mod tests {
         let copy = Sealed {
             version: None,
             state: vec![(b"counter\0c\0k".to_vec(), value.as_bytes().to_vec())],
-            results: Vec::new(),
+            ..Sealed::default()
         };
         pages("c", v(epoch, inc, 0), &copy)
             .into_iter()
@@ -689,28 +773,28 @@ mod tests {
     async fn deltas_follow_a_whole_copy_in_order_and_a_gap_asks_for_a_copy() {
         let r = replica();
         assert_eq!(
-            r.receive(&delta(1, 1, 1, "1"), 1).await.unwrap(),
+            r.receive(&delta(1, 1, 1, "1"), 1, &|_| true).await.unwrap(),
             PushAnswer::Behind { holds: None }
         );
         for page in full(1, 1, "0") {
-            assert_eq!(r.receive(&page, 1).await.unwrap(), PushAnswer::Stored);
+            assert_eq!(r.receive(&page, 1, &|_| true).await.unwrap(), PushAnswer::Stored);
         }
         assert_eq!(
-            r.receive(&delta(1, 1, 1, "1"), 1).await.unwrap(),
+            r.receive(&delta(1, 1, 1, "1"), 1, &|_| true).await.unwrap(),
             PushAnswer::Stored
         );
         assert_eq!(
-            r.receive(&delta(1, 1, 1, "1"), 1).await.unwrap(),
+            r.receive(&delta(1, 1, 1, "1"), 1, &|_| true).await.unwrap(),
             PushAnswer::Stored,
             "sent again"
         );
         assert_eq!(
-            r.receive(&delta(1, 1, 3, "3"), 1).await.unwrap(),
+            r.receive(&delta(1, 1, 3, "3"), 1, &|_| true).await.unwrap(),
             PushAnswer::Behind {
                 holds: Some(v(1, 1, 1))
             }
         );
-        let sealed = r.seal("c", 1).await.unwrap();
+        let sealed = r.seal("c", 1, None).await.unwrap();
         assert_eq!(sealed.version, Some(v(1, 1, 1)));
         assert_eq!(
             sealed.state,
@@ -723,19 +807,19 @@ mod tests {
     async fn a_seal_fences_older_epochs_and_so_does_the_applied_state() {
         let r = replica();
         for page in full(1, 1, "0") {
-            r.receive(&page, 1).await.unwrap();
+            r.receive(&page, 1, &|_| true).await.unwrap();
         }
-        r.seal("c", 2).await.unwrap();
+        r.seal("c", 2, None).await.unwrap();
         assert_eq!(
-            r.receive(&delta(1, 1, 1, "1"), 1).await.unwrap(),
+            r.receive(&delta(1, 1, 1, "1"), 1, &|_| true).await.unwrap(),
             PushAnswer::Fenced { epoch: 2 }
         );
         assert_eq!(
-            r.receive(&delta(2, 1, 1, "1"), 3).await.unwrap(),
+            r.receive(&delta(2, 1, 1, "1"), 3, &|_| true).await.unwrap(),
             PushAnswer::Fenced { epoch: 3 },
             "the region state knows a newer epoch"
         );
-        let sealed = r.seal("c", 2).await.unwrap();
+        let sealed = r.seal("c", 2, None).await.unwrap();
         assert_eq!(sealed.version, Some(v(1, 1, 0)), "nothing fenced was kept");
     }
 
@@ -743,7 +827,7 @@ mod tests {
     async fn a_copy_cut_short_leaves_the_previous_one_whole() {
         let r = replica();
         for page in full(1, 1, "old") {
-            r.receive(&page, 1).await.unwrap();
+            r.receive(&page, 1, &|_| true).await.unwrap();
         }
         let big = Sealed {
             version: None,
@@ -755,13 +839,13 @@ mod tests {
                     )
                 })
                 .collect(),
-            results: Vec::new(),
+            ..Sealed::default()
         };
         let pages = pages("c", v(2, 1, 0), &big);
         assert!(pages.len() > 2);
-        r.receive(&Push::Page(pages[0].clone()), 2).await.unwrap();
-        r.receive(&Push::Page(pages[1].clone()), 2).await.unwrap();
-        let sealed = r.seal("c", 2).await.unwrap();
+        r.receive(&Push::Page(pages[0].clone()), 2, &|_| true).await.unwrap();
+        r.receive(&Push::Page(pages[1].clone()), 2, &|_| true).await.unwrap();
+        let sealed = r.seal("c", 2, None).await.unwrap();
         assert_eq!(sealed.version, Some(v(1, 1, 0)));
         assert_eq!(
             sealed.state,
@@ -769,15 +853,102 @@ mod tests {
         );
         // A page out of order is refused, the whole copy in order is taken.
         assert!(matches!(
-            r.receive(&Push::Page(pages[2].clone()), 2).await.unwrap(),
+            r.receive(&Push::Page(pages[2].clone()), 2, &|_| true).await.unwrap(),
             PushAnswer::Stored | PushAnswer::Behind { .. }
         ));
         for page in &pages {
-            r.receive(&Push::Page(page.clone()), 2).await.unwrap();
+            r.receive(&Push::Page(page.clone()), 2, &|_| true).await.unwrap();
         }
-        let sealed = r.seal("c", 2).await.unwrap();
+        let sealed = r.seal("c", 2, None).await.unwrap();
         assert_eq!(sealed.version, Some(v(2, 1, 0)));
         assert_eq!(sealed.state.len(), 40);
+    }
+
+    #[tokio::test]
+    async fn a_copy_larger_than_a_seal_can_answer_is_refused_while_staged() {
+        let r = replica();
+        let page = |n: u32| {
+            Push::Page(Page {
+                agent: "c".into(),
+                version: v(1, 1, 0),
+                page: n,
+                last: false,
+                state: vec![(format!("counter\0c\0{n}").into_bytes(), vec![b'x'; 1024])],
+                results: Vec::new(),
+            })
+        };
+        for n in 0..PAGES_MAX {
+            assert_eq!(r.receive(&page(n), 1, &|_| true).await.unwrap(), PushAnswer::Stored);
+        }
+        let e = r.receive(&page(PAGES_MAX), 1, &|_| true).await.unwrap_err();
+        assert_eq!((e.status, e.name), (507, "checkpoint_too_large"));
+    }
+
+    /// Reads a whole copy page by page, as a restoring host does.
+    async fn read_all(r: &ReplicaStore, epoch: u64) -> Sealed {
+        let mut all = r.seal("c", epoch, None).await.unwrap();
+        let mut pages = 1;
+        while let Some(after) = all.next.take() {
+            let page = r.seal("c", epoch, Some(&after)).await.unwrap();
+            assert_eq!(page.version, all.version);
+            all.state.extend(page.state);
+            all.results.extend(page.results);
+            all.next = page.next;
+            pages += 1;
+        }
+        assert!(pages >= 1);
+        all
+    }
+
+    #[tokio::test]
+    async fn a_copy_larger_than_a_page_is_read_whole_page_by_page() {
+        let r = replica();
+        let big = Sealed {
+            state: (0..48)
+                .map(|i| {
+                    (
+                        format!("counter\0c\0{i:02}").into_bytes(),
+                        vec![b'x'; 60 * 1024],
+                    )
+                })
+                .collect(),
+            ..Sealed::default()
+        };
+        for page in pages("c", v(1, 1, 0), &big) {
+            r.receive(&Push::Page(page), 1, &|_| true).await.unwrap();
+        }
+        r.receive(&delta(1, 1, 1, "1"), 1, &|_| true).await.unwrap();
+        let first = r.seal("c", 2, None).await.unwrap();
+        assert!(first.next.is_some(), "more than one page");
+        let all = read_all(&r, 2).await;
+        assert_eq!(all.state.len(), 49, "every key once (48 and the delta's)");
+        assert_eq!(all.results.len(), 1);
+        // Another epoch's seal since: the pages of this one are refused.
+        r.seal("c", 3, None).await.unwrap();
+        let e = r.seal("c", 2, first.next.as_deref()).await.unwrap_err();
+        assert_eq!(e.name, "stale_epoch");
+    }
+
+    #[tokio::test]
+    async fn results_go_only_once_their_claim_is_gone() {
+        let r = replica();
+        for page in full(1, 1, "0") {
+            r.receive(&page, 1, &|_| true).await.unwrap();
+        }
+        for seq in 1..=3 {
+            r.receive(&delta(1, 1, seq, "x"), 1, &|_| true).await.unwrap();
+        }
+        // Only t1.1.1's claim is forgotten (whatever the times say).
+        r.receive(&delta(1, 1, 4, "x"), 1, &|id| id != "t1.1.1")
+            .await
+            .unwrap();
+        let ids: Vec<String> = read_all(&r, 1)
+            .await
+            .results
+            .into_iter()
+            .map(|r| r.task_id)
+            .collect();
+        assert_eq!(ids, ["t1.1.2", "t1.1.3", "t1.1.4"]);
     }
 
     #[tokio::test]
@@ -790,7 +961,7 @@ mod tests {
             result: None,
         });
         assert_eq!(
-            r.receive(&evil, 1).await.unwrap_err().name,
+            r.receive(&evil, 1, &|_| true).await.unwrap_err().name,
             "invalid_checkpoint"
         );
         let other = Push::Delta(Delta {
@@ -799,7 +970,7 @@ mod tests {
             writes: vec![(b"counter\0d\0k".to_vec(), b"1".to_vec())],
             result: None,
         });
-        assert!(r.receive(&other, 1).await.is_err(), "another agent's key");
+        assert!(r.receive(&other, 1, &|_| true).await.is_err(), "another agent's key");
     }
 
     #[test]

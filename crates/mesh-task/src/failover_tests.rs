@@ -168,11 +168,23 @@ impl Replicas for Net {
                 format!("{peer} is down"),
             ));
         }
-        let epoch = self.region.state.lock().unwrap().agents[push.agent()].epoch;
-        self.region.host(peer).replica().receive(push, epoch).await
+        let state = self.region.state.lock().unwrap().clone();
+        let epoch = state.agents[push.agent()].epoch;
+        let claimed = crate::checkpoint::claimed(&state, push.agent());
+        self.region
+            .host(peer)
+            .replica()
+            .receive(push, epoch, &claimed)
+            .await
     }
 
-    async fn seal(&self, peer: &str, agent: &str, epoch: u64) -> Result<Sealed, TaskError> {
+    async fn seal(
+        &self,
+        peer: &str,
+        agent: &str,
+        epoch: u64,
+        after: Option<Vec<u8>>,
+    ) -> Result<Sealed, TaskError> {
         if self.region.is_down(peer) {
             return Err(TaskError::new(
                 504,
@@ -180,7 +192,11 @@ impl Replicas for Net {
                 format!("{peer} is down"),
             ));
         }
-        self.region.host(peer).replica().seal(agent, epoch).await
+        self.region
+            .host(peer)
+            .replica()
+            .seal(agent, epoch, after.as_deref())
+            .await
     }
 }
 

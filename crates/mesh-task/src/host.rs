@@ -17,7 +17,7 @@
 //!                      `checkpoint`); then the result is kept and answered
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -115,11 +115,65 @@ struct Activation {
     epoch: u64,
     version: Version,
     replicas: Vec<String>,
-    results: VecDeque<StoredResult>,
 }
 
-/// Most results an activation keeps in memory for the whole copies it sends.
-pub const ACTIVATION_RESULTS_MAX: usize = 4096;
+/// What one round of [`Host::keep_agents`] did, for the node's log.
+#[derive(Debug)]
+pub enum Kept {
+    /// The agent was stopped here: its lease moved (`to`: where, at which
+    /// epoch) or it is no longer placed.
+    Stopped {
+        /// The agent.
+        agent: String,
+        /// Its epoch here.
+        epoch: u64,
+        /// Its lease now, if placed.
+        to: Option<(String, u64)>,
+    },
+    /// The agent was activated here, its state restored.
+    Activated {
+        /// The agent.
+        agent: String,
+        /// Its epoch.
+        epoch: u64,
+        /// How long the activation took.
+        ms: u64,
+    },
+    /// The agent could not be activated here yet (tried again next round).
+    Failed {
+        /// The agent.
+        agent: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Why.
+        error: TaskError,
+    },
+    /// The agent was stopped to be activated again, because `replica`, a
+    /// node its state is copied to, is draining.
+    Recopy {
+        /// The agent.
+        agent: String,
+        /// Its epoch.
+        epoch: u64,
+        /// The draining replica.
+        replica: String,
+    },
+}
+
+/// Where a host lists the results it keeps with an agent's state (for
+/// the whole copies it sends): `ckpt\0l\0AGENT\0`, the result's time in
+/// ms (big-endian) and its task id; the answer is under its task id.
+fn kept_prefix(agent: &str) -> Vec<u8> {
+    format!("ckpt\0l\0{agent}\0").into_bytes()
+}
+
+fn kept_key(agent: &str, at_ms: u64, task_id: &str) -> Vec<u8> {
+    let mut k = kept_prefix(agent);
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(task_id.as_bytes());
+    k
+}
+
 
 /// Where this node counts its activations (see [`Version::incarnation`]).
 const INCARNATION_KEY: &[u8] = b"ckpt\0incarnation";
@@ -294,6 +348,68 @@ impl Host {
         lock.lock().await.active = false;
     }
 
+    /// One round of keeping this node's agents in line with its applied
+    /// region `state` (a node runs it every 200 ms, the simulator too):
+    /// stops the agents whose lease moved away, activates the ones granted
+    /// here (their state restored before a task comes), and activates
+    /// again an agent one of whose replicas is draining, when another node
+    /// can take its copy (see `agentmesh node drain`).
+    pub async fn keep_agents(&self, env: &Env<'_>, state: &RegionState) -> Vec<Kept> {
+        let mut kept = Vec::new();
+        let active = self.active_agents();
+        for (agent, epoch) in &active {
+            let lease = state.agents.get(agent).and_then(|e| e.lease.clone());
+            if !lease
+                .as_ref()
+                .is_some_and(|l| l.node == env.node && l.epoch == *epoch)
+            {
+                self.deactivate(agent).await;
+                kept.push(Kept::Stopped {
+                    agent: agent.clone(),
+                    epoch: *epoch,
+                    to: lease.map(|l| (l.node, l.epoch)),
+                });
+                continue;
+            }
+            let draining = state
+                .replicas
+                .get(agent)
+                .and_then(|r| r.nodes.iter().find(|n| state.draining.contains(*n)));
+            if let Some(replica) = draining {
+                let members = env.replicas.members().await;
+                if !checkpoint::choose(agent, env.node, &members, env.replica_count).is_empty() {
+                    self.deactivate(agent).await;
+                    kept.push(Kept::Recopy {
+                        agent: agent.clone(),
+                        epoch: *epoch,
+                        replica: replica.clone(),
+                    });
+                }
+            }
+        }
+        let active = self.active_agents();
+        for (agent, entry) in &state.agents {
+            let Some(lease) = &entry.lease else { continue };
+            if lease.node != env.node || active.contains(&(agent.clone(), lease.epoch)) {
+                continue;
+            }
+            let started = Instant::now();
+            kept.push(match self.activate(env, state, agent, lease.epoch).await {
+                Ok(()) => Kept::Activated {
+                    agent: agent.clone(),
+                    epoch: lease.epoch,
+                    ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                },
+                Err(error) => Kept::Failed {
+                    agent: agent.clone(),
+                    epoch: lease.epoch,
+                    error,
+                },
+            });
+        }
+        kept
+    }
+
     /// Activates `agent` here under the lease of `epoch` now (the node does
     /// when the region state grants it the lease), not at its first task.
     pub async fn activate(
@@ -323,8 +439,7 @@ impl Host {
             return Ok(());
         }
         act.active = false;
-        let started = Instant::now();
-        let restored = self.restore(env, state, agent, epoch).await?;
+        let restored_version = self.restore(env, state, agent, epoch).await?;
         let incarnation = self.next_incarnation().await?;
         let version = Version {
             epoch,
@@ -340,8 +455,7 @@ impl Host {
                 format!("agent {agent} cannot be activated: no other node of region {} is alive to hold a copy of its state; retry when one is", env.region),
             ));
         }
-        let mut copy = self.copy_of(agent)?;
-        copy.results = restored.iter().cloned().collect();
+        let copy = self.copy_of(agent)?;
         let answers = futures::future::join_all(
             replicas
                 .iter()
@@ -381,34 +495,126 @@ impl Host {
                 )))
             }
         }
+        self.record_move(env, state, agent, epoch, restored_version, &replicas)
+            .await?;
         *act = Activation {
             active: true,
             epoch,
             version,
             replicas,
-            results: restored,
         };
-        let _ = started;
+        Ok(())
+    }
+
+    /// Appends the audit record of `agent`'s activation under `epoch`,
+    /// once, when the region state says its lease moved here (see
+    /// `AuditRecord::moved`): which state version it restored, and where
+    /// its copies go now.
+    async fn record_move(
+        &self,
+        env: &Env<'_>,
+        state: &RegionState,
+        agent: &str,
+        epoch: u64,
+        restored: Option<Version>,
+        replicas: &[String],
+    ) -> Result<(), TaskError> {
+        let Some(moved) = state
+            .moves
+            .get(agent)
+            .and_then(|m| m.iter().rev().find(|m| m.epoch == epoch))
+            .filter(|m| m.to == env.node)
+        else {
+            return Ok(());
+        };
+        let Some(entry) = state.agents.get(agent) else {
+            return Ok(());
+        };
+        let mut marker = format!("ckpt\0moved\0{agent}\0").into_bytes();
+        marker.extend_from_slice(&epoch.to_be_bytes());
+        let storage = |e: String| TaskError::storage(format!("recording agent {agent}'s move: {e}"));
+        if self
+            .store
+            .get(Column::Tasks, &marker)
+            .map_err(|e| storage(e.to_string()))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let manifest = &entry.manifest;
+        let now = (self.now_ms)();
+        let restored = restored
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "none".into());
+        let record = AuditRecord {
+            task_id: format!("move/{agent}/{epoch}"),
+            agent: agent.to_owned(),
+            agent_version: manifest.version.clone(),
+            epoch,
+            models: manifest.models.iter().map(|m| m.sha256.clone()).collect(),
+            node: env.node.to_owned(),
+            region: env.region.to_owned(),
+            policy_version: state.policy_version,
+            dataset: manifest.dataset.clone(),
+            tags: Vec::new(),
+            input_sha256: audit::sha256_hex(restored.as_bytes()),
+            output_sha256: audit::sha256_hex(replicas.join(",").as_bytes()),
+            entry_node: env.node.to_owned(),
+            hops: 0,
+            started_at_ms: now,
+            finished_at_ms: now,
+            trace_id: String::new(),
+            reclaims: None,
+            moved: Some(match &moved.from {
+                Some(from) => format!(
+                    "{} from {from}@{}",
+                    moved.reason.as_str(),
+                    epoch.saturating_sub(1)
+                ),
+                None => moved.reason.as_str().to_owned(),
+            }),
+        };
+        let mut chain = self.chain.lock().await;
+        let mut next = chain.clone();
+        let sealed = next.append(record);
+        let ops = vec![
+            WriteOp::Put {
+                column: Column::Audit,
+                key: sealed.seq.to_be_bytes().to_vec(),
+                value: serde_json::to_vec(&sealed).map_err(|e| storage(e.to_string()))?,
+            },
+            WriteOp::Put {
+                column: Column::Tasks,
+                key: marker,
+                value: Vec::new(),
+            },
+        ];
+        self.write_synced(ops).await.map_err(|e| {
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            storage(e)
+        })?;
+        *chain = next;
         Ok(())
     }
 
     /// Seals the replicas the region state names for `agent` and installs
-    /// the newest copy among those that answer; returns its results.
+    /// the newest copy among those that answer; returns its results and
+    /// its version.
     async fn restore(
         &self,
         env: &Env<'_>,
         state: &RegionState,
         agent: &str,
         epoch: u64,
-    ) -> Result<VecDeque<StoredResult>, TaskError> {
+    ) -> Result<Option<Version>, TaskError> {
         #[cfg(feature = "planted-bugs")]
         if planted::on(&planted::SKIP_RESTORE) {
-            return Ok(VecDeque::new());
+            return Ok(None);
         }
         let Some(set) = state.replicas.get(agent) else {
             // Never copied (a new agent, or no other node to copy to): its
             // state is what this node holds.
-            return Ok(VecDeque::new());
+            return Ok(None);
         };
         if set.nodes.is_empty() {
             if set.host != env.node {
@@ -418,29 +624,44 @@ impl Host {
                     format!("agent {agent}'s state was on {} alone (no other node was alive to copy it to); it is unavailable until that node is back", set.host),
                 ));
             }
-            return Ok(VecDeque::new());
+            return Ok(None);
         }
-        let answers = futures::future::join_all(set.nodes.iter().map(|n| async move {
-            if n == env.node {
-                self.replica.seal(agent, epoch).await
-            } else {
-                env.replicas.seal(n, agent, epoch).await
+        let seal = |n: &str, after: Option<Vec<u8>>| {
+            let n = n.to_owned();
+            async move {
+                if n == env.node {
+                    self.replica.seal(agent, epoch, after.as_deref()).await
+                } else {
+                    env.replicas.seal(&n, agent, epoch, after).await
+                }
             }
-        }))
-        .await;
+        };
+        let answers = futures::future::join_all(set.nodes.iter().map(|n| seal(n, None))).await;
         let mut errors = Vec::new();
-        let mut newest: Option<Sealed> = None;
+        let mut newest: Option<(&String, Sealed)> = None;
         for (n, answer) in set.nodes.iter().zip(answers) {
             match answer {
                 Ok(sealed) => {
-                    if newest.as_ref().is_none_or(|b| sealed.version > b.version) {
-                        newest = Some(sealed);
+                    if newest.as_ref().is_none_or(|(_, b)| sealed.version > b.version) {
+                        newest = Some((n, sealed));
                     }
                 }
                 Err(e) => errors.push(format!("{n}: {e}")),
             }
         }
-        let Some(newest) = newest else {
+        // A replica that holds no copy (it lost its disk) wins only when
+        // every named replica answered so: the others may hold the state.
+        if newest.as_ref().is_some_and(|(_, n)| n.version.is_none()) && !errors.is_empty() {
+            return Err(TaskError::new(
+                503,
+                "unavailable",
+                format!(
+                    "agent {agent}'s replicas that answered hold no copy of its state, and the others did not answer ({}); it is activated when one does: retry",
+                    errors.join("; ")
+                ),
+            ));
+        }
+        let Some((from, mut newest)) = newest else {
             return Err(TaskError::new(
                 503,
                 "unavailable",
@@ -451,8 +672,37 @@ impl Host {
                 ),
             ));
         };
+        // The rest of the newest copy, page by page, from the same replica.
+        let mut size = 0usize;
+        let mut next = newest.next.take();
+        while let Some(after) = next {
+            let page = seal(from, Some(after)).await.map_err(|e| {
+                TaskError::new(
+                    503,
+                    "unavailable",
+                    format!("agent {agent}'s copy on {from} could not be read whole ({e}); retry"),
+                )
+            })?;
+            if page.version != newest.version {
+                return Err(TaskError::new(
+                    503,
+                    "unavailable",
+                    format!("agent {agent}'s copy on {from} changed while it was read; retry"),
+                ));
+            }
+            size = size.saturating_add(checkpoint::SEAL_PAGE_BYTES);
+            if size > checkpoint::STATE_BYTES_MAX {
+                return Err(checkpoint::too_large(agent));
+            }
+            newest.state.extend(page.state);
+            newest.results.extend(page.results);
+            next = page.next;
+        }
         let mut ops = Vec::new();
-        for prefix in checkpoint::state_prefixes(agent) {
+        for prefix in checkpoint::state_prefixes(agent)
+            .into_iter()
+            .chain([kept_prefix(agent)])
+        {
             ops.push(WriteOp::DeleteRange {
                 column: Column::Tasks,
                 to: checkpoint::prefix_end(&prefix),
@@ -468,11 +718,23 @@ impl Host {
                 });
             }
         }
-        for result in &newest.results {
+        // A result is stored under its task id: only a task id of this
+        // agent's answer, never another key (a replica is not trusted
+        // with the store's other keys).
+        for result in newest.results.iter().filter(|r| {
+            crate::is_task_id(&r.task_id)
+                && serde_json::from_slice::<TaskAnswer>(&r.answer)
+                    .is_ok_and(|a| a.task_id == r.task_id && a.agent == agent)
+        }) {
             ops.push(WriteOp::Put {
                 column: Column::Tasks,
                 key: result.task_id.as_bytes().to_vec(),
                 value: result.answer.clone(),
+            });
+            ops.push(WriteOp::Put {
+                column: Column::Tasks,
+                key: kept_key(agent, result.at_ms, &result.task_id),
+                value: Vec::new(),
             });
         }
         self.write_synced(ops).await.map_err(|e| {
@@ -481,7 +743,7 @@ impl Host {
                 "cannot install agent {agent}'s restored state: {e}"
             ))
         })?;
-        Ok(newest.results.into_iter().collect())
+        Ok(newest.version)
     }
 
     async fn next_incarnation(&self) -> Result<u64, TaskError> {
@@ -504,9 +766,14 @@ impl Host {
         Ok(next)
     }
 
-    /// This node's state of `agent` (its results come from its activation).
+    /// This node's state of `agent` and the results it keeps with it, for
+    /// a whole copy.
     fn copy_of(&self, agent: &str) -> Result<Sealed, TaskError> {
         let mut copy = Sealed::default();
+        let mut size = 0usize;
+        let read = |e: mesh_store::StoreError| {
+            TaskError::storage(format!("reading agent {agent}'s state: {e}"))
+        };
         for prefix in checkpoint::state_prefixes(agent) {
             self.store
                 .scan(
@@ -514,11 +781,42 @@ impl Host {
                     &prefix,
                     Some(&checkpoint::prefix_end(&prefix)),
                     &mut |k, v| {
+                        size = size.saturating_add(k.len() + v.len());
                         copy.state.push((k.to_vec(), v.to_vec()));
-                        true
+                        size <= checkpoint::STATE_BYTES_MAX
                     },
                 )
-                .map_err(|e| TaskError::storage(format!("reading agent {agent}'s state: {e}")))?;
+                .map_err(read)?;
+        }
+        let prefix = kept_prefix(agent);
+        let mut kept = Vec::new();
+        self.store
+            .scan(
+                Column::Tasks,
+                &prefix,
+                Some(&checkpoint::prefix_end(&prefix)),
+                &mut |k, _| {
+                    if let Some(time) = k.get(prefix.len()..prefix.len() + 8) {
+                        let at_ms = u64::from_be_bytes(time.try_into().unwrap_or([0; 8]));
+                        let id = String::from_utf8_lossy(&k[prefix.len() + 8..]).into_owned();
+                        kept.push((at_ms, id));
+                    }
+                    true
+                },
+            )
+            .map_err(read)?;
+        for (at_ms, task_id) in kept {
+            if let Some(answer) = self.store.get(Column::Tasks, task_id.as_bytes()).map_err(read)? {
+                size = size.saturating_add(task_id.len() + answer.len());
+                copy.results.push(StoredResult {
+                    task_id,
+                    at_ms,
+                    answer,
+                });
+            }
+        }
+        if size > checkpoint::STATE_BYTES_MAX {
+            return Err(checkpoint::too_large(agent));
         }
         Ok(copy)
     }
@@ -576,8 +874,8 @@ impl Host {
             }
         }
         if !behind.is_empty() {
+            // The task's own result is kept once it is copied: add it.
             let mut copy = self.copy_of(agent)?;
-            copy.results = act.results.iter().cloned().collect();
             if let Push::Delta(d) = &push {
                 copy.results.extend(d.result.iter().cloned());
             }
@@ -841,6 +1139,24 @@ impl Host {
             Some(lock) => Some(lock.lock().await),
             None => None,
         };
+        // The activation this task reads the agent's state under. The task
+        // is recorded and copied only under that same activation (checked
+        // again with its lock held, before anything is written): a task
+        // never writes or copies state it read while the agent was stopped
+        // or replaced here, when the local state may hold an unanswered
+        // task's writes or be restored over.
+        let act_lock = self.activation(&manifest.name);
+        let incarnation = {
+            let act = act_lock.lock().await;
+            if !(act.active && act.epoch == epoch) {
+                return Err(not_copied(
+                    &manifest.name,
+                    &task_id,
+                    "the agent was stopped on this node before the task ran".into(),
+                ));
+            }
+            act.version.incarnation
+        };
         let history = match &request.session {
             Some(session) => self.session(&manifest.name, session)?,
             None => Vec::new(),
@@ -885,9 +1201,20 @@ impl Host {
             finished_at_ms: (self.now_ms)(),
             trace_id: run.trace_id.clone(),
             reclaims,
+            moved: None,
         };
-        // The record and the result in one synced batch, appended in chain order.
+        // The record and the result in one synced batch, appended in chain
+        // order, under the activation the state was read under.
         let recording = Instant::now();
+        let mut act = act_lock.lock().await;
+        if !(act.active && act.epoch == epoch && act.version.incarnation == incarnation) {
+            return Err(not_copied(
+                &manifest.name,
+                &task_id,
+                "the agent was stopped or activated again on this node while the task ran".into(),
+            ));
+        }
+        let copied = !act.replicas.is_empty();
         let mut chain = self.chain.lock().await;
         let mut next = chain.clone();
         let sealed = next.append(record);
@@ -917,8 +1244,6 @@ impl Host {
                 serde_json::to_vec(&history).map_err(encode)?,
             ));
         }
-        let act_lock = self.activation(&manifest.name);
-        let copied = !act_lock.lock().await.replicas.is_empty();
         let mut ops = vec![WriteOp::Put {
             column: Column::Audit,
             key: sealed.seq.to_be_bytes().to_vec(),
@@ -933,14 +1258,29 @@ impl Host {
                 value: value.clone(),
             });
         }
-        let result_op = WriteOp::Put {
-            column: Column::Tasks,
-            key: task_id.as_bytes().to_vec(),
-            value: answer_bytes.clone(),
-        };
+        // The result, listed with the agent's kept results (whose claims
+        // the region forgot go, a few at a time).
+        let finished_at_ms = answer.provenance.record.finished_at_ms;
+        let mut result_ops = vec![
+            WriteOp::Put {
+                column: Column::Tasks,
+                key: task_id.as_bytes().to_vec(),
+                value: answer_bytes.clone(),
+            },
+            WriteOp::Put {
+                column: Column::Tasks,
+                key: kept_key(&manifest.name, finished_at_ms, &task_id),
+                value: Vec::new(),
+            },
+        ];
+        result_ops.extend(checkpoint::prune(
+            &*self.store,
+            &kept_prefix(&manifest.name),
+            &checkpoint::claimed(state, &manifest.name),
+        )?);
         if !copied {
             // No replica to wait for: the result is kept at once.
-            ops.push(result_op.clone());
+            ops.append(&mut result_ops);
         }
         self.write_synced(ops).await.map_err(|e| {
             self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -952,17 +1292,9 @@ impl Host {
         drop(chain);
         // Every replica stores the task's changes before it is answered.
         let copying = Instant::now();
-        let mut act = act_lock.lock().await;
-        if !(act.active && act.epoch == epoch) {
-            return Err(not_copied(
-                &manifest.name,
-                &task_id,
-                "the agent was deactivated on this node while the task ran".into(),
-            ));
-        }
         let result = StoredResult {
             task_id: task_id.clone(),
-            at_ms: answer.provenance.record.finished_at_ms,
+            at_ms: finished_at_ms,
             answer: answer_bytes,
         };
         if !act.replicas.is_empty() {
@@ -974,7 +1306,7 @@ impl Host {
                 agent: manifest.name.clone(),
                 version,
                 writes,
-                result: Some(result.clone()),
+                result: Some(result),
             };
             #[cfg(feature = "planted-bugs")]
             let skip_copy = planted::on(&planted::ANSWER_BEFORE_COPY);
@@ -999,19 +1331,12 @@ impl Host {
             }
             act.version = version;
             self.store
-                .write(vec![result_op], Durability::Buffered)
-                .map_err(|e| TaskError::storage(e.to_string()))?;
-        }
-        act.results.push_back(result);
-        let window_start = answer
-            .provenance
-            .record
-            .finished_at_ms
-            .saturating_sub(checkpoint::RESULTS_KEPT_MS);
-        while act.results.len() > ACTIVATION_RESULTS_MAX
-            || act.results.front().is_some_and(|r| r.at_ms < window_start)
-        {
-            act.results.pop_front();
+                .write(result_ops, Durability::Buffered)
+                .map_err(|e| {
+                    // Its replicas hold it: a retry must find it, not run it.
+                    self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    TaskError::storage(format!("cannot keep the result of task {task_id}: {e}"))
+                })?;
         }
         drop(act);
         let mut answer = answer;
@@ -1232,7 +1557,13 @@ mod tests {
         async fn push(&self, peer: &str, _: &Push) -> Result<PushAnswer, TaskError> {
             panic!("no replica to push to, yet pushed to {peer}")
         }
-        async fn seal(&self, peer: &str, _: &str, _: u64) -> Result<Sealed, TaskError> {
+        async fn seal(
+            &self,
+            peer: &str,
+            _: &str,
+            _: u64,
+            _: Option<Vec<u8>>,
+        ) -> Result<Sealed, TaskError> {
             panic!("no replica to seal, yet sealed {peer}")
         }
     }

@@ -24,6 +24,6 @@ mod types;
 
 pub use checkpoint::Replicas;
 pub use error::TaskError;
-pub use host::{check_policy, Claimer, Env, Host, Io};
+pub use host::{check_policy, Claimer, Env, Host, Io, Kept};
 pub use kinds::{Agent, Context, Models};
-pub use types::{TaskAnswer, TaskRequest, TaskRun};
+pub use types::{is_task_id, TaskAnswer, TaskRequest, TaskRun, TASK_ID_MAX};

@@ -1,9 +1,10 @@
 //! The leader's placement round: every agent not placed, or whose host is
-//! gone, or whose data is elsewhere, gets a lease on the best node of the
-//! region (see `mesh_agent::placement`), with the next epoch. The node's
-//! leader and the simulator's run this same round.
+//! gone or draining, or whose data is elsewhere, gets a lease on the best
+//! node of the region (see `mesh_agent::placement`), with the next epoch.
+//! A draining node is no candidate. The node's leader and the simulator's
+//! run this same round.
 
-use consensus::{RegionCommand, RegionState};
+use consensus::{MoveReason, RegionCommand, RegionState};
 use mesh_agent::{place, should_move, Candidate};
 use mesh_types::{MemberState, MemberView, Region};
 
@@ -11,6 +12,13 @@ use mesh_types::{MemberState, MemberView, Region};
 /// applied `state` and its view of the `members` (every region's).
 pub fn round(state: &RegionState, members: &[MemberView], region: &Region) -> Vec<RegionCommand> {
     let mut grants = Vec::new();
+    let in_group = |peer: &str| {
+        state
+            .membership
+            .membership()
+            .nodes()
+            .any(|(_, n)| n.peer_id == peer)
+    };
     for (name, entry) in &state.agents {
         let dataset = entry
             .manifest
@@ -22,7 +30,10 @@ pub fn round(state: &RegionState, members: &[MemberView], region: &Region) -> Ve
             .filter(|m| &m.region == region)
             .map(|m| Candidate {
                 node: m.peer_id.0.clone(),
-                alive: m.state == MemberState::Alive,
+                // A node outside the group could not read its lease.
+                alive: m.state == MemberState::Alive
+                    && in_group(&m.peer_id.0)
+                    && !state.draining.contains(&m.peer_id.0),
                 holds_dataset: dataset.is_some_and(|d| d.node == m.peer_id.0),
                 models_held: entry
                     .manifest
@@ -37,11 +48,16 @@ pub fn round(state: &RegionState, members: &[MemberView], region: &Region) -> Ve
             continue;
         };
         // The host keeps its agent while merely suspect (a pause, a slow
-        // link): moving costs a new epoch. Dead, left or forgotten: it moves.
+        // link): moving costs a new epoch. Dead, left, forgotten or
+        // draining: it moves.
+        let draining = entry
+            .lease
+            .as_ref()
+            .is_some_and(|l| state.draining.contains(&l.node));
         let current = entry.lease.as_ref().map(|lease| {
             let host = members.iter().find(|m| m.peer_id.0 == lease.node);
-            let alive =
-                host.is_some_and(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect));
+            let alive = !draining
+                && host.is_some_and(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect));
             candidates
                 .iter()
                 .find(|c| c.node == lease.node)
@@ -58,10 +74,17 @@ pub fn round(state: &RegionState, members: &[MemberView], region: &Region) -> Ve
         if !should_move(current.as_ref(), best) {
             continue;
         }
-        grants.push(RegionCommand::GrantLease {
+        let reason = match &current {
+            None => MoveReason::Placed,
+            Some(_) if draining => MoveReason::Drain,
+            Some(c) if !c.alive => MoveReason::HostDown,
+            Some(_) => MoveReason::TowardData,
+        };
+        grants.push(RegionCommand::MoveAgent {
             agent: name.clone(),
-            node: best.node.clone(),
+            to: best.node.clone(),
             after_epoch: entry.epoch,
+            reason,
         });
     }
     grants

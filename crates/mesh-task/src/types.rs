@@ -65,3 +65,17 @@ pub struct TaskAnswer {
     /// The audit record the host wrote before answering.
     pub provenance: SealedRecord,
 }
+
+/// Longest task id.
+pub const TASK_ID_MAX: usize = 128;
+
+/// Whether `id` is a task id a client may give: 1 to [`TASK_ID_MAX`]
+/// letters, digits and `- _ . :` (a result is stored under its task id, so
+/// no id can name another key of the store).
+pub fn is_task_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= TASK_ID_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}

@@ -14,10 +14,12 @@
 //!   that took over no claim; an answered task's run is never taken over,
 //!   and no run of it comes at a later epoch (a run cut off before it was
 //!   answered may be replaced by one that names its claim, `reclaims`);
-//! - counter-exact (issue 14): each region's counter client sends `k` tasks
-//!   one after another, each retried with its id until it is answered: the
-//!   k-th answered task returns k (a lost answered task shows as a value
-//!   seen twice, a task counted twice as a value skipped), through host
+//! - counter-exact (issue 14): each region's two counter clients send `k`
+//!   tasks at once, each client one after another, each task retried with
+//!   its id until it is answered: the answered tasks return distinct values
+//!   (a lost answered task shows as a value seen twice) and every value up
+//!   to the largest is answered but for the tasks still unanswered at the
+//!   end (a task counted twice shows as a value skipped), through host
 //!   crashes, partitions and moves;
 //! - residency: no record of data tagged `pii-rX` processed outside `rX`
 //!   or entered from outside it (the simulated policy keeps each region's
@@ -264,17 +266,10 @@ impl mesh_task::Replicas for SimReplicas {
             .as_ref()
             .map(|m| m.view(clock_of(n, now)))
             .unwrap_or_default();
-        voters
-            .into_iter()
-            .chain(learners)
-            .map(|m| {
-                let alive = m == self.me
-                    || view
-                        .iter()
-                        .any(|v| v.peer_id.0 == m && v.state == MemberState::Alive);
-                (m, alive)
-            })
-            .collect()
+        mesh_task::checkpoint::copy_targets(&group.local_state(), &self.me, voters, learners, |m| {
+            view.iter()
+                .any(|v| v.peer_id.0 == m && v.state == MemberState::Alive)
+        })
     }
 
     async fn push(
@@ -292,7 +287,12 @@ impl mesh_task::Replicas for SimReplicas {
             version.epoch,
         )? {
             Some(known) => mesh_task::checkpoint::PushAnswer::Fenced { epoch: known },
-            None => host.replica().receive(push, version.epoch).await?,
+            None => {
+                let claimed = mesh_task::checkpoint::claimed(&state, push.agent());
+                host.replica()
+                    .receive(push, version.epoch, &claimed)
+                    .await?
+            }
         };
         self.back(peer).await?;
         Ok(answer)
@@ -303,6 +303,7 @@ impl mesh_task::Replicas for SimReplicas {
         peer: &str,
         agent: &str,
         epoch: u64,
+        after: Option<Vec<u8>>,
     ) -> Result<mesh_task::checkpoint::Sealed, TaskError> {
         let (host, group) = self.reach(peer).await?;
         let state = group.local_state();
@@ -313,7 +314,7 @@ impl mesh_task::Replicas for SimReplicas {
                 format!("agent {agent} is at epoch {known} on {peer}"),
             ));
         }
-        let sealed = host.replica().seal(agent, epoch).await?;
+        let sealed = host.replica().seal(agent, epoch, after.as_deref()).await?;
         self.back(peer).await?;
         Ok(sealed)
     }
@@ -416,9 +417,13 @@ pub(super) async fn place(world: &World) {
     for (region, group, grants) in rounds {
         for grant in grants {
             if let Ok(RegionResponse::LeaseGranted { epoch }) = group.propose(grant.clone()).await {
-                if let RegionCommand::GrantLease { agent, node, .. } = grant {
+                if let RegionCommand::MoveAgent {
+                    agent, to, reason, ..
+                } = grant
+                {
                     world.lock().log(format!(
-                        "r{region} placed {agent} on {node} (epoch {epoch})"
+                        "r{region} placed {agent} on {to} (epoch {epoch}, {})",
+                        reason.as_str()
                     ));
                 }
             }
@@ -503,45 +508,101 @@ async fn submit(world: &World, entry: usize, agent_region: usize, run: TaskRun) 
     answer
 }
 
+/// A node's host, group and region name, if it is up.
+fn host_of(world: &World, peer: &str) -> Option<(Arc<Host>, RegionGroup, String)> {
+    let s = world.lock();
+    let i = s.slot(peer)?;
+    let n = &s.nodes[i];
+    if n.peer != peer || !n.up() {
+        return None;
+    }
+    Some((n.host.clone()?, n.group.clone()?, s.regions[n.region].to_string()))
+}
+
+/// No rate limits in the simulator.
+fn admit_all(_: &Manifest, _: &mesh_types::policy::RateLimits) -> Result<(), TaskError> {
+    Ok(())
+}
+
+/// What a node's host reaches the region through: its claims and copies.
+struct Reach {
+    claimer: SimClaimer,
+    replicas: SimReplicas,
+}
+
+impl Reach {
+    fn of(world: &World, peer: &str) -> Self {
+        Self {
+            claimer: SimClaimer {
+                world: world.clone(),
+                me: peer.to_owned(),
+            },
+            replicas: SimReplicas {
+                world: world.clone(),
+                me: peer.to_owned(),
+            },
+        }
+    }
+
+    fn env<'a>(&'a self, peer: &'a str, region: &'a str) -> mesh_task::Env<'a> {
+        mesh_task::Env {
+            node: peer,
+            region,
+            models: &SimModels,
+            claimer: &self.claimer,
+            admit: &admit_all,
+            tokens: None,
+            replicas: &self.replicas,
+            replica_count: mesh_task::checkpoint::REPLICAS_DEFAULT,
+        }
+    }
+}
+
+/// Every 200 ms on every node that is up, as a node's `keep_agents` loop:
+/// its agents follow its applied region state (activated when granted,
+/// stopped when moved, their copies moved off draining nodes).
+pub(super) async fn keep_agents(world: World, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let peers: Vec<String> = world
+            .lock()
+            .nodes
+            .iter()
+            .filter(|n| n.up())
+            .map(|n| n.peer.clone())
+            .collect();
+        let rounds: Vec<_> = peers
+            .into_iter()
+            .map(|peer| {
+                let world = world.clone();
+                tokio::spawn(async move {
+                    let Some((host, group, region)) = host_of(&world, &peer) else {
+                        return;
+                    };
+                    let reach = Reach::of(&world, &peer);
+                    let kept = host
+                        .keep_agents(&reach.env(&peer, &region), &group.local_state())
+                        .await;
+                    let mut s = world.lock();
+                    for k in kept {
+                        s.log(format!("{peer} keeps agents: {k:?}"));
+                    }
+                })
+            })
+            .collect();
+        for r in rounds {
+            let _ = r.await;
+        }
+    }
+}
+
 /// Runs `run` on node `peer` with the real task host.
 async fn run_on(world: &World, peer: &str, run: &TaskRun, epoch: u64, hops: u8) -> Submitted {
-    let found = {
-        let s = world.lock();
-        s.slot(peer).and_then(|i| {
-            let n = &s.nodes[i];
-            (n.peer == peer && n.up())
-                .then(|| {
-                    Some((
-                        n.host.clone()?,
-                        n.group.clone()?,
-                        s.regions[n.region].to_string(),
-                    ))
-                })
-                .flatten()
-        })
-    };
-    let Some((host, group, region)) = found else {
+    let Some((host, group, region)) = host_of(world, peer) else {
         return Submitted::Unknown(format!("{peer} is down"));
     };
-    let claimer = SimClaimer {
-        world: world.clone(),
-        me: peer.to_owned(),
-    };
-    let admit = |_: &Manifest, _: &mesh_types::policy::RateLimits| Ok(());
-    let replicas = SimReplicas {
-        world: world.clone(),
-        me: peer.to_owned(),
-    };
-    let env = mesh_task::Env {
-        node: peer,
-        region: &region,
-        models: &SimModels,
-        claimer: &claimer,
-        admit: &admit,
-        tokens: None,
-        replicas: &replicas,
-        replica_count: mesh_task::checkpoint::REPLICAS_DEFAULT,
-    };
+    let reach = Reach::of(world, peer);
+    let env = reach.env(peer, &region);
     let state = group.local_state();
     match host.execute(&env, &state, run, epoch, hops).await {
         Ok(answer) => Submitted::Answer(Box::new(answer)),
@@ -715,12 +776,12 @@ fn note_answered(s: &mut State, task_id: &str, answer: &TaskAnswer) -> bool {
 /// Region `r`'s counter client: tasks `k`, one after the other, each
 /// retried with its id through random entry nodes until it is answered;
 /// the k-th answered task must return k (counter-exact).
-pub(super) async fn counter_client(world: World, r: usize, stop: Arc<AtomicBool>) {
+pub(super) async fn counter_client(world: World, r: usize, c: usize, stop: Arc<AtomicBool>) {
     let agent = counter_agent(r);
     let mut i = 0u64;
     'tasks: while !stop.load(Ordering::SeqCst) {
         i += 1;
-        let task_id = format!("k{r}-{i}");
+        let task_id = format!("k{r}-{c}-{i}");
         let request = TaskRequest {
             agent: agent.clone(),
             input: "k".into(),
@@ -756,18 +817,7 @@ pub(super) async fn counter_client(world: World, r: usize, stop: Arc<AtomicBool>
                     }
                     note_answered(&mut s, &task_id, &answer);
                     let value = answer.output["value"].as_i64().unwrap_or(-1);
-                    let due = s.counted.get(&r).copied().unwrap_or(0) + 1;
-                    s.check("counter-exact");
-                    if value != due as i64 {
-                        let what = format!(
-                            "{agent}'s task {task_id} was answered {value} by {} at epoch {}, after {} answered tasks: {due} was due",
-                            answer.provenance.record.node,
-                            answer.provenance.record.epoch,
-                            due - 1
-                        );
-                        s.violate("counter-exact", what);
-                    }
-                    s.counted.insert(r, due);
+                    s.counted.entry(r).or_default().0.insert(task_id.clone(), value);
                     continue 'tasks;
                 }
                 Submitted::Refused(e) => {
@@ -780,7 +830,42 @@ pub(super) async fn counter_client(world: World, r: usize, stop: Arc<AtomicBool>
                 }
             }
         }
+        // Stopped before it was answered: it may have counted, or not.
+        world.lock().counted.entry(r).or_default().1 += 1;
     }
+}
+
+/// Counter clients per region, at once.
+pub(super) const COUNTER_CLIENTS: usize = 2;
+
+/// counter-exact, at the end: distinct values, and no value skipped but
+/// for the tasks left unanswered.
+pub(super) fn check_counters(s: &mut State) {
+    let counted = std::mem::take(&mut s.counted);
+    for (r, (values, unanswered)) in &counted {
+        s.check("counter-exact");
+        let mut by_value: BTreeMap<i64, Vec<&String>> = BTreeMap::new();
+        for (task, v) in values {
+            by_value.entry(*v).or_default().push(task);
+        }
+        for (v, tasks) in by_value.iter().filter(|(_, t)| t.len() > 1) {
+            s.violate(
+                "counter-exact",
+                format!("counter-r{r}: tasks {tasks:?} were all answered {v}: an answered task was lost"),
+            );
+        }
+        let max = by_value.keys().next_back().copied().unwrap_or(0);
+        let skipped: Vec<i64> = (1..=max).filter(|v| !by_value.contains_key(v)).collect();
+        if skipped.len() as u64 > *unanswered {
+            s.violate(
+                "counter-exact",
+                format!(
+                    "counter-r{r}: values {skipped:?} were answered to no task, with {unanswered} task(s) unanswered at the end: a task was counted twice"
+                ),
+            );
+        }
+    }
+    s.counted = counted;
 }
 
 /// Reads every node's audit log (the running process's store, else the
@@ -839,7 +924,8 @@ pub(super) fn observe_leases(s: &mut State) {
 /// residency kept, every run fenced by its lease's claim, every chain whole.
 pub(super) fn check_end(s: &mut State) {
     scan_audit(s);
-    s.tasks.executed = s.audit.len() as u64;
+    check_counters(s);
+    s.tasks.executed = s.audit.values().filter(|r| r.record.is_task()).count() as u64;
     // tasks-acknowledged-durable: what each node's disk holds after a power
     // loss: its audit records, and task results (its own, and those in the
     // copies of agent state it keeps).
@@ -903,7 +989,7 @@ pub(super) fn check_end(s: &mut State) {
     }
     // tasks-once
     let mut runs: BTreeMap<String, Vec<SealedRecord>> = BTreeMap::new();
-    for r in s.audit.values() {
+    for r in s.audit.values().filter(|r| r.record.is_task()) {
         runs.entry(r.record.task_id.clone())
             .or_default()
             .push(r.clone());
@@ -1003,6 +1089,10 @@ pub(super) fn check_end(s: &mut State) {
                 );
                 s.violate("single-lease", what);
             }
+        }
+        if !rec.is_task() {
+            // An agent's activation after a move: no claim to check.
+            continue;
         }
         let was_replaced =
             replaced.contains(&(rec.task_id.clone(), format!("{}@{}", rec.node, rec.epoch)));
