@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{bootstrap_when_alive, cli, cli_json, start, wait_until, Node, NodeSpec};
+use common::{
+    bootstrap_when_alive, cli, cli_json, start, submit_counter, wait_until, Answered, Node,
+    NodeSpec,
+};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -28,54 +31,9 @@ const TASK_WITHIN: Duration = Duration::from_secs(60);
 
 const POLICY: &str = "[rate_limits.per_agent]\nper_second = 1000\nburst = 1000\n\n[rate_limits.per_client]\nper_second = 1000\nburst = 1000\n";
 
-/// An answered task: its id, the counter value it returned, its host, and
-/// the hash of the audit record it was answered with.
-#[derive(Debug, Clone)]
-struct Answered {
-    id: String,
-    value: i64,
-    node: String,
-    record: String,
-    at: Instant,
-}
-
 /// Submits `input` as task `id` to `api` until it is answered.
 fn submit_until_answered(api: &str, input: &str, id: &str) -> Answered {
-    let started = Instant::now();
-    let mut last = String::new();
-    while started.elapsed() < TASK_WITHIN {
-        match cli_json(&[
-            "task",
-            "submit",
-            "--agent",
-            "counter",
-            "--input",
-            input,
-            "--task-id",
-            id,
-            "--json",
-            "--api",
-            api,
-        ]) {
-            Ok(v) => {
-                return Answered {
-                    id: id.to_owned(),
-                    value: v["output"]["value"].as_i64().expect("a counter value"),
-                    node: v["provenance"]["record"]["node"]
-                        .as_str()
-                        .expect("a host")
-                        .to_owned(),
-                    record: v["provenance"]["hash"].as_str().expect("a hash").to_owned(),
-                    at: Instant::now(),
-                }
-            }
-            Err(e) => {
-                last = e;
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-    panic!("task {id} was not answered within {TASK_WITHIN:?}; last error: {last}");
+    submit_counter(None, api, input, id, TASK_WITHIN)
 }
 
 /// Clients that submit counter tasks (`k`, ids `{prefix}{c}-{i}`), one
@@ -263,8 +221,8 @@ fn a_killed_hosts_counter_goes_on_elsewhere_with_every_answered_task_counted_onc
     nodes[host_i] = start(&s);
     let mut records: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for node in &nodes {
-        let all =
-            cli_json(&["audit", "--agent", "counter", "--json", "--api", &node.api]).expect("audit");
+        let all = cli_json(&["audit", "--agent", "counter", "--json", "--api", &node.api])
+            .expect("audit");
         for r in all.as_array().expect("records") {
             let id = r["record"]["task_id"].as_str().expect("id").to_owned();
             records.entry(id).or_default().push(r.clone());
@@ -285,7 +243,8 @@ fn a_killed_hosts_counter_goes_on_elsewhere_with_every_answered_task_counted_onc
     .expect("agent get");
     let last = got["moves"].as_array().and_then(|m| m.last()).cloned();
     assert_eq!(
-        last.as_ref().map(|m| (m["reason"].as_str(), m["from"].as_str())),
+        last.as_ref()
+            .map(|m| (m["reason"].as_str(), m["from"].as_str())),
         Some((Some("host-down"), Some(host.as_str()))),
         "{got}"
     );
@@ -332,8 +291,8 @@ fn a_killed_hosts_counter_goes_on_elsewhere_with_every_answered_task_counted_onc
 fn move_records(nodes: &[&Node]) -> Vec<String> {
     let mut moves = Vec::new();
     for node in nodes {
-        let all =
-            cli_json(&["audit", "--agent", "counter", "--json", "--api", &node.api]).expect("audit");
+        let all = cli_json(&["audit", "--agent", "counter", "--json", "--api", &node.api])
+            .expect("audit");
         for r in all.as_array().expect("records") {
             if let Some(m) = r["record"]["moved"].as_str() {
                 moves.push(m.to_owned());
@@ -363,7 +322,14 @@ fn an_agent_moves_on_request_and_off_a_draining_node_with_its_state() {
 
     // A node that is not in the region: refused, with the region's nodes.
     let e = cli_json(&[
-        "agent", "move", "counter", "--to", "12D3KooWnothere", "--json", "--api", &nodes[entry_i].api,
+        "agent",
+        "move",
+        "counter",
+        "--to",
+        "12D3KooWnothere",
+        "--json",
+        "--api",
+        &nodes[entry_i].api,
     ])
     .expect_err("no such node");
     assert!(e.contains("no node of region eu-west has peer id"), "{e}");
@@ -398,9 +364,17 @@ fn an_agent_moves_on_request_and_off_a_draining_node_with_its_state() {
         String::from_utf8_lossy(&out.stderr)
     );
     let (now_on, now_epoch) = lease(&nodes[entry_i].api).expect("placed");
-    assert!(now_on != target && now_epoch == epoch + 2, "{now_on} {now_epoch}");
+    assert!(
+        now_on != target && now_epoch == epoch + 2,
+        "{now_on} {now_epoch}"
+    );
     let got = cli_json(&[
-        "agent", "get", "counter", "--json", "--api", &nodes[entry_i].api,
+        "agent",
+        "get",
+        "counter",
+        "--json",
+        "--api",
+        &nodes[entry_i].api,
     ])
     .expect("agent get");
     assert!(
@@ -421,16 +395,26 @@ fn an_agent_moves_on_request_and_off_a_draining_node_with_its_state() {
     // The operator's move is in the audit chain of the node it moved to.
     let from_host = format!("operator from {host}@{epoch}");
     let moves = move_records(&[&nodes[target_i]]);
-    assert!(moves.contains(&from_host), "no record of the move ({from_host}) in {moves:?}");
+    assert!(
+        moves.contains(&from_host),
+        "no record of the move ({from_host}) in {moves:?}"
+    );
     let drained_at = Instant::now();
     nodes[target_i].terminate(WITHIN);
-    wait_until("a task is answered after the drained node stopped", WITHIN, || {
-        load.answered()
-            .iter()
-            .any(|a| a.node == now_on && a.at > drained_at)
-    });
+    wait_until(
+        "a task is answered after the drained node stopped",
+        WITHIN,
+        || {
+            load.answered()
+                .iter()
+                .any(|a| a.node == now_on && a.at > drained_at)
+        },
+    );
     let answered = load.stop();
-    eprintln!("{} tasks answered through a move and a drain", answered.len());
+    eprintln!(
+        "{} tasks answered through a move and a drain",
+        answered.len()
+    );
     assert_counted_once(&answered, &nodes[entry_i].api);
 
     // The drain's move too; and each move is logged.

@@ -315,3 +315,244 @@ fn a_voter_cut_off_in_its_namespace_cannot_commit_and_catches_up_after_the_heal(
         },
     );
 }
+
+/// The first line of a node's JSON log whose message starts with
+/// `message` and whose fields have the values `fields`: its timestamp
+/// (RFC 3339, UTC, fixed width: compares as text) and the line.
+fn first_line(log: &str, message: &str, fields: &[(&str, Value)]) -> Option<(String, String)> {
+    log.lines().find_map(|l| {
+        let v: Value = serde_json::from_str(l).ok()?;
+        let matches = v["message"].as_str()?.starts_with(message)
+            && fields.iter().all(|(k, want)| &v[*k] == want);
+        matches.then(|| {
+            (
+                v["timestamp"].as_str().unwrap_or("").to_owned(),
+                l.to_owned(),
+            )
+        })
+    })
+}
+
+/// Issue 14, fencing: the host of a `counter` agent under load is cut off
+/// (its only link down). It steps down (stops the agent) before the
+/// majority's new host activates it; tasks go on through the majority;
+/// healed, the old host learns the new lease and does not serve again;
+/// every answered task is counted once.
+#[test]
+fn a_cut_off_host_steps_down_before_its_successor_starts_and_nothing_is_counted_twice() {
+    const NAME: &str =
+        "netns::a_cut_off_host_steps_down_before_its_successor_starts_and_nothing_is_counted_twice";
+    if let Some(why) = unavailable() {
+        println!("SKIPPED: {NAME}: {why}");
+        return;
+    }
+    let namespaces = Namespaces::create(3).expect("create namespaces");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("node.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let mut nodes: Vec<Node> = Vec::new();
+    for n in 1..=3 {
+        let dir = tmp.path().join(format!("n{n}"));
+        let listen = format!("/ip4/10.231.77.{n}/tcp/4001");
+        let api = format!("10.231.77.{n}:7070");
+        let bootstrap = if n == 1 {
+            vec![]
+        } else {
+            vec!["/ip4/10.231.77.1/tcp/4001".to_owned()]
+        };
+        nodes.push(start(&NodeSpec {
+            config: Some(&config),
+            listen: &listen,
+            api: &api,
+            netns: Some(&namespaces.nodes[n - 1]),
+            bootstrap,
+            ..NodeSpec::new(&format!("n{n}"), &dir, "eu-west")
+        }));
+    }
+    wait_until("n1 sees n2 and n3 alive", WITHIN, || {
+        nodes[1..]
+            .iter()
+            .all(|n| nodes[0].state_of(&n.peer_id).as_deref() == Some("alive"))
+    });
+    let out = cli(&nodes[0], &["region", "bootstrap", "--region", "eu-west"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let policy = tmp.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[rate_limits.per_agent]\nper_second = 1000\nburst = 1000\n\n[rate_limits.per_client]\nper_second = 1000\nburst = 1000\n",
+    )
+    .expect("policy");
+    let applied = |n: &Node| {
+        cli(
+            n,
+            &[
+                "policy",
+                "apply",
+                "-f",
+                policy.to_str().expect("utf-8"),
+                "--region",
+                "eu-west",
+            ],
+        )
+        .status
+        .success()
+    };
+    wait_until("the policy is applied", WITHIN, || applied(&nodes[0]));
+    let counter =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agents/counter.toml");
+    let counter = counter.to_str().expect("utf-8");
+    wait_until("the counter is deployed", WITHIN, || {
+        json(
+            &nodes[0],
+            &[
+                "agent", "deploy", "-f", counter, "--region", "eu-west", "--json",
+            ],
+        )
+        .is_some()
+    });
+    let lease = |n: &Node| -> Option<(String, u64)> {
+        let v = json(
+            n,
+            &["agent", "get", "counter", "--region", "eu-west", "--json"],
+        )?;
+        Some((v["node"].as_str()?.to_owned(), v["epoch"].as_u64()?))
+    };
+    let mut placed = None;
+    wait_until("the counter is placed", WITHIN, || {
+        placed = lease(&nodes[0]);
+        placed.is_some()
+    });
+    let (host, epoch) = placed.expect("placed");
+    let cut = nodes
+        .iter()
+        .position(|n| n.peer_id == host)
+        .expect("the host is a node")
+        + 1;
+    let entry = (1..=3).find(|n| *n != cut).expect("a majority node");
+    let (entry_ns, entry_api) = (
+        namespaces.nodes[entry - 1].clone(),
+        nodes[entry - 1].api.clone(),
+    );
+    let submit = |input: &str, id: &str| {
+        common::submit_counter(
+            Some(&entry_ns),
+            &entry_api,
+            input,
+            id,
+            Duration::from_secs(60),
+        )
+    };
+    let first = submit("k", "warm-up");
+    assert_eq!((first.value, first.node.as_str()), (1, host.as_str()));
+
+    // About 10 tasks a second through a node of the majority.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, ns, api) = (stop.clone(), entry_ns.clone(), entry_api.clone());
+        std::thread::spawn(move || {
+            let mut answered = vec![first];
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = format!("p-{i}");
+                answered.push(common::submit_counter(
+                    Some(&ns),
+                    &api,
+                    "k",
+                    &id,
+                    Duration::from_secs(60),
+                ));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            answered
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    namespaces.link(cut, false);
+    let cut_at = std::time::Instant::now();
+    let mut successor = None;
+    wait_until(
+        "the majority moves the counter off the cut-off host",
+        WITHIN,
+        || {
+            successor = lease(&nodes[entry - 1]).filter(|(n, e)| *n != host && *e > epoch);
+            successor.is_some()
+        },
+    );
+    let (new_host, new_epoch) = successor.expect("moved");
+    eprintln!(
+        "moved to {new_host} at epoch {new_epoch} {:?} after the cut",
+        cut_at.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    namespaces.link(cut, true);
+    wait_until("the healed host learns the new lease", WITHIN, || {
+        lease(&nodes[cut - 1]).is_some_and(|(n, e)| n == new_host && e == new_epoch)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answered = load.join().expect("load");
+
+    // Every answered task counted once: 1..=n, and the counter holds n.
+    let mut values: Vec<i64> = answered.iter().map(|a| a.value).collect();
+    values.sort_unstable();
+    let n = answered.len() as i64;
+    assert_eq!(
+        values,
+        (1..=n).collect::<Vec<_>>(),
+        "each answered task saw its own count"
+    );
+    assert!(
+        answered.iter().any(|a| a.node == new_host),
+        "the successor served"
+    );
+    assert_eq!(
+        submit("k +0", "final").value,
+        n,
+        "the counter equals the answered tasks"
+    );
+    eprintln!("{n} tasks answered through the cut and the heal");
+
+    // The old host stepped down before its successor started, and never
+    // served after the cut.
+    let old_log = common::read(&nodes[cut - 1].log);
+    let new_log = common::read(
+        &nodes
+            .iter()
+            .find(|n| n.peer_id == new_host)
+            .expect("node")
+            .log,
+    );
+    let (stopped_at, stopped) = first_line(
+        &old_log,
+        "agent stopped here: stepped down",
+        &[("agent", "counter".into()), ("epoch", epoch.into())],
+    )
+    .unwrap_or_else(|| panic!("the cut-off host never stepped down:\n{old_log}"));
+    let (started_at, started) = first_line(
+        &new_log,
+        "agent active here",
+        &[("agent", "counter".into()), ("epoch", new_epoch.into())],
+    )
+    .unwrap_or_else(|| panic!("the successor never logged its activation:\n{new_log}"));
+    eprintln!("old host: {stopped}\nnew host: {started}");
+    assert!(
+        stopped_at < started_at,
+        "the old host stopped at {stopped_at}, after its successor started at {started_at}"
+    );
+    assert!(
+        answered
+            .iter()
+            .filter(|a| a.node == host)
+            .all(|a| a.at < cut_at + Duration::from_secs(1)),
+        "the cut-off host answered a task after the cut"
+    );
+    assert!(
+        old_log.contains("back in contact with the region's majority"),
+        "{old_log}"
+    );
+}

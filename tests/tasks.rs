@@ -10,7 +10,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{bootstrap_when_alive, cli, cli_json, start, wait_until, write_policy, Node, NodeSpec};
+use common::{
+    bootstrap_when_alive, cli, cli_json, start, wait_until, write_policy, Node, NodeSpec,
+};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -339,7 +341,8 @@ fn tasks_run_where_the_agent_lives_under_residency_once_per_id_with_a_verifiable
     let i = eu.iter().position(|n| n.peer_id == host).expect("host");
     cli_json(&["audit", "verify", "--json", "--api", &eu[i].api]).expect("the chain holds");
     // Every node's chain, read through a node of another region; no task twice.
-    let all = cli_json(&["audit", "verify", "--all", "--json", "--api", &us.api]).expect("--all holds");
+    let all =
+        cli_json(&["audit", "verify", "--all", "--json", "--api", &us.api]).expect("--all holds");
     assert_eq!(all["nodes"].as_array().map(Vec::len), Some(4), "{all}");
     eu[i].terminate(Duration::from_secs(10));
     {

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::codec;
 use crate::log_sync::LogSync;
 use crate::types::{
-    Dataset, Lease, Move, MoveReason, NodeId, PolicyV1, RegionCommand, RegionNode,
-    RegionResponse, ReplicaSet, TypeConfig,
+    Dataset, Lease, Move, MoveReason, NodeId, PolicyV1, RegionCommand, RegionNode, RegionResponse,
+    ReplicaSet, TypeConfig,
 };
 
 /// The state, in this build's shape. Builds before result regions kept it
@@ -433,7 +433,12 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
             after_epoch,
             reason,
         } => {
-            if !state.membership.membership().nodes().any(|(_, n)| n.peer_id == to) {
+            if !state
+                .membership
+                .membership()
+                .nodes()
+                .any(|(_, n)| n.peer_id == to)
+            {
                 return RegionResponse::MoveRefused {
                     why: format!("{to} is not a member of the region's group"),
                 };
@@ -447,7 +452,12 @@ fn apply_command(state: &mut RegionState, index: u64, command: RegionCommand) ->
         }
         RegionCommand::SetDraining { node, draining } => {
             if draining {
-                if !state.membership.membership().nodes().any(|(_, n)| n.peer_id == node) {
+                if !state
+                    .membership
+                    .membership()
+                    .nodes()
+                    .any(|(_, n)| n.peer_id == node)
+                {
                     return RegionResponse::MoveRefused {
                         why: format!("{node} is not a member of the region's group"),
                     };

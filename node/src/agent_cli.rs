@@ -160,11 +160,21 @@ pub async fn get(api: &str, name: &str, region: Option<String>, json: bool) -> R
         if row.replicas.is_empty() {
             "-".into()
         } else {
-            row.replicas.iter().map(|r| short(r)).collect::<Vec<_>>().join(", ")
+            row.replicas
+                .iter()
+                .map(|r| short(r))
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     )?;
     for m in &row.moves {
-        writeln!(out, "moved:    epoch {} {} (log index {})", m.epoch, move_line(m), m.at)?;
+        writeln!(
+            out,
+            "moved:    epoch {} {} (log index {})",
+            m.epoch,
+            move_line(m),
+            m.at
+        )?;
     }
     if let Some(m) = row.manifest {
         let models: Vec<String> = m.models.iter().map(|m| m.name.clone()).collect();
@@ -233,7 +243,10 @@ pub async fn move_agent(
         return print_json(&moved);
     }
     if moved.from.as_deref() == Some(moved.to.as_str()) {
-        println!("agent {name} is on {} already (epoch {})", moved.to, moved.epoch);
+        println!(
+            "agent {name} is on {} already (epoch {})",
+            moved.to, moved.epoch
+        );
     } else {
         println!(
             "moved agent {name} from {} to {} (epoch {}); the new host restores its state from its replicas, and tasks sent meanwhile wait for it",
@@ -267,7 +280,9 @@ pub async fn drain(api: &str, cancel: bool, wait: std::time::Duration) -> Result
     let client = ApiClient::new(api)?;
     let health: serde_json::Value = client.get("/v1/health").await?;
     let (Some(peer), Some(region)) = (health["peer_id"].as_str(), health["region"].as_str()) else {
-        return Err(anyhow!("the node at {api} did not say its peer id and region"));
+        return Err(anyhow!(
+            "the node at {api} did not say its peer id and region"
+        ));
     };
     let answer: Draining = client
         .send(
@@ -280,10 +295,16 @@ pub async fn drain(api: &str, cancel: bool, wait: std::time::Duration) -> Result
         )
         .await?;
     if cancel {
-        println!("node {peer} is not draining any more: it takes agents again (log index {})", answer.index);
+        println!(
+            "node {peer} is not draining any more: it takes agents again (log index {})",
+            answer.index
+        );
         return Ok(());
     }
-    println!("node {peer} is draining (log index {}): its agents move to other nodes of {region}", answer.index);
+    println!(
+        "node {peer} is draining (log index {}): its agents move to other nodes of {region}",
+        answer.index
+    );
     let started = std::time::Instant::now();
     let mut last = None;
     loop {

@@ -357,7 +357,10 @@ pub async fn move_agent(
         return Err(error(
             StatusCode::CONFLICT,
             "node_not_alive",
-            format!("node {to_id} is {}; move the agent to a live node", to.state.as_str()),
+            format!(
+                "node {to_id} is {}; move the agent to a live node",
+                to.state.as_str()
+            ),
         ));
     }
     if local.draining.contains(&to_id) {
@@ -467,7 +470,10 @@ pub async fn set_draining(
         return Err(error(
             StatusCode::BAD_REQUEST,
             "wrong_region",
-            format!("this node is in region {}, not {region}; ask the node to drain itself", state.region),
+            format!(
+                "this node is in region {}, not {region}; ask the node to drain itself",
+                state.region
+            ),
         ));
     }
     let by = forwarded_by

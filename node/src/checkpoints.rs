@@ -31,7 +31,7 @@ use crate::api::{ApiError, ApiState};
 use crate::regions_api::{error, parse_region};
 
 /// How often a node looks for agents granted to it or moved off it.
-const KEEP_INTERVAL: Duration = Duration::from_millis(200);
+const KEEP_INTERVAL: Duration = Duration::from_millis(mesh_task::lease::KEEP_INTERVAL_MS);
 
 /// Copies go to peers over libp2p, as bincode (a page of a whole copy is
 /// raw bytes: JSON would make it several times larger).
@@ -206,13 +206,14 @@ pub async fn region_seals(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     this_region(&state, &name)?;
-    let (agent, epoch, after): (String, u64, Option<Vec<u8>>) = consensus::codec::decode(&body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "invalid_seal",
-            format!("the seal is unreadable: {e}"),
-        )
-    })?;
+    let (agent, epoch, after): (String, u64, Option<Vec<u8>>) = consensus::codec::decode(&body)
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_seal",
+                format!("the seal is unreadable: {e}"),
+            )
+        })?;
     let by = forwarded_by.map(|b| b.0 .0.clone());
     if let Some(known) = check_host(&state, by.as_deref(), &agent, epoch)? {
         return Err(error(
@@ -245,17 +246,29 @@ pub async fn keep_agents(state: ApiState, shutdown: CancellationToken) {
         let local = state.group.local_state();
         for kept in crate::tasks::keep_agents(&state, &local).await {
             match kept {
-                Kept::Stopped { agent, epoch, to: Some((to, to_epoch)) } => {
+                Kept::Stopped {
+                    agent,
+                    epoch,
+                    to: Some((to, to_epoch)),
+                } => {
                     info!(%agent, epoch, %to, to_epoch, "agent stopped here: its lease moved")
                 }
-                Kept::Stopped { agent, epoch, to: None } => {
+                Kept::Stopped {
+                    agent,
+                    epoch,
+                    to: None,
+                } => {
                     info!(%agent, epoch, "agent stopped here: it is no longer placed")
                 }
                 Kept::Activated { agent, epoch, ms } => {
                     failing.remove(&(agent.clone(), epoch));
                     info!(%agent, epoch, ms, "agent active here: its state restored from its replicas")
                 }
-                Kept::Failed { agent, epoch, error } => {
+                Kept::Failed {
+                    agent,
+                    epoch,
+                    error,
+                } => {
                     // Said once per reason, not five times a second.
                     let key = (agent.clone(), epoch);
                     if failing.get(&key) != Some(&error.detail) {
@@ -263,7 +276,21 @@ pub async fn keep_agents(state: ApiState, shutdown: CancellationToken) {
                         failing.insert(key, error.detail.clone());
                     }
                 }
-                Kept::Recopy { agent, epoch, replica } => {
+                Kept::SteppedDown { agent, epoch, why } if agent.is_empty() => {
+                    let _ = epoch;
+                    warn!(%why, "stepped down: no agent is activated here until this node is back in contact with its region's majority")
+                }
+                Kept::SteppedDown { agent, epoch, why } => {
+                    warn!(%agent, epoch, %why, "agent stopped here: stepped down, out of contact with the region's majority")
+                }
+                Kept::BackInContact { was } => {
+                    info!(%was, "back in contact with the region's majority: agents granted here are activated again")
+                }
+                Kept::Recopy {
+                    agent,
+                    epoch,
+                    replica,
+                } => {
                     info!(%agent, epoch, %replica, "copying the agent's state to another node: a replica is draining")
                 }
             }

@@ -274,6 +274,12 @@ impl NodeConfig {
 
         if let Err(e) = self.membership.validate() {
             problems.push(e.to_string());
+        } else if let Err(e) = mesh_task::lease::check_timings(
+            self.membership.announce_interval_ms,
+            self.membership.suspect_after_ms,
+            self.membership.dead_after_ms,
+        ) {
+            problems.push(e);
         }
         if let Err(e) = self.gossip.validate() {
             problems.push(e);
@@ -553,6 +559,13 @@ mod tests {
                 .expect("parse");
         let problems = file.validate(flags()).expect_err("invalid");
         assert!(problems[0].contains("dead_after_ms"), "{problems:?}");
+        // Valid for the detector, but a cut-off host would not stop its
+        // agents before the majority moves them (mesh_task::lease).
+        let file: NodeConfig =
+            toml::from_str("[membership]\nsuspect_after_ms = 2000\ndead_after_ms = 2600")
+                .expect("parse");
+        let problems = file.validate(flags()).expect_err("invalid");
+        assert!(problems[0].contains("raise dead_after_ms"), "{problems:?}");
         let file: NodeConfig = toml::from_str("[gossip]\nmesh_n_low = 9").expect("parse");
         assert!(file.validate(flags()).is_err());
     }

@@ -249,7 +249,9 @@ async fn place_agents(group: &RegionGroup, members: &[MemberView], region: &Regi
         match group.propose(command).await {
             Ok(consensus::RegionResponse::LeaseGranted { epoch }) => match from {
                 None => info!(%agent, %node, epoch, %region, "placed an agent"),
-                Some(from) => info!(%agent, %from, to = %node, epoch, reason = reason.as_str(), %region, "moved an agent"),
+                Some(from) => {
+                    info!(%agent, %from, to = %node, epoch, reason = reason.as_str(), %region, "moved an agent")
+                }
             },
             Ok(other) => {
                 info!(%agent, ?other, "placement not applied (the agent changed meanwhile)")

@@ -837,12 +837,24 @@ async fn run_here(
     }
 }
 
-/// Activates `agent` on this node, its host under the lease of `epoch`
-/// (see `mesh_task::checkpoint`); `local` is this node's applied state.
+/// One keep round of this node's agents (`mesh_task::Host::keep_agents`):
+/// `local` is this node's applied state; its contact with the region's
+/// majority is judged on its member view (`mesh_task::lease`).
 pub(crate) async fn keep_agents(
     state: &ApiState,
     local: &consensus::RegionState,
 ) -> Vec<mesh_task::Kept> {
+    let (voters, _) = state.group.members();
+    let view = state
+        .network
+        .snapshot()
+        .await
+        .map(|s| s.members)
+        .unwrap_or_default();
+    let contact = mesh_task::lease::contact(&state.peer_id, &voters, |m| {
+        view.iter()
+            .any(|v| v.peer_id.0 == m && v.state == mesh_types::MemberState::Alive)
+    });
     let region = state.region.to_string();
     let admit = |_: &mesh_types::agent::Manifest, _: &mesh_types::policy::RateLimits| Ok(());
     let env = mesh_task::Env {
@@ -855,7 +867,7 @@ pub(crate) async fn keep_agents(
         replicas: &crate::checkpoints::NodeReplicas(state),
         replica_count: state.checkpoint_replicas,
     };
-    state.tasks.keep_agents(&env, local).await
+    state.tasks.keep_agents(&env, local, contact).await
 }
 
 /// `GET /v1/tasks/{id}`: a result this node holds (as host or as entry node).

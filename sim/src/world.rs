@@ -141,6 +141,9 @@ struct State {
     /// Each region's counter: the value each answered task returned (by
     /// task id), and how many tasks its clients left unanswered at the end.
     counted: BTreeMap<usize, (BTreeMap<String, i64>, u64)>,
+    /// Agents active on two nodes at once: since when (simulated us), and
+    /// whether it was reported (single-activation).
+    overlaps: BTreeMap<String, (u64, bool)>,
     tasks: TaskCounts,
 }
 
@@ -867,7 +870,9 @@ async fn migrate(world: &World, region: usize) -> Option<(usize, usize)> {
             {
                 let mut s = world.lock();
                 let (from, to) = (s.nodes[source].peer.clone(), s.nodes[target].peer.clone());
-                s.log(format!("moved {agent} from {from} to {to} (epoch {epoch}, operator)"));
+                s.log(format!(
+                    "moved {agent} from {from} to {to} (epoch {epoch}, operator)"
+                ));
                 return Some((source, target));
             }
         }
@@ -1175,9 +1180,11 @@ async fn apply_fault(world: &World, fault: &Fault) {
                 loop {
                     let done = world.lock().leader_of(region).is_some_and(|(_, g)| {
                         let state = g.local_state();
-                        !state.agents.values().any(|e| {
-                            e.lease.as_ref().is_some_and(|l| l.node == peer)
-                        }) && !state.replicas.values().any(|r| r.nodes.contains(&peer))
+                        !state
+                            .agents
+                            .values()
+                            .any(|e| e.lease.as_ref().is_some_and(|l| l.node == peer))
+                            && !state.replicas.values().any(|r| r.nodes.contains(&peer))
                     });
                     if done {
                         world.lock().check("liveness");
@@ -1587,6 +1594,7 @@ pub(crate) async fn simulate(
         audit: BTreeMap::new(),
         leases: BTreeMap::new(),
         counted: BTreeMap::new(),
+        overlaps: BTreeMap::new(),
         tasks: TaskCounts::default(),
     })));
     let start = Instant::now();
@@ -1747,6 +1755,7 @@ pub(crate) async fn simulate(
         "counter-exact",
         "residency",
         "single-lease",
+        "single-activation",
         "audit-chains",
     ];
     let invariants = [

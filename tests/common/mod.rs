@@ -297,7 +297,12 @@ pub fn cli(args: &[&str]) -> std::process::Output {
 /// Runs the binary under test with `args` (which ask for `--json`): its
 /// JSON answer, or its stderr when it failed.
 pub fn cli_json(args: &[&str]) -> Result<Value, String> {
-    let out = cli(args);
+    cli_json_in(None, args)
+}
+
+/// As [`cli_json`], inside network namespace `netns` if given.
+pub fn cli_json_in(netns: Option<&str>, args: &[&str]) -> Result<Value, String> {
+    let out = in_netns(netns).args(args).output().expect("run agentmesh");
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -312,12 +317,16 @@ pub fn bootstrap_when_alive<'a>(
     region: &str,
     within: Duration,
 ) {
-    wait_until(&format!("{} sees everyone alive", first.name), within, || {
-        others
-            .clone()
-            .into_iter()
-            .all(|n| first.state_of(&n.peer_id).as_deref() == Some("alive"))
-    });
+    wait_until(
+        &format!("{} sees everyone alive", first.name),
+        within,
+        || {
+            others
+                .clone()
+                .into_iter()
+                .all(|n| first.state_of(&n.peer_id).as_deref() == Some("alive"))
+        },
+    );
     cli_json(&[
         "region",
         "bootstrap",
@@ -342,4 +351,64 @@ pub fn write_policy(dir: &Path, burst: u32) -> PathBuf {
     )
     .expect("write policy");
     path
+}
+
+/// An answered `counter` task: its id, the value it returned, its host,
+/// the hash of the audit record it was answered with, and when.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub id: String,
+    pub value: i64,
+    pub node: String,
+    pub record: String,
+    pub at: Instant,
+}
+
+/// Submits `input` as task `id` of the `counter` agent to `api` (inside
+/// `netns`, if given) until it is answered, at most `within`.
+pub fn submit_counter(
+    netns: Option<&str>,
+    api: &str,
+    input: &str,
+    id: &str,
+    within: Duration,
+) -> Answered {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < within {
+        match cli_json_in(
+            netns,
+            &[
+                "task",
+                "submit",
+                "--agent",
+                "counter",
+                "--input",
+                input,
+                "--task-id",
+                id,
+                "--json",
+                "--api",
+                api,
+            ],
+        ) {
+            Ok(v) => {
+                return Answered {
+                    id: id.to_owned(),
+                    value: v["output"]["value"].as_i64().expect("a counter value"),
+                    node: v["provenance"]["record"]["node"]
+                        .as_str()
+                        .expect("a host")
+                        .to_owned(),
+                    record: v["provenance"]["hash"].as_str().expect("a hash").to_owned(),
+                    at: Instant::now(),
+                }
+            }
+            Err(e) => {
+                last = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    panic!("task {id} was not answered within {within:?}; last error: {last}");
 }

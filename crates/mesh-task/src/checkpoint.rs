@@ -400,17 +400,22 @@ pub(crate) fn prune(
     let mut ops = Vec::new();
     let mut seen = 0usize;
     store
-        .scan(Column::Tasks, prefix, Some(&prefix_end(prefix)), &mut |k, _| {
-            seen += 1;
-            let id = k.get(prefix.len() + 8..).unwrap_or_default();
-            if !claimed(&String::from_utf8_lossy(id)) {
-                ops.push(WriteOp::Delete {
-                    column: Column::Tasks,
-                    key: k.to_vec(),
-                });
-            }
-            seen < PRUNE_PER_WRITE
-        })
+        .scan(
+            Column::Tasks,
+            prefix,
+            Some(&prefix_end(prefix)),
+            &mut |k, _| {
+                seen += 1;
+                let id = k.get(prefix.len() + 8..).unwrap_or_default();
+                if !claimed(&String::from_utf8_lossy(id)) {
+                    ops.push(WriteOp::Delete {
+                        column: Column::Tasks,
+                        key: k.to_vec(),
+                    });
+                }
+                seen < PRUNE_PER_WRITE
+            },
+        )
         .map_err(|e| storage("reading", e))?;
     Ok(ops)
 }
@@ -777,7 +782,10 @@ mod tests {
             PushAnswer::Behind { holds: None }
         );
         for page in full(1, 1, "0") {
-            assert_eq!(r.receive(&page, 1, &|_| true).await.unwrap(), PushAnswer::Stored);
+            assert_eq!(
+                r.receive(&page, 1, &|_| true).await.unwrap(),
+                PushAnswer::Stored
+            );
         }
         assert_eq!(
             r.receive(&delta(1, 1, 1, "1"), 1, &|_| true).await.unwrap(),
@@ -843,8 +851,12 @@ mod tests {
         };
         let pages = pages("c", v(2, 1, 0), &big);
         assert!(pages.len() > 2);
-        r.receive(&Push::Page(pages[0].clone()), 2, &|_| true).await.unwrap();
-        r.receive(&Push::Page(pages[1].clone()), 2, &|_| true).await.unwrap();
+        r.receive(&Push::Page(pages[0].clone()), 2, &|_| true)
+            .await
+            .unwrap();
+        r.receive(&Push::Page(pages[1].clone()), 2, &|_| true)
+            .await
+            .unwrap();
         let sealed = r.seal("c", 2, None).await.unwrap();
         assert_eq!(sealed.version, Some(v(1, 1, 0)));
         assert_eq!(
@@ -853,11 +865,15 @@ mod tests {
         );
         // A page out of order is refused, the whole copy in order is taken.
         assert!(matches!(
-            r.receive(&Push::Page(pages[2].clone()), 2, &|_| true).await.unwrap(),
+            r.receive(&Push::Page(pages[2].clone()), 2, &|_| true)
+                .await
+                .unwrap(),
             PushAnswer::Stored | PushAnswer::Behind { .. }
         ));
         for page in &pages {
-            r.receive(&Push::Page(page.clone()), 2, &|_| true).await.unwrap();
+            r.receive(&Push::Page(page.clone()), 2, &|_| true)
+                .await
+                .unwrap();
         }
         let sealed = r.seal("c", 2, None).await.unwrap();
         assert_eq!(sealed.version, Some(v(2, 1, 0)));
@@ -878,7 +894,10 @@ mod tests {
             })
         };
         for n in 0..PAGES_MAX {
-            assert_eq!(r.receive(&page(n), 1, &|_| true).await.unwrap(), PushAnswer::Stored);
+            assert_eq!(
+                r.receive(&page(n), 1, &|_| true).await.unwrap(),
+                PushAnswer::Stored
+            );
         }
         let e = r.receive(&page(PAGES_MAX), 1, &|_| true).await.unwrap_err();
         assert_eq!((e.status, e.name), (507, "checkpoint_too_large"));
@@ -936,7 +955,9 @@ mod tests {
             r.receive(&page, 1, &|_| true).await.unwrap();
         }
         for seq in 1..=3 {
-            r.receive(&delta(1, 1, seq, "x"), 1, &|_| true).await.unwrap();
+            r.receive(&delta(1, 1, seq, "x"), 1, &|_| true)
+                .await
+                .unwrap();
         }
         // Only t1.1.1's claim is forgotten (whatever the times say).
         r.receive(&delta(1, 1, 4, "x"), 1, &|id| id != "t1.1.1")
@@ -970,7 +991,10 @@ mod tests {
             writes: vec![(b"counter\0d\0k".to_vec(), b"1".to_vec())],
             result: None,
         });
-        assert!(r.receive(&other, 1, &|_| true).await.is_err(), "another agent's key");
+        assert!(
+            r.receive(&other, 1, &|_| true).await.is_err(),
+            "another agent's key"
+        );
     }
 
     #[test]

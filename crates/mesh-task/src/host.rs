@@ -105,7 +105,17 @@ pub struct Host {
     /// The agents active on this node, one lock each (a task of an agent
     /// being activated waits for it).
     activations: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Activation>>>>,
+    /// Activations since the last [`Host::keep_agents`] round (by that
+    /// round or by a task's), for the node's log; at most
+    /// [`ACTIVATED_KEPT`].
+    activated: std::sync::Mutex<std::collections::VecDeque<(String, u64, u64)>>,
+    /// Why this node's agents are stopped and none is activated here, while
+    /// it is out of contact with its region (see [`Host::keep_agents`]).
+    stepped_down: std::sync::Mutex<Option<String>>,
 }
+
+/// Most activations kept for the next [`Host::keep_agents`] round to report.
+const ACTIVATED_KEPT: usize = 256;
 
 /// An agent active on this node: its epoch, the version of its state its
 /// replicas hold, and the results they hold.
@@ -148,6 +158,22 @@ pub enum Kept {
         /// Why.
         error: TaskError,
     },
+    /// This node is out of contact with its region's majority: `agent`
+    /// (empty: none was active) was stopped here, and none is activated
+    /// until it is back in contact.
+    SteppedDown {
+        /// The agent, or empty.
+        agent: String,
+        /// Its epoch here.
+        epoch: u64,
+        /// What this node sees.
+        why: String,
+    },
+    /// Back in contact with its region's majority after it stepped down.
+    BackInContact {
+        /// Why it had stepped down.
+        was: String,
+    },
     /// The agent was stopped to be activated again, because `replica`, a
     /// node its state is copied to, is draining.
     Recopy {
@@ -173,7 +199,6 @@ fn kept_key(agent: &str, at_ms: u64, task_id: &str) -> Vec<u8> {
     k.extend_from_slice(task_id.as_bytes());
     k
 }
-
 
 /// Where this node counts its activations (see [`Version::incarnation`]).
 const INCARNATION_KEY: &[u8] = b"ckpt\0incarnation";
@@ -309,6 +334,8 @@ impl Host {
             failed: std::sync::atomic::AtomicBool::new(false),
             replica: ReplicaStore::new(Arc::clone(&replica_store)),
             activations: std::sync::Mutex::new(HashMap::new()),
+            activated: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            stepped_down: std::sync::Mutex::new(None),
         })
     }
 
@@ -354,8 +381,76 @@ impl Host {
     /// here (their state restored before a task comes), and activates
     /// again an agent one of whose replicas is draining, when another node
     /// can take its copy (see `agentmesh node drain`).
-    pub async fn keep_agents(&self, env: &Env<'_>, state: &RegionState) -> Vec<Kept> {
+    ///
+    /// `contact` is [`crate::lease::contact`]'s verdict on this node's
+    /// view: out of contact with its region's majority, this node steps
+    /// down (every agent stopped, none activated, tasks refused 503) until
+    /// it is back in contact; `crate::lease` says why that comes before the
+    /// majority can place its agents elsewhere.
+    pub async fn keep_agents(
+        &self,
+        env: &Env<'_>,
+        state: &RegionState,
+        contact: Result<(), String>,
+    ) -> Vec<Kept> {
         let mut kept = Vec::new();
+        #[cfg(feature = "planted-bugs")]
+        let contact = match planted::on(&planted::NO_STEP_DOWN) {
+            true => Ok(()),
+            false => contact,
+        };
+        match contact {
+            Err(why) => {
+                let first = {
+                    let mut down = self
+                        .stepped_down
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let first = down.is_none();
+                    *down = Some(why.clone());
+                    first
+                };
+                // Every agent, also one whose lock a task holds now: that
+                // task finds its activation stopped before it records.
+                let agents: Vec<String> = self
+                    .activations
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .keys()
+                    .cloned()
+                    .collect();
+                for agent in agents {
+                    let lock = self.activation(&agent);
+                    let mut act = lock.lock().await;
+                    if act.active {
+                        act.active = false;
+                        kept.push(Kept::SteppedDown {
+                            agent,
+                            epoch: act.epoch,
+                            why: why.clone(),
+                        });
+                    }
+                }
+                if first && kept.is_empty() {
+                    kept.push(Kept::SteppedDown {
+                        agent: String::new(),
+                        epoch: 0,
+                        why,
+                    });
+                }
+                return kept;
+            }
+            Ok(()) => {
+                let was = self
+                    .stepped_down
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                if let Some(why) = was {
+                    kept.push(Kept::BackInContact { was: why });
+                }
+            }
+        }
         let active = self.active_agents();
         for (agent, epoch) in &active {
             let lease = state.agents.get(agent).and_then(|e| e.lease.clone());
@@ -393,19 +488,23 @@ impl Host {
             if lease.node != env.node || active.contains(&(agent.clone(), lease.epoch)) {
                 continue;
             }
-            let started = Instant::now();
-            kept.push(match self.activate(env, state, agent, lease.epoch).await {
-                Ok(()) => Kept::Activated {
-                    agent: agent.clone(),
-                    epoch: lease.epoch,
-                    ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                },
-                Err(error) => Kept::Failed {
+            if let Err(error) = self.activate(env, state, agent, lease.epoch).await {
+                kept.push(Kept::Failed {
                     agent: agent.clone(),
                     epoch: lease.epoch,
                     error,
-                },
-            });
+                });
+            }
+        }
+        // Every activation since the last round, this round's and tasks'.
+        let activated: Vec<_> = self
+            .activated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        for (agent, epoch, ms) in activated {
+            kept.push(Kept::Activated { agent, epoch, ms });
         }
         kept
     }
@@ -435,10 +534,19 @@ impl Host {
     ) -> Result<(), TaskError> {
         let lock = self.activation(agent);
         let mut act = lock.lock().await;
+        if let Some(why) = self.stepped_down() {
+            act.active = false;
+            return Err(TaskError::new(
+                503,
+                "unavailable",
+                format!("agent {agent} is stopped on this node: {why}; retry through a node of the region's majority"),
+            ));
+        }
         if act.active && act.epoch == epoch {
             return Ok(());
         }
         act.active = false;
+        let started = Instant::now();
         let restored_version = self.restore(env, state, agent, epoch).await?;
         let incarnation = self.next_incarnation().await?;
         let version = Version {
@@ -503,7 +611,24 @@ impl Host {
             version,
             replicas,
         };
+        let mut activated = self
+            .activated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if activated.len() >= ACTIVATED_KEPT {
+            activated.pop_front();
+        }
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activated.push_back((agent.to_owned(), epoch, ms));
         Ok(())
+    }
+
+    /// Why this node stepped down, if it did (see [`Host::keep_agents`]).
+    pub fn stepped_down(&self) -> Option<String> {
+        self.stepped_down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Appends the audit record of `agent`'s activation under `epoch`,
@@ -532,7 +657,8 @@ impl Host {
         };
         let mut marker = format!("ckpt\0moved\0{agent}\0").into_bytes();
         marker.extend_from_slice(&epoch.to_be_bytes());
-        let storage = |e: String| TaskError::storage(format!("recording agent {agent}'s move: {e}"));
+        let storage =
+            |e: String| TaskError::storage(format!("recording agent {agent}'s move: {e}"));
         if self
             .store
             .get(Column::Tasks, &marker)
@@ -642,7 +768,10 @@ impl Host {
         for (n, answer) in set.nodes.iter().zip(answers) {
             match answer {
                 Ok(sealed) => {
-                    if newest.as_ref().is_none_or(|(_, b)| sealed.version > b.version) {
+                    if newest
+                        .as_ref()
+                        .is_none_or(|(_, b)| sealed.version > b.version)
+                    {
                         newest = Some((n, sealed));
                     }
                 }
@@ -806,7 +935,11 @@ impl Host {
             )
             .map_err(read)?;
         for (at_ms, task_id) in kept {
-            if let Some(answer) = self.store.get(Column::Tasks, task_id.as_bytes()).map_err(read)? {
+            if let Some(answer) = self
+                .store
+                .get(Column::Tasks, task_id.as_bytes())
+                .map_err(read)?
+            {
                 size = size.saturating_add(task_id.len() + answer.len());
                 copy.results.push(StoredResult {
                     task_id,
@@ -1450,6 +1583,8 @@ pub mod planted {
     pub static ANSWER_BEFORE_COPY: AtomicBool = AtomicBool::new(false);
     /// A host runs a task again instead of answering its stored result.
     pub static IGNORE_STORED: AtomicBool = AtomicBool::new(false);
+    /// A host out of contact with its region's majority keeps its agents.
+    pub static NO_STEP_DOWN: AtomicBool = AtomicBool::new(false);
 
     /// Whether `bug` is on.
     pub fn on(bug: &AtomicBool) -> bool {

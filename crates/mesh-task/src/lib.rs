@@ -19,6 +19,7 @@ mod error;
 mod failover_tests;
 pub mod host;
 pub mod kinds;
+pub mod lease;
 pub mod placement;
 mod types;
 

@@ -57,7 +57,8 @@ pub fn round(state: &RegionState, members: &[MemberView], region: &Region) -> Ve
         let current = entry.lease.as_ref().map(|lease| {
             let host = members.iter().find(|m| m.peer_id.0 == lease.node);
             let alive = !draining
-                && host.is_some_and(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect));
+                && host
+                    .is_some_and(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect));
             candidates
                 .iter()
                 .find(|c| c.node == lease.node)

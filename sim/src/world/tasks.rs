@@ -516,7 +516,11 @@ fn host_of(world: &World, peer: &str) -> Option<(Arc<Host>, RegionGroup, String)
     if n.peer != peer || !n.up() {
         return None;
     }
-    Some((n.host.clone()?, n.group.clone()?, s.regions[n.region].to_string()))
+    Some((
+        n.host.clone()?,
+        n.group.clone()?,
+        s.regions[n.region].to_string(),
+    ))
 }
 
 /// No rate limits in the simulator.
@@ -580,8 +584,9 @@ pub(super) async fn keep_agents(world: World, stop: Arc<AtomicBool>) {
                         return;
                     };
                     let reach = Reach::of(&world, &peer);
+                    let contact = contact_of(&world, &peer, &group);
                     let kept = host
-                        .keep_agents(&reach.env(&peer, &region), &group.local_state())
+                        .keep_agents(&reach.env(&peer, &region), &group.local_state(), contact)
                         .await;
                     let mut s = world.lock();
                     for k in kept {
@@ -593,7 +598,67 @@ pub(super) async fn keep_agents(world: World, stop: Arc<AtomicBool>) {
         for r in rounds {
             let _ = r.await;
         }
+        check_single_activation(&mut world.lock());
     }
+}
+
+/// Whether `peer` is in contact with its region's majority, by its own
+/// member view (as a node judges it: `mesh_task::lease::contact`).
+fn contact_of(world: &World, peer: &str, group: &RegionGroup) -> Result<(), String> {
+    let now = now_ms(world);
+    let s = world.lock();
+    let Some(n) = s.slot(peer).map(|i| &s.nodes[i]) else {
+        return Err("down".into());
+    };
+    let view = n
+        .membership
+        .as_ref()
+        .map(|m| m.view(clock_of(n, now)))
+        .unwrap_or_default();
+    let (voters, _) = group.members();
+    mesh_task::lease::contact(peer, &voters, |m| {
+        view.iter()
+            .any(|v| v.peer_id.0 == m && v.state == MemberState::Alive)
+    })
+}
+
+/// Two nodes may both hold an agent active only while a move is under way
+/// (the old host stops at its next keep round after it applies the new
+/// lease); longer than this is a single-activation violation.
+const OVERLAP_MAX: Duration = Duration::from_secs(1);
+
+/// single-activation: never two up nodes with one agent active for longer
+/// than [`OVERLAP_MAX`]; in particular a host cut off from its region's
+/// majority steps down before its successor starts (`mesh_task::lease`).
+fn check_single_activation(s: &mut State) {
+    let now = s.now_us();
+    let mut active: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for n in s.nodes.iter().filter(|n| n.up()) {
+        if let Some(host) = &n.host {
+            for (agent, epoch) in host.active_agents() {
+                active
+                    .entry(agent)
+                    .or_default()
+                    .push(format!("{}@{epoch}", n.peer));
+            }
+        }
+    }
+    s.check("single-activation");
+    let mut overlaps = std::mem::take(&mut s.overlaps);
+    overlaps.retain(|agent, _| active.get(agent).is_some_and(|on| on.len() > 1));
+    for (agent, on) in active.into_iter().filter(|(_, on)| on.len() > 1) {
+        let since = *overlaps.entry(agent.clone()).or_insert((now, false));
+        let (started, said) = since;
+        if !said && now.saturating_sub(started) > OVERLAP_MAX.as_micros() as u64 {
+            let what = format!(
+                "{agent} is active on {} at once, for more than {OVERLAP_MAX:?}",
+                on.join(" and ")
+            );
+            s.violate("single-activation", what);
+            overlaps.insert(agent, (started, true));
+        }
+    }
+    s.overlaps = overlaps;
 }
 
 /// Runs `run` on node `peer` with the real task host.
@@ -817,7 +882,11 @@ pub(super) async fn counter_client(world: World, r: usize, c: usize, stop: Arc<A
                     }
                     note_answered(&mut s, &task_id, &answer);
                     let value = answer.output["value"].as_i64().unwrap_or(-1);
-                    s.counted.entry(r).or_default().0.insert(task_id.clone(), value);
+                    s.counted
+                        .entry(r)
+                        .or_default()
+                        .0
+                        .insert(task_id.clone(), value);
                     continue 'tasks;
                 }
                 Submitted::Refused(e) => {
