@@ -215,3 +215,19 @@ fn a_host_that_answers_before_the_copy_is_caught_by_counter_exact() {
         "answered tasks are missing from the restored counter"
     );
 }
+
+/// Issue 14: a host cut off from its region's majority that keeps its
+/// agents active: the majority's new host starts beside it.
+#[test]
+fn a_host_that_does_not_step_down_is_caught_by_single_activation() {
+    let report = with_bug(
+        &task_bugs::NO_STEP_DOWN,
+        "host-partitioned-then-healed",
+        1,
+        8,
+    );
+    assert!(
+        !violations(&report, "single-activation").is_empty(),
+        "the cut-off host and its successor are active at once"
+    );
+}

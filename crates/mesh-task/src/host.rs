@@ -351,13 +351,16 @@ impl Host {
             .activations
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        activations
+        let mut active: Vec<(String, u64)> = activations
             .iter()
             .filter_map(|(name, a)| {
                 let a = a.try_lock().ok()?;
                 a.active.then(|| (name.clone(), a.epoch))
             })
-            .collect()
+            .collect();
+        // In name order: the simulator's runs must not depend on hashing.
+        active.sort();
+        active
     }
 
     fn activation(&self, agent: &str) -> Arc<tokio::sync::Mutex<Activation>> {
@@ -412,13 +415,14 @@ impl Host {
                 };
                 // Every agent, also one whose lock a task holds now: that
                 // task finds its activation stopped before it records.
-                let agents: Vec<String> = self
+                let mut agents: Vec<String> = self
                     .activations
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .keys()
                     .cloned()
                     .collect();
+                agents.sort();
                 for agent in agents {
                     let lock = self.activation(&agent);
                     let mut act = lock.lock().await;
@@ -827,7 +831,18 @@ impl Host {
             newest.results.extend(page.results);
             next = page.next;
         }
-        let mut ops = Vec::new();
+        // The results kept with the state it replaces go with it: a result
+        // of a task the restored copy does not hold was never answered (an
+        // answered task is on every replica), and answering it now would
+        // acknowledge a task whose state change the restored copy lacks.
+        let mut ops: Vec<WriteOp> = self
+            .kept_results(agent)?
+            .into_iter()
+            .map(|(_, task_id)| WriteOp::Delete {
+                column: Column::Tasks,
+                key: task_id.into_bytes(),
+            })
+            .collect();
         for prefix in checkpoint::state_prefixes(agent)
             .into_iter()
             .chain([kept_prefix(agent)])
@@ -895,6 +910,28 @@ impl Host {
         Ok(next)
     }
 
+    /// The results this node keeps with `agent`'s state: (time, task id).
+    fn kept_results(&self, agent: &str) -> Result<Vec<(u64, String)>, TaskError> {
+        let prefix = kept_prefix(agent);
+        let mut kept = Vec::new();
+        self.store
+            .scan(
+                Column::Tasks,
+                &prefix,
+                Some(&checkpoint::prefix_end(&prefix)),
+                &mut |k, _| {
+                    if let Some(time) = k.get(prefix.len()..prefix.len() + 8) {
+                        let at_ms = u64::from_be_bytes(time.try_into().unwrap_or([0; 8]));
+                        let id = String::from_utf8_lossy(&k[prefix.len() + 8..]).into_owned();
+                        kept.push((at_ms, id));
+                    }
+                    true
+                },
+            )
+            .map_err(|e| TaskError::storage(format!("reading agent {agent}'s results: {e}")))?;
+        Ok(kept)
+    }
+
     /// This node's state of `agent` and the results it keeps with it, for
     /// a whole copy.
     fn copy_of(&self, agent: &str) -> Result<Sealed, TaskError> {
@@ -917,24 +954,7 @@ impl Host {
                 )
                 .map_err(read)?;
         }
-        let prefix = kept_prefix(agent);
-        let mut kept = Vec::new();
-        self.store
-            .scan(
-                Column::Tasks,
-                &prefix,
-                Some(&checkpoint::prefix_end(&prefix)),
-                &mut |k, _| {
-                    if let Some(time) = k.get(prefix.len()..prefix.len() + 8) {
-                        let at_ms = u64::from_be_bytes(time.try_into().unwrap_or([0; 8]));
-                        let id = String::from_utf8_lossy(&k[prefix.len() + 8..]).into_owned();
-                        kept.push((at_ms, id));
-                    }
-                    true
-                },
-            )
-            .map_err(read)?;
-        for (at_ms, task_id) in kept {
+        for (at_ms, task_id) in self.kept_results(agent)? {
             if let Some(answer) = self
                 .store
                 .get(Column::Tasks, task_id.as_bytes())
