@@ -43,7 +43,12 @@
 //! new host sealed (`checkpoint`), so no task runs twice and no state
 //! written under the stale epoch is kept. The simulator checks both: the
 //! `single-activation` invariant (never two nodes with the agent active
-//! for longer than a move takes) and `tasks-once` / `counter-exact`.
+//! for longer than a move takes, where the premise holds: no one-way cut,
+//! no lossy links; `leader-isolation` is a one-way cut where the overlap
+//! happens and is traced as tolerated) and, in every run, `tasks-once`,
+//! `single-lease` and `counter-exact`. Closing the one-way gap needs
+//! evidence that the majority hears this node (a round trip, or the Raft
+//! leader's quorum acknowledgements), not only that this node hears it.
 
 /// How often a node runs its keep round (`Host::keep_agents`), in ms.
 pub const KEEP_INTERVAL_MS: u64 = 200;
