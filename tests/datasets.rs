@@ -330,3 +330,156 @@ fn a_search_agent_runs_next_to_its_data() {
         "{refused}"
     );
 }
+
+/// Issue 14, migration toward data: a search agent serves next to its
+/// dataset on one node; the dataset is put on another node of the region
+/// (it lives there now), and the agent moves there with the next epoch
+/// (`toward-data` in `agent get` and in the new host's audit record);
+/// tasks go on being answered, by the new host, searching its documents.
+#[test]
+fn an_agent_follows_its_dataset_to_another_node_and_tasks_go_on() {
+    let Some(models) = models_dir() else {
+        println!("SKIPPED: no model weights in ~/.cache/agentmesh/models (scripts/models.sh fetches them)");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("node.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| tmp.path().join(n)).collect();
+    let mut nodes: Vec<Node> = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let mut spec = NodeSpec::new(name, &dirs[i], "eu-west");
+        spec.config = Some(&config);
+        if let Some(first) = nodes.first() {
+            spec.bootstrap = vec![first.listen[0].clone()];
+        }
+        if i > 0 {
+            // b and c can both embed: either can hold the data.
+            spec.extra = vec!["--models-dir".into(), models.display().to_string()];
+        }
+        nodes.push(start(&spec));
+    }
+    bootstrap_when_alive(&nodes[0], &nodes[1..], "eu-west", WITHIN);
+    let docs = examples().join("data/docs-eu.jsonl");
+    let put = |node: &Node| {
+        cli_json(&[
+            "data",
+            "put",
+            "--dataset",
+            "docs-eu",
+            "--file",
+            docs.to_str().expect("utf-8"),
+            "--json",
+            "--api",
+            &node.api,
+        ])
+        .expect("put")
+    };
+    put(&nodes[1]);
+    let agent = examples().join("agents/docs-search.toml");
+    cli_json(&[
+        "agent",
+        "deploy",
+        "-f",
+        agent.to_str().expect("utf-8"),
+        "--json",
+        "--api",
+        &nodes[0].api,
+    ])
+    .expect("deploy");
+    let search = |id: &str| {
+        cli_json(&[
+            "task",
+            "submit",
+            "--agent",
+            "docs-search",
+            "--input",
+            "how many days of holiday do I get?",
+            "--task-id",
+            id,
+            "--json",
+            "--api",
+            &nodes[0].api,
+        ])
+    };
+    let mut answer = None;
+    wait_until("the search agent answers", WITHIN, || {
+        answer = search("before-1").ok();
+        answer.is_some()
+    });
+    let before = answer.expect("answered");
+    assert_eq!(
+        before["provenance"]["record"]["node"],
+        nodes[1].peer_id.as_str(),
+        "at its data"
+    );
+    let epoch = before["provenance"]["record"]["epoch"]
+        .as_u64()
+        .expect("epoch");
+
+    // The dataset is put on c: the agent follows it.
+    put(&nodes[2]);
+    let get = || {
+        cli_json(&[
+            "agent",
+            "get",
+            "docs-search",
+            "--json",
+            "--api",
+            &nodes[0].api,
+        ])
+        .expect("agent get")
+    };
+    wait_until("the agent moves to c", WITHIN, || {
+        let got = get();
+        got["node"] == nodes[2].peer_id.as_str() && got["epoch"].as_u64() == Some(epoch + 1)
+    });
+    let got = get();
+    let last = got["moves"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .expect("moves");
+    assert_eq!(last["reason"], "toward-data", "{got}");
+    assert_eq!(last["from"], nodes[1].peer_id.as_str(), "{got}");
+    let mut after = None;
+    wait_until("a task is answered by the new host", WITHIN, || {
+        after = search("after-1").ok();
+        after.is_some()
+    });
+    let after = after.expect("answered");
+    assert_eq!(
+        after["provenance"]["record"]["node"],
+        nodes[2].peer_id.as_str(),
+        "{after}"
+    );
+    assert_eq!(after["provenance"]["record"]["epoch"], epoch + 1);
+    assert_eq!(
+        after["output"]["hits"][0]["id"], before["output"]["hits"][0]["id"],
+        "same documents, searched on c"
+    );
+    // The task answered before the move is still answered, once.
+    let again = search("before-1").expect("replayed");
+    assert_eq!(
+        again["provenance"]["hash"], before["provenance"]["hash"],
+        "{again}"
+    );
+    let audit = cli_json(&[
+        "audit",
+        "--agent",
+        "docs-search",
+        "--json",
+        "--api",
+        &nodes[2].api,
+    ])
+    .expect("audit");
+    let moved = format!("toward-data from {}@{epoch}", nodes[1].peer_id);
+    assert!(
+        audit
+            .as_array()
+            .expect("records")
+            .iter()
+            .any(|r| r["record"]["moved"] == moved.as_str()),
+        "no audit record of the move ({moved}) on c: {audit}"
+    );
+}

@@ -235,6 +235,9 @@ pub async fn region_seals(
 /// whose lease moved away, and moves copies off draining nodes
 /// ([`mesh_task::Host::keep_agents`]), until `shutdown`; logs each.
 pub async fn keep_agents(state: ApiState, shutdown: CancellationToken) {
+    // Contact is judged on its own loop: a keep round may wait seconds on
+    // a replica, and a cut-off node must step down within one interval.
+    tokio::spawn(keep_contact(state.clone(), shutdown.clone()));
     let mut interval = tokio::time::interval(KEEP_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing: std::collections::BTreeMap<(String, u64), String> = Default::default();
@@ -244,7 +247,32 @@ pub async fn keep_agents(state: ApiState, shutdown: CancellationToken) {
             _ = interval.tick() => {}
         }
         let local = state.group.local_state();
-        for kept in crate::tasks::keep_agents(&state, &local).await {
+        let kept = crate::tasks::keep_agents(&state, &local).await;
+        log_kept(kept, &mut failing);
+    }
+}
+
+/// Every [`KEEP_INTERVAL`], until `shutdown`: tells the host whether this
+/// node is in contact with its region's majority (it steps down when not).
+async fn keep_contact(state: ApiState, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(KEEP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = std::collections::BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let contact = crate::tasks::contact(&state).await;
+        log_kept(state.tasks.set_contact(contact), &mut failing);
+    }
+}
+
+/// Logs what a keep round or a contact check did; a failing activation once
+/// per reason.
+fn log_kept(kept: Vec<Kept>, failing: &mut std::collections::BTreeMap<(String, u64), String>) {
+    {
+        for kept in kept {
             match kept {
                 Kept::Stopped {
                     agent,

@@ -153,8 +153,12 @@ pub async fn housekeeping(
     network: Network,
     region: Region,
     settings: RaftSettings,
+    dead_after: Duration,
     shutdown: CancellationToken,
 ) {
+    // Placement takes a host missing from the view for gone only once the
+    // view had the failure detector's time to hear it.
+    let started = tokio::time::Instant::now();
     let mut keeper = Housekeeper::new(
         Duration::from_millis(settings.replace_dead_voter_after_ms),
         Duration::from_millis(settings.remove_gone_learner_after_ms),
@@ -224,7 +228,8 @@ pub async fn housekeeping(
             },
         }
         if group.is_leader() {
-            place_agents(&group, &snapshot.members, &region).await;
+            let settled = started.elapsed() >= dead_after;
+            place_agents(&group, &snapshot.members, &region, settled).await;
         }
     }
 }
@@ -232,9 +237,9 @@ pub async fn housekeeping(
 /// The leader's placement round (`mesh_task::placement::round`, which the
 /// simulator runs too): every agent not placed, or whose host is gone, or
 /// whose data is elsewhere, gets a lease on the best node of the region.
-async fn place_agents(group: &RegionGroup, members: &[MemberView], region: &Region) {
+async fn place_agents(group: &RegionGroup, members: &[MemberView], region: &Region, settled: bool) {
     let state = group.local_state();
-    for command in mesh_task::placement::round(&state, members, region) {
+    for command in mesh_task::placement::round(&state, members, region, settled) {
         let (agent, node, reason) = match &command {
             consensus::RegionCommand::MoveAgent {
                 agent, to, reason, ..

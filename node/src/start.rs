@@ -176,6 +176,7 @@ pub async fn run(config: CheckedConfig) -> Result<()> {
         network.clone(),
         config.region.clone(),
         config.raft.clone(),
+        Duration::from_millis(config.network.membership.dead_after_ms),
         shutdown.clone(),
     ));
     let ready = tokio::time::timeout(READY_TIMEOUT, ready)

@@ -837,13 +837,9 @@ async fn run_here(
     }
 }
 
-/// One keep round of this node's agents (`mesh_task::Host::keep_agents`):
-/// `local` is this node's applied state; its contact with the region's
-/// majority is judged on its member view (`mesh_task::lease`).
-pub(crate) async fn keep_agents(
-    state: &ApiState,
-    local: &consensus::RegionState,
-) -> Vec<mesh_task::Kept> {
+/// Whether this node is in contact with its region's majority, judged on
+/// its member view (`mesh_task::lease::contact`).
+pub(crate) async fn contact(state: &ApiState) -> Result<(), String> {
     let (voters, _) = state.group.members();
     let view = state
         .network
@@ -851,10 +847,18 @@ pub(crate) async fn keep_agents(
         .await
         .map(|s| s.members)
         .unwrap_or_default();
-    let contact = mesh_task::lease::contact(&state.peer_id, &voters, |m| {
+    mesh_task::lease::contact(&state.peer_id, &voters, |m| {
         view.iter()
             .any(|v| v.peer_id.0 == m && v.state == mesh_types::MemberState::Alive)
-    });
+    })
+}
+
+/// One keep round of this node's agents (`mesh_task::Host::keep_agents`):
+/// `local` is this node's applied state.
+pub(crate) async fn keep_agents(
+    state: &ApiState,
+    local: &consensus::RegionState,
+) -> Vec<mesh_task::Kept> {
     let region = state.region.to_string();
     let admit = |_: &mesh_types::agent::Manifest, _: &mesh_types::policy::RateLimits| Ok(());
     let env = mesh_task::Env {
@@ -867,7 +871,7 @@ pub(crate) async fn keep_agents(
         replicas: &crate::checkpoints::NodeReplicas(state),
         replica_count: state.checkpoint_replicas,
     };
-    state.tasks.keep_agents(&env, local, contact).await
+    state.tasks.keep_agents(&env, local).await
 }
 
 /// `GET /v1/tasks/{id}`: a result this node holds (as host or as entry node).

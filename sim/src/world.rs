@@ -86,6 +86,9 @@ struct Node {
     /// The running process's task host (None while down).
     host: Option<Arc<mesh_task::Host>>,
     membership: Option<Membership>,
+    /// When its process started (simulated ms): its member view is settled
+    /// `dead_after` later (placement, see `mesh_task::placement::round`).
+    started_ms: u64,
     keeper: Housekeeper,
     generation: u64,
     /// The next log index whose applied entry the observer compares (0: the first).
@@ -140,7 +143,7 @@ struct State {
     leases: BTreeMap<(usize, String, u64), String>,
     /// Each region's counter: the value each answered task returned (by
     /// task id), and how many tasks its clients left unanswered at the end.
-    counted: BTreeMap<usize, (BTreeMap<String, i64>, u64)>,
+    counted: BTreeMap<usize, (BTreeMap<String, i64>, Vec<String>)>,
     /// Agents active on two nodes at once: since when (simulated us), and
     /// whether it was reported (single-activation).
     overlaps: BTreeMap<String, (u64, bool)>,
@@ -356,6 +359,7 @@ async fn start_node(world: &World, i: usize) {
     n.host = Some(host);
     n.store = Some(store);
     n.membership = Some(membership);
+    n.started_ms = now;
     s.log(format!("start {peer} (generation {generation})"));
 }
 
@@ -1558,6 +1562,7 @@ pub(crate) async fn simulate(
             group: None,
             host: None,
             membership: None,
+            started_ms: 0,
             keeper: Housekeeper::new(
                 Duration::from_millis(settings().replace_dead_voter_after_ms),
                 Duration::from_millis(settings().remove_gone_learner_after_ms),
@@ -1692,6 +1697,9 @@ pub(crate) async fn simulate(
     }
     apply_fault(&world, &Fault::Heal).await;
     liveness(&world).await;
+    if config.tasks {
+        tasks::finish_counters(&world).await;
+    }
     observe_once(&world);
     // The voters of each region at the end, while the groups still run.
     let final_voters: Vec<Vec<String>> = {

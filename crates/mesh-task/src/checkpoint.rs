@@ -59,6 +59,12 @@ pub const REPLICAS_DEFAULT: usize = 2;
 /// at most this many of the oldest results whose claim is gone.
 pub const PRUNE_PER_WRITE: usize = 16;
 
+/// A result goes only once it is also this old by the clock of the host
+/// that wrote the newest result (the region's claim window): a node whose
+/// applied state lags, and so has not applied a result's claim yet, never
+/// drops a fresh result as if its claim were gone.
+pub const RESULTS_KEPT_MS: u64 = consensus::state_machine::CLAIMS_KEPT_MS;
+
 /// Most bytes of state and results in one page of a whole copy (a node's
 /// API takes request bodies of at most 64 KiB).
 pub const PAGE_BYTES_MAX: usize = 48 * 1024;
@@ -389,13 +395,15 @@ pub fn claimed<'a>(
 
 /// Deletes for at most [`PRUNE_PER_WRITE`] of the oldest results under
 /// `prefix` (keys: `prefix`, the result's time in ms, big-endian, its task
-/// id) whose task id `claimed` no longer says is claimed: a result goes
-/// once its claim has left the region's claim window, never before,
-/// whatever the clocks say.
+/// id) that are both older than `before_ms` and no longer `claimed`: a
+/// result goes once its claim has left the region's claim window, never
+/// before (a lagging node's missing claim alone is not enough, nor a clock
+/// alone).
 pub(crate) fn prune(
     store: &dyn Store,
     prefix: &[u8],
     claimed: &(dyn Fn(&str) -> bool + Sync),
+    before_ms: u64,
 ) -> Result<Vec<WriteOp>, TaskError> {
     let mut ops = Vec::new();
     let mut seen = 0usize;
@@ -406,6 +414,15 @@ pub(crate) fn prune(
             Some(&prefix_end(prefix)),
             &mut |k, _| {
                 seen += 1;
+                let at_ms = k
+                    .get(prefix.len()..prefix.len() + 8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(u64::MAX);
+                if at_ms >= before_ms {
+                    // In time order: the rest are newer.
+                    return false;
+                }
                 let id = k.get(prefix.len() + 8..).unwrap_or_default();
                 if !claimed(&String::from_utf8_lossy(id)) {
                     ops.push(WriteOp::Delete {
@@ -541,11 +558,14 @@ impl ReplicaStore {
                     });
                 }
                 // Results whose claim the region forgot go.
-                ops.extend(prune(
-                    &*self.store,
-                    &slot_prefix(agent, slot, b'r'),
-                    claimed,
-                )?);
+                if let Some(result) = &delta.result {
+                    ops.extend(prune(
+                        &*self.store,
+                        &slot_prefix(agent, slot, b'r'),
+                        claimed,
+                        result.at_ms.saturating_sub(RESULTS_KEPT_MS),
+                    )?);
+                }
                 meta.version = Some(version);
             }
             Push::Page(page) => {
@@ -959,17 +979,27 @@ mod tests {
                 .await
                 .unwrap();
         }
-        // Only t1.1.1's claim is forgotten (whatever the times say).
+        // t1.1.1's claim is not (yet) in this replica's state, but the
+        // result is recent: it stays (a lagging replica drops nothing).
         r.receive(&delta(1, 1, 4, "x"), 1, &|id| id != "t1.1.1")
             .await
             .unwrap();
+        assert_eq!(read_all(&r, 1).await.results.len(), 4);
+        // A result a claim window later: the one whose claim is gone goes.
+        let mut late = delta(1, 1, 5, "x");
+        if let Push::Delta(d) = &mut late {
+            if let Some(res) = &mut d.result {
+                res.at_ms += RESULTS_KEPT_MS;
+            }
+        }
+        r.receive(&late, 1, &|id| id != "t1.1.1").await.unwrap();
         let ids: Vec<String> = read_all(&r, 1)
             .await
             .results
             .into_iter()
             .map(|r| r.task_id)
             .collect();
-        assert_eq!(ids, ["t1.1.2", "t1.1.3", "t1.1.4"]);
+        assert_eq!(ids, ["t1.1.2", "t1.1.3", "t1.1.4", "t1.1.5"]);
     }
 
     #[tokio::test]

@@ -112,6 +112,14 @@ pub struct Host {
     /// Why this node's agents are stopped and none is activated here, while
     /// it is out of contact with its region (see [`Host::keep_agents`]).
     stepped_down: std::sync::Mutex<Option<String>>,
+    /// The agents active here and their epochs, as the activations say,
+    /// readable without waiting for an activation's lock (a task may hold
+    /// one for seconds).
+    live: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The log index of the replica set this node last named for each
+    /// agent: a restore from a region state older than that would read
+    /// copies this node has since replaced.
+    named_at: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 /// Most activations kept for the next [`Host::keep_agents`] round to report.
@@ -336,6 +344,8 @@ impl Host {
             activations: std::sync::Mutex::new(HashMap::new()),
             activated: std::sync::Mutex::new(std::collections::VecDeque::new()),
             stepped_down: std::sync::Mutex::new(None),
+            live: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            named_at: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -345,22 +355,25 @@ impl Host {
         &self.replica
     }
 
-    /// The agents active on this node, with their epochs.
+    /// The agents active on this node, with their epochs, in name order.
     pub fn active_agents(&self) -> Vec<(String, u64)> {
-        let activations = self
-            .activations
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(a, e)| (a.clone(), *e))
+            .collect()
+    }
+
+    fn set_live(&self, agent: &str, epoch: Option<u64>) {
+        let mut live = self
+            .live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut active: Vec<(String, u64)> = activations
-            .iter()
-            .filter_map(|(name, a)| {
-                let a = a.try_lock().ok()?;
-                a.active.then(|| (name.clone(), a.epoch))
-            })
-            .collect();
-        // In name order: the simulator's runs must not depend on hashing.
-        active.sort();
-        active
+        match epoch {
+            Some(e) => live.insert(agent.to_owned(), e),
+            None => live.remove(agent),
+        };
     }
 
     fn activation(&self, agent: &str) -> Arc<tokio::sync::Mutex<Activation>> {
@@ -374,66 +387,49 @@ impl Host {
     /// Stops `agent` here (its lease moved, or its state could not be
     /// copied): the next task activates it again from its replicas.
     pub async fn deactivate(&self, agent: &str) {
+        self.set_live(agent, None);
         let lock = self.activation(agent);
         lock.lock().await.active = false;
     }
 
-    /// One round of keeping this node's agents in line with its applied
-    /// region `state` (a node runs it every 200 ms, the simulator too):
-    /// stops the agents whose lease moved away, activates the ones granted
-    /// here (their state restored before a task comes), and activates
-    /// again an agent one of whose replicas is draining, when another node
-    /// can take its copy (see `agentmesh node drain`).
-    ///
-    /// `contact` is [`crate::lease::contact`]'s verdict on this node's
-    /// view: out of contact with its region's majority, this node steps
-    /// down (every agent stopped, none activated, tasks refused 503) until
-    /// it is back in contact; `crate::lease` says why that comes before the
+    /// Tells the host whether this node is in contact with its region's
+    /// majority ([`crate::lease::contact`]), every keep interval, without
+    /// waiting on anything: out of contact, it steps down at once (every
+    /// agent stopped; a task holding an agent's lock finds it stepped
+    /// down before it records or answers; none is activated) until it is
+    /// back in contact. `crate::lease` says why that comes before the
     /// majority can place its agents elsewhere.
-    pub async fn keep_agents(
-        &self,
-        env: &Env<'_>,
-        state: &RegionState,
-        contact: Result<(), String>,
-    ) -> Vec<Kept> {
-        let mut kept = Vec::new();
+    pub fn set_contact(&self, contact: Result<(), String>) -> Vec<Kept> {
         #[cfg(feature = "planted-bugs")]
         let contact = match planted::on(&planted::NO_STEP_DOWN) {
             true => Ok(()),
             false => contact,
         };
+        let mut kept = Vec::new();
+        let mut down = self
+            .stepped_down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match contact {
             Err(why) => {
-                let first = {
-                    let mut down = self
-                        .stepped_down
+                let first = down.is_none();
+                *down = Some(why.clone());
+                drop(down);
+                let live = std::mem::take(
+                    &mut *self
+                        .live
                         .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let first = down.is_none();
-                    *down = Some(why.clone());
-                    first
-                };
-                // Every agent, also one whose lock a task holds now: that
-                // task finds its activation stopped before it records.
-                let mut agents: Vec<String> = self
-                    .activations
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .keys()
-                    .cloned()
-                    .collect();
-                agents.sort();
-                for agent in agents {
-                    let lock = self.activation(&agent);
-                    let mut act = lock.lock().await;
-                    if act.active {
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                for (agent, epoch) in live {
+                    if let Ok(mut act) = self.activation(&agent).try_lock() {
                         act.active = false;
-                        kept.push(Kept::SteppedDown {
-                            agent,
-                            epoch: act.epoch,
-                            why: why.clone(),
-                        });
                     }
+                    kept.push(Kept::SteppedDown {
+                        agent,
+                        epoch,
+                        why: why.clone(),
+                    });
                 }
                 if first && kept.is_empty() {
                     kept.push(Kept::SteppedDown {
@@ -442,18 +438,28 @@ impl Host {
                         why,
                     });
                 }
-                return kept;
             }
             Ok(()) => {
-                let was = self
-                    .stepped_down
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
-                if let Some(why) = was {
-                    kept.push(Kept::BackInContact { was: why });
+                if let Some(was) = down.take() {
+                    kept.push(Kept::BackInContact { was });
                 }
             }
+        }
+        kept
+    }
+
+    /// One round of keeping this node's agents in line with its applied
+    /// region `state` (a node runs it every 200 ms, the simulator too):
+    /// stops the agents whose lease moved away, activates the ones granted
+    /// here (their state restored before a task comes), and activates
+    /// again an agent one of whose replicas is draining, when another node
+    /// can take its copy (see `agentmesh node drain`).
+    /// While this node is stepped down ([`Host::set_contact`]) it
+    /// activates nothing.
+    pub async fn keep_agents(&self, env: &Env<'_>, state: &RegionState) -> Vec<Kept> {
+        let mut kept = Vec::new();
+        if self.stepped_down().is_some() {
+            return kept;
         }
         let active = self.active_agents();
         for (agent, epoch) in &active {
@@ -540,6 +546,7 @@ impl Host {
         let mut act = lock.lock().await;
         if let Some(why) = self.stepped_down() {
             act.active = false;
+            self.set_live(agent, None);
             return Err(TaskError::new(
                 503,
                 "unavailable",
@@ -550,6 +557,7 @@ impl Host {
             return Ok(());
         }
         act.active = false;
+        self.set_live(agent, None);
         let started = Instant::now();
         let restored_version = self.restore(env, state, agent, epoch).await?;
         let incarnation = self.next_incarnation().await?;
@@ -597,7 +605,12 @@ impl Host {
             })
             .await?;
         match named {
-            RegionResponse::ReplicasSet { .. } => {}
+            RegionResponse::ReplicasSet { index } => {
+                self.named_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(agent.to_owned(), index);
+            }
             RegionResponse::ClaimRefused { lease } => {
                 return Err(moved(agent, epoch, lease.map(|l| l.epoch).unwrap_or(0)))
             }
@@ -609,12 +622,20 @@ impl Host {
         }
         self.record_move(env, state, agent, epoch, restored_version, &replicas)
             .await?;
+        if let Some(why) = self.stepped_down() {
+            return Err(TaskError::new(
+                503,
+                "unavailable",
+                format!("agent {agent} is stopped on this node: {why}; retry through a node of the region's majority"),
+            ));
+        }
         *act = Activation {
             active: true,
             epoch,
             version,
             replicas,
         };
+        self.set_live(agent, Some(epoch));
         let mut activated = self
             .activated
             .lock()
@@ -741,6 +762,22 @@ impl Host {
         if planted::on(&planted::SKIP_RESTORE) {
             return Ok(None);
         }
+        let named_at = self
+            .named_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(agent)
+            .copied();
+        if let Some(named_at) = named_at {
+            let seen = state.replicas.get(agent).map(|r| r.set_at).unwrap_or(0);
+            if seen < named_at {
+                return Err(TaskError::new(
+                    503,
+                    "unavailable",
+                    format!("agent {agent} cannot be activated from this region state: it names the replicas set at index {seen}, and this node named newer ones at {named_at} since; retry"),
+                ));
+            }
+        }
         let Some(set) = state.replicas.get(agent) else {
             // Never copied (a new agent, or no other node to copy to): its
             // state is what this node holds.
@@ -865,11 +902,30 @@ impl Host {
         // A result is stored under its task id: only a task id of this
         // agent's answer, never another key (a replica is not trusted
         // with the store's other keys).
-        for result in newest.results.iter().filter(|r| {
-            crate::is_task_id(&r.task_id)
+        //
+        // Nor a result for a task id the region's claims give to another
+        // agent, nor over a result this node holds for another agent.
+        let others = |id: &str| -> Result<bool, TaskError> {
+            if state.claims.get(id).is_some_and(|c| c.agent != agent) {
+                return Ok(true);
+            }
+            Ok(self
+                .store
+                .get(Column::Tasks, id.as_bytes())
+                .map_err(|e| TaskError::storage(format!("reading task {id}: {e}")))?
+                .and_then(|b| serde_json::from_slice::<TaskAnswer>(&b).ok())
+                .is_some_and(|a| a.agent != agent))
+        };
+        let mut installable = Vec::new();
+        for r in &newest.results {
+            let own = crate::is_task_id(&r.task_id)
                 && serde_json::from_slice::<TaskAnswer>(&r.answer)
-                    .is_ok_and(|a| a.task_id == r.task_id && a.agent == agent)
-        }) {
+                    .is_ok_and(|a| a.task_id == r.task_id && a.agent == agent);
+            if own && !others(&r.task_id)? {
+                installable.push(r);
+            }
+        }
+        for result in installable {
             ops.push(WriteOp::Put {
                 column: Column::Tasks,
                 key: result.task_id.as_bytes().to_vec(),
@@ -1301,7 +1357,7 @@ impl Host {
         let act_lock = self.activation(&manifest.name);
         let incarnation = {
             let act = act_lock.lock().await;
-            if !(act.active && act.epoch == epoch) {
+            if !(act.active && act.epoch == epoch) || self.stepped_down().is_some() {
                 return Err(not_copied(
                     &manifest.name,
                     &task_id,
@@ -1360,7 +1416,9 @@ impl Host {
         // order, under the activation the state was read under.
         let recording = Instant::now();
         let mut act = act_lock.lock().await;
-        if !(act.active && act.epoch == epoch && act.version.incarnation == incarnation) {
+        if !(act.active && act.epoch == epoch && act.version.incarnation == incarnation)
+            || self.stepped_down().is_some()
+        {
             return Err(not_copied(
                 &manifest.name,
                 &task_id,
@@ -1397,6 +1455,23 @@ impl Host {
                 serde_json::to_vec(&history).map_err(encode)?,
             ));
         }
+        // A task's changes travel to each replica in one request: one too
+        // large to travel is refused here, before anything is written, not
+        // left to fail the copy (and stop the agent) on every try.
+        let delta_bytes = writes
+            .iter()
+            .map(|(k, v)| k.len().saturating_add(v.len()))
+            .fold(answer_bytes.len(), usize::saturating_add);
+        if copied && delta_bytes > checkpoint::PAGE_BYTES_MAX {
+            return Err(TaskError::new(
+                507,
+                "checkpoint_too_large",
+                format!(
+                    "task {task_id}'s state changes and result are {delta_bytes} bytes, more than the {} one copy to a replica carries; send a shorter input, or use a new session",
+                    checkpoint::PAGE_BYTES_MAX
+                ),
+            ));
+        }
         let mut ops = vec![WriteOp::Put {
             column: Column::Audit,
             key: sealed.seq.to_be_bytes().to_vec(),
@@ -1430,6 +1505,7 @@ impl Host {
             &*self.store,
             &kept_prefix(&manifest.name),
             &checkpoint::claimed(state, &manifest.name),
+            finished_at_ms.saturating_sub(checkpoint::RESULTS_KEPT_MS),
         )?);
         if !copied {
             // No replica to wait for: the result is kept at once.
@@ -1472,6 +1548,7 @@ impl Host {
             };
             if let Err(e) = copied {
                 act.active = false;
+                self.set_live(&manifest.name, None);
                 return Err(if e.name == "stale_epoch" {
                     e
                 } else {
@@ -1492,6 +1569,14 @@ impl Host {
                 })?;
         }
         drop(act);
+        if let Some(why) = self.stepped_down() {
+            // Kept here and on the replicas: a retry is answered with it.
+            return Err(not_copied(
+                &manifest.name,
+                &task_id,
+                format!("this node stepped down before it answered ({why})"),
+            ));
+        }
         let mut answer = answer;
         answer
             .stages_ms

@@ -3,7 +3,8 @@
 //! elsewhere (issue 14, fencing).
 //!
 //! ```text
-//!   host:      every KEEP_INTERVAL_MS: contact(view) ── Err ──> stop every agent, activate none
+//!   host:      every KEEP_INTERVAL_MS, on a loop of its own that waits on
+//!              nothing: contact(view) ── Err ──> Host::set_contact: every agent stopped, none activated
 //!   majority:  leader's view: host dead (dead_after) ──> placement round ──> MoveAgent(E+1)
 //! ```
 //!
@@ -20,18 +21,29 @@
 //!
 //! - The host hears the majority's voters for the last time at `T + d` at
 //!   the latest; `S` of its own clock later, at most `S(1 + ρ)` of real
-//!   time, they are suspect in its view and the next keep round (`K`)
-//!   stops its agents: **the host stops by `T + d + S(1 + ρ) + K`.**
+//!   time, they are suspect in its view once the membership engine ticks
+//!   (`t`, `network.tick_interval_ms`, which a node's configuration keeps
+//!   below `I`), and the next contact check (`K`) stops its agents without
+//!   waiting for any lock (a task that holds one finds the node stepped
+//!   down before it records or answers): **the host stops by
+//!   `T + d + S(1 + ρ) + t + K`.**
 //! - The leader last heard the host's announcement sent before `T`, so
 //!   sent at `T - I` at the earliest; it declares the host dead `D` of its
 //!   clock after that, no sooner than `D(1 - ρ)` real time, and only then
-//!   does a placement round propose a new lease: **no new lease before
-//!   `T - I + D(1 - ρ)`.**
-//! - So the host stops first when `d + S(1 + ρ) + K < D(1 - ρ) - I`. With
-//!   the defaults: `d + 2001 + 200 < 3998 - 500`, that is for any `d` under
-//!   1297 ms, the margin the argument leaves for the network. A node's
-//!   configuration is refused ([`check_timings`]) unless it leaves at
-//!   least [`MARGIN_MS_MIN`] (500 ms) there.
+//!   does a placement round propose a new lease. A leader whose member
+//!   view is younger than `D` (just started) does not take a host missing
+//!   from it for gone (`placement::round`'s `settled`), so this holds for
+//!   a new leader too: **no new lease before `T - I + D(1 - ρ)`.**
+//! - So the host stops first when `d + S(1 + ρ) + t + K < D(1 - ρ) - I`.
+//!   With the defaults (and `t < I`): `d + 2001 + 500 + 200 < 3998 - 500`,
+//!   that is for any `d` under 797 ms, the margin the argument leaves for
+//!   the network. A node's configuration is refused ([`check_timings`])
+//!   unless it leaves at least [`MARGIN_MS_MIN`] (500 ms) there.
+//!
+//! `d` is a premise, not enforced: a record that a gossip relay delivers
+//! late (membership takes records up to `dead_after` plus the clock skew
+//! allowed old) counts as heard when it arrives, and a host may then count
+//! a voter alive past the margin.
 //!
 //! What the argument does not cover, and what covers it instead: a cut
 //! that is one-way or a link that loses only some messages (the leader
@@ -88,8 +100,10 @@ pub fn check_timings(
     suspect_after_ms: u64,
     dead_after_ms: u64,
 ) -> Result<(), String> {
+    // The membership tick is below the announce interval (node config).
     let host_stops = suspect_after_ms
         .saturating_add(suspect_after_ms.saturating_mul(DRIFT_PPM_MAX) / 1_000_000 + 1)
+        .saturating_add(announce_interval_ms)
         .saturating_add(KEEP_INTERVAL_MS);
     let majority_moves = dead_after_ms
         .saturating_sub(dead_after_ms.saturating_mul(DRIFT_PPM_MAX) / 1_000_000 + 1)
@@ -99,7 +113,7 @@ pub fn check_timings(
         Ok(())
     } else {
         Err(format!(
-            "membership timings leave {margin} ms between a cut-off host stopping its agents (suspect_after_ms {suspect_after_ms} + {KEEP_INTERVAL_MS} ms) and the majority moving them (dead_after_ms {dead_after_ms} - announce_interval_ms {announce_interval_ms}), at {DRIFT_PPM_MAX} ppm of clock drift; at least {MARGIN_MS_MIN} ms are needed: raise dead_after_ms or lower suspect_after_ms"
+            "membership timings leave {margin} ms between a cut-off host stopping its agents (suspect_after_ms {suspect_after_ms} + a membership tick + {KEEP_INTERVAL_MS} ms) and the majority moving them (dead_after_ms {dead_after_ms} - announce_interval_ms {announce_interval_ms}), at {DRIFT_PPM_MAX} ppm of clock drift; at least {MARGIN_MS_MIN} ms are needed: raise dead_after_ms or lower suspect_after_ms"
         ))
     }
 }

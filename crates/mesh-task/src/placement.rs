@@ -10,7 +10,18 @@ use mesh_types::{MemberState, MemberView, Region};
 
 /// The lease grants the region's leader should propose now, given its
 /// applied `state` and its view of the `members` (every region's).
-pub fn round(state: &RegionState, members: &[MemberView], region: &Region) -> Vec<RegionCommand> {
+///
+/// `settled`: the leader's member view has run for the failure detector's
+/// `dead_after` at least. Before that, a host missing from the view may
+/// simply not be heard from yet (a leader just started or restarted), and
+/// is not taken for gone: only a view that had time to hear a host can
+/// say it is dead (`mesh_task::lease` counts on that wait).
+pub fn round(
+    state: &RegionState,
+    members: &[MemberView],
+    region: &Region,
+    settled: bool,
+) -> Vec<RegionCommand> {
     let mut grants = Vec::new();
     let in_group = |peer: &str| {
         state
@@ -57,8 +68,10 @@ pub fn round(state: &RegionState, members: &[MemberView], region: &Region) -> Ve
         let current = entry.lease.as_ref().map(|lease| {
             let host = members.iter().find(|m| m.peer_id.0 == lease.node);
             let alive = !draining
-                && host
-                    .is_some_and(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect));
+                && match host {
+                    Some(m) => matches!(m.state, MemberState::Alive | MemberState::Suspect),
+                    None => !settled,
+                };
             candidates
                 .iter()
                 .find(|c| c.node == lease.node)
@@ -66,7 +79,7 @@ pub fn round(state: &RegionState, members: &[MemberView], region: &Region) -> Ve
                 .map(|c| Candidate { alive, ..c })
                 .unwrap_or_else(|| Candidate {
                     node: lease.node.clone(),
-                    alive: false,
+                    alive,
                     holds_dataset: false,
                     models_held: 0,
                     load: 0,
