@@ -331,11 +331,11 @@ fn a_search_agent_runs_next_to_its_data() {
     );
 }
 
-/// Issue 14, migration toward data: a search agent serves next to its
-/// dataset on one node; the dataset is put on another node of the region
-/// (it lives there now), and the agent moves there with the next epoch
-/// (`toward-data` in `agent get` and in the new host's audit record);
-/// tasks go on being answered, by the new host, searching its documents.
+/// Issue 14, migration toward data: a search agent is deployed while the
+/// node that holds its dataset is down, so it is placed on another node
+/// that can run its model; the data node comes back, and the agent moves
+/// to its data with the next epoch (`toward-data` in `agent get` and in
+/// the new host's audit record); its tasks are answered there.
 #[test]
 fn an_agent_follows_its_dataset_to_another_node_and_tasks_go_on() {
     let Some(models) = models_dir() else {
@@ -346,47 +346,93 @@ fn an_agent_follows_its_dataset_to_another_node_and_tasks_go_on() {
     let config = tmp.path().join("node.toml");
     std::fs::write(&config, CONFIG).expect("config");
     let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| tmp.path().join(n)).collect();
-    let mut nodes: Vec<Node> = Vec::new();
-    for (i, name) in ["a", "b", "c"].iter().enumerate() {
-        let mut spec = NodeSpec::new(name, &dirs[i], "eu-west");
+    let models_arg = vec!["--models-dir".to_owned(), models.display().to_string()];
+    let spec = |i: usize, first: Option<&Node>| {
+        let mut spec = NodeSpec::new(["a", "b", "c"][i], &dirs[i], "eu-west");
         spec.config = Some(&config);
-        if let Some(first) = nodes.first() {
+        if let Some(first) = first {
             spec.bootstrap = vec![first.listen[0].clone()];
         }
         if i > 0 {
-            // b and c can both embed: either can hold the data.
-            spec.extra = vec!["--models-dir".into(), models.display().to_string()];
+            // b and c can both run the model: either can host the agent.
+            spec.extra = models_arg.clone();
         }
-        nodes.push(start(&spec));
+        spec
+    };
+    let mut nodes: Vec<Node> = vec![start(&spec(0, None))];
+    for i in 1..3 {
+        let node = start(&spec(i, nodes.first()));
+        nodes.push(node);
     }
     bootstrap_when_alive(&nodes[0], &nodes[1..], "eu-west", WITHIN);
     let docs = examples().join("data/docs-eu.jsonl");
-    let put = |node: &Node| {
-        cli_json(&[
-            "data",
-            "put",
-            "--dataset",
-            "docs-eu",
-            "--file",
-            docs.to_str().expect("utf-8"),
-            "--json",
-            "--api",
-            &node.api,
-        ])
-        .expect("put")
-    };
-    put(&nodes[1]);
-    let agent = examples().join("agents/docs-search.toml");
     cli_json(&[
-        "agent",
-        "deploy",
-        "-f",
-        agent.to_str().expect("utf-8"),
+        "data",
+        "put",
+        "--dataset",
+        "docs-eu",
+        "--file",
+        docs.to_str().expect("utf-8"),
         "--json",
         "--api",
-        &nodes[0].api,
+        &nodes[2].api,
     ])
-    .expect("deploy");
+    .expect("put");
+    // The data node stops; the agent is deployed meanwhile.
+    nodes[2].terminate(WITHIN);
+    wait_until("a sees c gone", WITHIN, || {
+        matches!(
+            nodes[0].state_of(&nodes[2].peer_id).as_deref(),
+            Some("dead" | "left")
+        )
+    });
+    let agent = examples().join("agents/docs-search.toml");
+    // (c may have led the group: the deploy waits for a new leader.)
+    wait_until("the agent is deployed", WITHIN, || {
+        cli_json(&[
+            "agent",
+            "deploy",
+            "-f",
+            agent.to_str().expect("utf-8"),
+            "--json",
+            "--api",
+            &nodes[0].api,
+        ])
+        .is_ok()
+    });
+    let entry = nodes[0].api.clone();
+    let get = || {
+        cli_json(&["agent", "get", "docs-search", "--json", "--api", &entry]).expect("agent get")
+    };
+    let mut placed = Value::Null;
+    wait_until("the agent is placed", WITHIN, || {
+        placed = get();
+        placed["node"].is_string()
+    });
+    let first = placed["node"].as_str().expect("node").to_owned();
+    let epoch = placed["epoch"].as_u64().expect("epoch");
+    assert_eq!(
+        first, nodes[1].peer_id,
+        "placed where its model runs: {placed}"
+    );
+
+    // The data node comes back: the agent follows its data.
+    let c = start(&spec(2, Some(&nodes[0])));
+    nodes[2] = c;
+    let data_i = 2;
+    let to = nodes[data_i].peer_id.as_str();
+    wait_until("the agent moves to its data", WITHIN, || {
+        let got = get();
+        got["node"] == to && got["epoch"].as_u64() == Some(epoch + 1)
+    });
+    let got = get();
+    let last = got["moves"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .expect("moves");
+    assert_eq!(last["reason"], "toward-data", "{got}");
+    assert_eq!(last["from"], first.as_str(), "{got}");
     let search = |id: &str| {
         cli_json(&[
             "task",
@@ -399,69 +445,23 @@ fn an_agent_follows_its_dataset_to_another_node_and_tasks_go_on() {
             id,
             "--json",
             "--api",
-            &nodes[0].api,
+            &entry,
         ])
     };
     let mut answer = None;
-    wait_until("the search agent answers", WITHIN, || {
-        answer = search("before-1").ok();
+    wait_until("a task is answered by the new host", WITHIN, || {
+        answer = search("after-move").ok();
         answer.is_some()
     });
-    let before = answer.expect("answered");
+    let answer = answer.expect("answered");
+    assert_eq!(answer["provenance"]["record"]["node"], to, "{answer}");
+    assert_eq!(answer["provenance"]["record"]["epoch"], epoch + 1);
+    assert_eq!(answer["provenance"]["record"]["dataset"], "docs-eu");
+    assert_eq!(answer["output"]["hits"][0]["id"], "hr-1", "{answer}");
+    // Answered once: the same id again is the same record.
+    let again = search("after-move").expect("replayed");
     assert_eq!(
-        before["provenance"]["record"]["node"],
-        nodes[1].peer_id.as_str(),
-        "at its data"
-    );
-    let epoch = before["provenance"]["record"]["epoch"]
-        .as_u64()
-        .expect("epoch");
-
-    // The dataset is put on c: the agent follows it.
-    put(&nodes[2]);
-    let get = || {
-        cli_json(&[
-            "agent",
-            "get",
-            "docs-search",
-            "--json",
-            "--api",
-            &nodes[0].api,
-        ])
-        .expect("agent get")
-    };
-    wait_until("the agent moves to c", WITHIN, || {
-        let got = get();
-        got["node"] == nodes[2].peer_id.as_str() && got["epoch"].as_u64() == Some(epoch + 1)
-    });
-    let got = get();
-    let last = got["moves"]
-        .as_array()
-        .and_then(|m| m.last())
-        .cloned()
-        .expect("moves");
-    assert_eq!(last["reason"], "toward-data", "{got}");
-    assert_eq!(last["from"], nodes[1].peer_id.as_str(), "{got}");
-    let mut after = None;
-    wait_until("a task is answered by the new host", WITHIN, || {
-        after = search("after-1").ok();
-        after.is_some()
-    });
-    let after = after.expect("answered");
-    assert_eq!(
-        after["provenance"]["record"]["node"],
-        nodes[2].peer_id.as_str(),
-        "{after}"
-    );
-    assert_eq!(after["provenance"]["record"]["epoch"], epoch + 1);
-    assert_eq!(
-        after["output"]["hits"][0]["id"], before["output"]["hits"][0]["id"],
-        "same documents, searched on c"
-    );
-    // The task answered before the move is still answered, once.
-    let again = search("before-1").expect("replayed");
-    assert_eq!(
-        again["provenance"]["hash"], before["provenance"]["hash"],
+        again["provenance"]["hash"], answer["provenance"]["hash"],
         "{again}"
     );
     let audit = cli_json(&[
@@ -470,16 +470,16 @@ fn an_agent_follows_its_dataset_to_another_node_and_tasks_go_on() {
         "docs-search",
         "--json",
         "--api",
-        &nodes[2].api,
+        &nodes[data_i].api,
     ])
     .expect("audit");
-    let moved = format!("toward-data from {}@{epoch}", nodes[1].peer_id);
+    let moved = format!("toward-data from {first}@{epoch}");
     assert!(
         audit
             .as_array()
             .expect("records")
             .iter()
             .any(|r| r["record"]["moved"] == moved.as_str()),
-        "no audit record of the move ({moved}) on c: {audit}"
+        "no audit record of the move ({moved}): {audit}"
     );
 }
