@@ -90,8 +90,10 @@ fn a_leader_resumed_from_disk_is_caught_by_five_checkers() {
     }
     let report = with_bug(
         &planted::RESUME_LEADERSHIP,
+        // A seed where the resumed leader's duplicate entries reach a
+        // lease (seeds 1-14 all trip the Raft checkers; 4 also single-lease).
         "leader-power-loss-quick-restart",
-        6,
+        4,
         8,
     );
     for invariant in [
