@@ -554,6 +554,8 @@ impl Host {
             ));
         }
         if act.active && act.epoch == epoch {
+            // (A step-down that found this lock held left it active.)
+            self.set_live(agent, Some(epoch));
             return Ok(());
         }
         act.active = false;
