@@ -140,6 +140,40 @@ fn policy_version(node: &Node) -> Option<u64> {
     json(node, &["policy", "get", "--region", "eu-west", "--json"])?["version"].as_u64()
 }
 
+/// Three eu-west nodes, one in each of `namespaces`' node namespaces, data
+/// under `dir`, all seen alive by the first.
+fn start_region(
+    namespaces: &Namespaces,
+    dir: &std::path::Path,
+    config: &std::path::Path,
+) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for n in 1..=3 {
+        let data = dir.join(format!("n{n}"));
+        let listen = format!("/ip4/10.231.77.{n}/tcp/4001");
+        let api = format!("10.231.77.{n}:7070");
+        let bootstrap = if n == 1 {
+            vec![]
+        } else {
+            vec!["/ip4/10.231.77.1/tcp/4001".to_owned()]
+        };
+        nodes.push(start(&NodeSpec {
+            config: Some(config),
+            listen: &listen,
+            api: &api,
+            netns: Some(&namespaces.nodes[n - 1]),
+            bootstrap,
+            ..NodeSpec::new(&format!("n{n}"), &data, "eu-west")
+        }));
+    }
+    wait_until("n1 sees n2 and n3 alive", WITHIN, || {
+        nodes[1..]
+            .iter()
+            .all(|n| nodes[0].state_of(&n.peer_id).as_deref() == Some("alive"))
+    });
+    nodes
+}
+
 #[test]
 fn a_voter_cut_off_in_its_namespace_cannot_commit_and_catches_up_after_the_heal() {
     if let Some(why) = unavailable() {
@@ -157,30 +191,7 @@ fn a_voter_cut_off_in_its_namespace_cannot_commit_and_catches_up_after_the_heal(
     )
     .expect("policy");
 
-    let mut nodes: Vec<Node> = Vec::new();
-    for n in 1..=3 {
-        let dir = tmp.path().join(format!("n{n}"));
-        let listen = format!("/ip4/10.231.77.{n}/tcp/4001");
-        let api = format!("10.231.77.{n}:7070");
-        let bootstrap = if n == 1 {
-            vec![]
-        } else {
-            vec!["/ip4/10.231.77.1/tcp/4001".to_owned()]
-        };
-        nodes.push(start(&NodeSpec {
-            config: Some(&config),
-            listen: &listen,
-            api: &api,
-            netns: Some(&namespaces.nodes[n - 1]),
-            bootstrap,
-            ..NodeSpec::new(&format!("n{n}"), &dir, "eu-west")
-        }));
-    }
-    wait_until("n1 sees n2 and n3 alive", WITHIN, || {
-        nodes[1..]
-            .iter()
-            .all(|n| nodes[0].state_of(&n.peer_id).as_deref() == Some("alive"))
-    });
+    let nodes = start_region(&namespaces, tmp.path(), &config);
     let out = cli(&nodes[0], &["region", "bootstrap", "--region", "eu-west"]);
     assert!(
         out.status.success(),
@@ -350,30 +361,7 @@ fn a_cut_off_host_steps_down_before_its_successor_starts_and_nothing_is_counted_
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = tmp.path().join("node.toml");
     std::fs::write(&config, CONFIG).expect("config");
-    let mut nodes: Vec<Node> = Vec::new();
-    for n in 1..=3 {
-        let dir = tmp.path().join(format!("n{n}"));
-        let listen = format!("/ip4/10.231.77.{n}/tcp/4001");
-        let api = format!("10.231.77.{n}:7070");
-        let bootstrap = if n == 1 {
-            vec![]
-        } else {
-            vec!["/ip4/10.231.77.1/tcp/4001".to_owned()]
-        };
-        nodes.push(start(&NodeSpec {
-            config: Some(&config),
-            listen: &listen,
-            api: &api,
-            netns: Some(&namespaces.nodes[n - 1]),
-            bootstrap,
-            ..NodeSpec::new(&format!("n{n}"), &dir, "eu-west")
-        }));
-    }
-    wait_until("n1 sees n2 and n3 alive", WITHIN, || {
-        nodes[1..]
-            .iter()
-            .all(|n| nodes[0].state_of(&n.peer_id).as_deref() == Some("alive"))
-    });
+    let nodes = start_region(&namespaces, tmp.path(), &config);
     let out = cli(&nodes[0], &["region", "bootstrap", "--region", "eu-west"]);
     assert!(
         out.status.success(),

@@ -78,21 +78,13 @@ impl Replicas for NodeReplicas<'_> {
     async fn members(&self) -> Vec<(String, bool)> {
         let state = self.0;
         let (voters, learners) = state.group.members();
-        let view = state
-            .network
-            .snapshot()
-            .await
-            .map(|s| s.members)
-            .unwrap_or_default();
+        let alive = crate::tasks::alive_members(state).await;
         mesh_task::checkpoint::copy_targets(
             &state.group.local_state(),
             &state.peer_id,
             voters,
             learners,
-            |m| {
-                view.iter()
-                    .any(|v| v.peer_id.0 == m && v.state == mesh_types::MemberState::Alive)
-            },
+            |m| alive.contains(m),
         )
     }
 

@@ -841,16 +841,22 @@ async fn run_here(
 /// its member view (`mesh_task::lease::contact`).
 pub(crate) async fn contact(state: &ApiState) -> Result<(), String> {
     let (voters, _) = state.group.members();
-    let view = state
+    let alive = alive_members(state).await;
+    mesh_task::lease::contact(&state.peer_id, &voters, |m| alive.contains(m))
+}
+
+/// The peer ids this node's member view holds alive.
+pub(crate) async fn alive_members(state: &ApiState) -> std::collections::BTreeSet<String> {
+    state
         .network
         .snapshot()
         .await
         .map(|s| s.members)
-        .unwrap_or_default();
-    mesh_task::lease::contact(&state.peer_id, &voters, |m| {
-        view.iter()
-            .any(|v| v.peer_id.0 == m && v.state == mesh_types::MemberState::Alive)
-    })
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| v.state == mesh_types::MemberState::Alive)
+        .map(|v| v.peer_id.0)
+        .collect()
 }
 
 /// One keep round of this node's agents (`mesh_task::Host::keep_agents`):
