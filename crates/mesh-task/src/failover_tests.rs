@@ -296,3 +296,31 @@ async fn with_every_replica_gone_the_agent_is_unavailable_with_the_reason() {
     assert_eq!(e.name, "unavailable", "{e:?}");
     assert!(e.detail.contains("none of them answered"), "{}", e.detail);
 }
+
+/// Review finding (issue 14): an activation read from a region state older
+/// than the replica set this host has named since would restore copies it
+/// has replaced (and lose what it answered under the newer set): refused.
+#[tokio::test]
+async fn a_restore_from_a_state_older_than_the_hosts_own_replica_set_is_refused() {
+    let region = Region::new();
+    let e1 = region.place("n1");
+    assert_eq!(region.run("n1", e1, "t1").await, Ok(1));
+    let old = region.state.lock().unwrap().clone();
+    // A replica misses a task: the agent stops, and is activated again
+    // (naming its replicas again) by the retry.
+    let replicas = replicas_of(&region);
+    region.stop(&replicas[0]);
+    assert!(region.run("n1", e1, "t2").await.is_err());
+    region.down.lock().unwrap().remove(&replicas[0]);
+    assert_eq!(region.run("n1", e1, "t2").await, Ok(2));
+    // Stopped again; an activation with the old state is refused.
+    region.host("n1").deactivate("count").await;
+    let e = region
+        .run_under(&old, "n1", e1, "t3")
+        .await
+        .expect_err("refused");
+    assert_eq!(e.name, "unavailable", "{e:?}");
+    assert!(e.detail.contains("named newer ones"), "{}", e.detail);
+    // With the state as it is now, it goes on from 2.
+    assert_eq!(region.run("n1", e1, "t3").await, Ok(3));
+}

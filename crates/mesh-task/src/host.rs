@@ -490,6 +490,24 @@ impl Host {
                         replica: replica.clone(),
                     });
                 }
+                continue;
+            }
+            // Activated with no other node to copy to (a region of one):
+            // once one is there, activated again, with its copies.
+            let uncopied = self
+                .activation(agent)
+                .try_lock()
+                .is_ok_and(|a| a.active && a.epoch == *epoch && a.replicas.is_empty());
+            if uncopied && env.replica_count > 0 {
+                let members = env.replicas.members().await;
+                if !checkpoint::choose(agent, env.node, &members, env.replica_count).is_empty() {
+                    self.deactivate(agent).await;
+                    kept.push(Kept::Recopy {
+                        agent: agent.clone(),
+                        epoch: *epoch,
+                        replica: "none (it had no replicas)".into(),
+                    });
+                }
             }
         }
         let active = self.active_agents();
