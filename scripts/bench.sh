@@ -6,12 +6,12 @@
 #   scripts/bench.sh models [RUNS]
 #   scripts/bench.sh models-cuda [RUNS]   (a machine with a GPU and nvcc)
 #   scripts/bench.sh tasks [RUNS] [SECONDS]   (against Ray actor calls)
-#   scripts/bench.sh failover [RUNS]   (a killed host's counter agent served again; Serf's detection beside it)
+#   scripts/bench.sh failover [RUNS] [IDLE_S]   (a killed host's counter agent served again; Serf's detection beside it)
 # Prints markdown tables for BENCHMARKS.md. Never part of the tests.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"] | models [RUNS] | models-cuda [RUNS] | tasks [RUNS] [SECONDS] | failover [RUNS]" >&2; exit 2; }
+usage() { echo "usage: scripts/bench.sh discovery [--sizes 3,10,30] [--runs 3] [--idle-s 300] | policy [SECONDS] | sim [\"200 400 700 1000\"] | models [RUNS] | models-cuda [RUNS] | tasks [RUNS] [SECONDS] | failover [RUNS] [IDLE_S]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 what=$1; shift
 
@@ -86,7 +86,7 @@ case "$what" in
         say "building agentmesh (release)"
         (cd "$AGENTMESH_ROOT" && cargo build --locked --release -p agentmesh)
         say "agentmesh failover against serf $(serf version | head -1) detection on $(nproc) cores"
-        python3 "$AGENTMESH_ROOT/scripts/bench/failover.py" --agentmesh "$CARGO_TARGET_DIR/release/agentmesh" --runs "${1:-10}"
+        python3 "$AGENTMESH_ROOT/scripts/bench/failover.py" --agentmesh "$CARGO_TARGET_DIR/release/agentmesh" --runs "${1:-10}" ${2:+--idle-s "$2"}
         ;;
     *) usage ;;
 esac

@@ -21,7 +21,11 @@ plus, per run, the answered tasks and whether each value 1..n was answered
 exactly once (no task lost or counted twice). Serf: 3 agents (its default
 `lan` profile), SIGKILL one, until every survivor marks it failed.
 
-Usage: failover.py --agentmesh BIN [--runs 10]
+With --idle-s N, first an idle check: the same mesh with the counter
+placed and no load for N seconds; any suspicion, death or move of the
+agent in that time is a false failover.
+
+Usage: failover.py --agentmesh BIN [--runs 10] [--idle-s 600]
 """
 
 import argparse
@@ -95,26 +99,7 @@ def failover_once(binary, log):
             for i in range(3):
                 mesh.start(i)
             mesh.wait_all_see([0, 1, 2], mesh.names, "alive", 60)
-            api0 = mesh.apis[0]
-            mesh.cli("region", "bootstrap", "--region", "eu-west", "--json", "--api", api0)
-            policy = os.path.join(workdir, "policy.toml")
-            with open(policy, "w") as f:
-                f.write(POLICY)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    mesh.cli("policy", "apply", "-f", policy, "--region", "eu-west", "--api", api0)
-                    mesh.cli("agent", "deploy", "-f", COUNTER, "--region", "eu-west", "--json", "--api", api0)
-                    break
-                except RuntimeError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
-            while True:
-                got = mesh.cli("agent", "get", "counter", "--region", "eu-west", "--json", "--api", api0)
-                if got.get("status") == "active":
-                    break
-                time.sleep(0.2)
+            got = setup(mesh, workdir)
             host = got["node"]
             host_i = mesh.names.index(host)
             entry = mesh.apis[(host_i + 1) % 3]
@@ -172,6 +157,52 @@ def failover_once(binary, log):
             mesh.stop()
 
 
+def setup(mesh, workdir):
+    """Bootstraps the region, applies the policy, deploys the counter and
+    waits until it is active; returns `agent get`."""
+    api0 = mesh.apis[0]
+    mesh.cli("region", "bootstrap", "--region", "eu-west", "--json", "--api", api0)
+    policy = os.path.join(workdir, "policy.toml")
+    with open(policy, "w") as f:
+        f.write(POLICY)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            mesh.cli("policy", "apply", "-f", policy, "--region", "eu-west", "--api", api0)
+            mesh.cli("agent", "deploy", "-f", COUNTER, "--region", "eu-west", "--json", "--api", api0)
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    while True:
+        got = mesh.cli("agent", "get", "counter", "--region", "eu-west", "--json", "--api", api0)
+        if got.get("status") == "active":
+            return got
+        time.sleep(0.2)
+
+
+def idle_once(binary, idle_s, log):
+    with tempfile.TemporaryDirectory(prefix="agentmesh-idle-") as workdir:
+        mesh = Mesh(workdir, binary)
+        try:
+            for i in range(3):
+                mesh.start(i)
+            mesh.wait_all_see([0, 1, 2], mesh.names, "alive", 60)
+            before = setup(mesh, workdir)
+            t0 = time.monotonic()
+            log(f"idle for {idle_s} s with the counter on {before['node']} at epoch {before['epoch']}")
+            time.sleep(idle_s)
+            after = mesh.cli("agent", "get", "counter", "--region", "eu-west", "--json", "--api", mesh.apis[0])
+            with mesh.lock:
+                suspicions = sum(1 for e in mesh.events if e[0] > t0 and e[3] in ("suspect", "dead"))
+                moves = sum(1 for m in mesh.marks if m[0] > t0 and m[2] == "moved an agent")
+            return {"suspicions": suspicions, "moves": moves,
+                    "same_lease": (after["node"], after["epoch"]) == (before["node"], before["epoch"])}
+        finally:
+            mesh.stop()
+
+
 def fmt(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -183,11 +214,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agentmesh", required=True, help="path to the agentmesh binary (release build)")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--idle-s", type=int, default=0, help="an idle check of this many seconds first (0: none)")
     args = parser.parse_args()
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    idle = idle_once(args.agentmesh, args.idle_s, log) if args.idle_s else None
     mesh_runs, serf_runs = [], []
     for run in range(args.runs):
         log(f"agentmesh failover run {run + 1}/{args.runs}")
@@ -206,6 +239,9 @@ def main():
     print(f"| Serf (3 agents, `lan` defaults), death seen by every survivor | {fmt(serf_runs)} | | | | {max(serf_runs):.2f} s |")
     exact = sum(1 for r in mesh_runs if r["exact"])
     tasks = sum(r["tasks"] for r in mesh_runs)
+    if idle:
+        print(f"\nIdle {args.idle_s} s: {idle['suspicions']} suspicions or deaths, {idle['moves']} moves, "
+              f"lease unchanged: {idle['same_lease']}.")
     print(f"\nCounter exact (every value 1..n answered once) in {exact} of {len(mesh_runs)} runs; {tasks} tasks answered in all.")
 
 
