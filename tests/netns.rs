@@ -100,6 +100,10 @@ impl Drop for Namespaces {
     }
 }
 
+/// The tests of this file make namespaces of the same names (and probe
+/// with one): they run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Why namespaces cannot be made here, if they cannot.
 fn unavailable() -> Option<String> {
     let uid = Command::new("id")
@@ -176,6 +180,7 @@ fn start_region(
 
 #[test]
 fn a_voter_cut_off_in_its_namespace_cannot_commit_and_catches_up_after_the_heal() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(why) = unavailable() {
         println!("SKIPPED: netns::a_voter_cut_off_in_its_namespace_cannot_commit_and_catches_up_after_the_heal: {why}");
         return;
@@ -351,6 +356,7 @@ fn first_line(log: &str, message: &str, fields: &[(&str, Value)]) -> Option<(Str
 /// every answered task is counted once.
 #[test]
 fn a_cut_off_host_steps_down_before_its_successor_starts_and_nothing_is_counted_twice() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     const NAME: &str =
         "netns::a_cut_off_host_steps_down_before_its_successor_starts_and_nothing_is_counted_twice";
     if let Some(why) = unavailable() {
