@@ -219,6 +219,15 @@ fn not_copied(agent: &str, task_id: &str, why: String) -> TaskError {
     )
 }
 
+/// A node out of contact with its region's majority activates nothing.
+fn stepped_down(agent: &str, why: &str) -> TaskError {
+    TaskError::new(
+        503,
+        "unavailable",
+        format!("agent {agent} is stopped on this node: {why}; retry through a node of the region's majority"),
+    )
+}
+
 fn moved(agent: &str, epoch: u64, known: u64) -> TaskError {
     TaskError::new(
         409,
@@ -565,11 +574,7 @@ impl Host {
         if let Some(why) = self.stepped_down() {
             act.active = false;
             self.set_live(agent, None);
-            return Err(TaskError::new(
-                503,
-                "unavailable",
-                format!("agent {agent} is stopped on this node: {why}; retry through a node of the region's majority"),
-            ));
+            return Err(stepped_down(agent, &why));
         }
         if act.active && act.epoch == epoch {
             // (A step-down that found this lock held left it active.)
@@ -643,11 +648,7 @@ impl Host {
         self.record_move(env, state, agent, epoch, restored_version, &replicas)
             .await?;
         if let Some(why) = self.stepped_down() {
-            return Err(TaskError::new(
-                503,
-                "unavailable",
-                format!("agent {agent} is stopped on this node: {why}; retry through a node of the region's majority"),
-            ));
+            return Err(stepped_down(agent, &why));
         }
         *act = Activation {
             active: true,
